@@ -1,0 +1,1 @@
+"""The DICOM node: network edges, spool, durable state, completion, worker and CLI."""

@@ -1,0 +1,171 @@
+"""The ``dicom-node`` command: serve, process, status, retry, demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.config import Config, load_config
+from dicom_node.errors import ConfigError
+from dicom_node.state import JobState, StateStore
+
+__all__ = ["main"]
+
+log = logging.getLogger("dicom_node")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import serve
+
+    config = _load(args)
+    _setup_logging(config.log_level)
+    serve(config)
+    return 0
+
+
+def _group_by_series(root: Path) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:
+            continue  # not DICOM: README files, manifests
+        uid = header.get("SeriesInstanceUID")
+        if uid:
+            groups[str(uid)].append(path)
+    return groups
+
+
+def _cmd_process(args: argparse.Namespace) -> int:
+    from pipeline.errors import PipelineError
+    from pipeline.run import Outcome, process_series
+    from pipeline.segment import TotalSegmentator
+    from pipeline.settings import PipelineSettings
+
+    if args.config:
+        config = _load(args)
+        settings = config.pipeline
+        _setup_logging(config.log_level)
+    else:
+        settings = PipelineSettings()  # relative paths are taken from the current folder
+        _setup_logging("WARNING")
+    segmenter = TotalSegmentator(settings.model)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    groups = _group_by_series(Path(args.input))
+    if not groups:
+        print(f"no DICOM series found under {args.input}")
+        return 1
+    failures = 0
+    for series_uid, paths in groups.items():
+        try:
+            result = process_series(paths, settings, segmenter)
+        except PipelineError as exc:
+            failures += 1
+            print(f"{series_uid}: failed: {exc}")
+            continue
+        if result.outcome is Outcome.SEG and result.seg is not None:
+            target = output / f"{series_uid}.seg.dcm"
+            result.seg.save_as(target, enforce_file_format=True)
+            print(f"{series_uid}: seg {target}: {result.reason}: {', '.join(result.segments)}")
+        else:
+            print(f"{series_uid}: {result.outcome.value}: {result.reason}")
+    return 1 if failures else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    state = StateStore(config.storage.state_db)
+    jobs = state.jobs()
+    if not jobs:
+        print("no jobs")
+    for job_state in JobState:
+        selected = [job for job in jobs if job.state is job_state]
+        if not selected:
+            continue
+        print(f"{job_state.value}: {len(selected)}")
+        for job in selected:
+            print(f"  job {job.id} series {job.series.series_instance_uid} from {job.series.calling_ae_title}"
+                  f" attempts {job.attempts}: {job.reason or ''}")
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    config = _load(args)
+    state = StateStore(config.storage.state_db)
+    try:
+        job = state.requeue(args.job_id)
+    except (KeyError, ValueError) as exc:
+        print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
+        return 2
+    print(f"job {job.id} queued again as {job.state.value}; a running node picks it up")
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from pipeline.phantom_model import train_phantom_model
+
+    _setup_logging("INFO")
+    options = {"epochs": args.epochs} if args.epochs else {}
+    folder = train_phantom_model(Path(args.output), seed=args.seed, **options)
+    print(f"phantom model written to {folder} (synthetic, anatomically meaningless: for tests and demos only)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the DICOM node")
+    serve.add_argument("--config", default="config.yaml")
+    serve.set_defaults(func=_cmd_serve)
+
+    process = commands.add_parser("process", help="run the pipeline over DICOM files, without network")
+    process.add_argument("input", help="folder searched recursively for DICOM series")
+    process.add_argument("--output", required=True, help="folder for the SEG files")
+    process.add_argument("--config", default=None, help="config file (default: built-in defaults)")
+    process.set_defaults(func=_cmd_process)
+
+    status = commands.add_parser("status", help="list jobs by state, with their reasons")
+    status.add_argument("--config", default="config.yaml")
+    status.set_defaults(func=_cmd_status)
+
+    retry = commands.add_parser("retry", help="queue a failed job again")
+    retry.add_argument("job_id", type=int)
+    retry.add_argument("--config", default="config.yaml")
+    retry.set_defaults(func=_cmd_retry)
+
+    demo = commands.add_parser("demo-model", help="train the synthetic phantom model (tests and demos only)")
+    demo.add_argument("--output", required=True, help="weights folder (becomes TOTALSEG_WEIGHTS_PATH)")
+    demo.add_argument("--epochs", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,95 @@
+"""Series completion: when a received series is handed to the worker.
+
+A series is complete when no instance of it has arrived for ``stable_seconds``. When
+an association that carried instances is released normally, the series it carried are
+checked early: each is complete at once unless another open association is still
+sending to it (``complete_on_release``). An aborted association triggers nothing early;
+its series complete by the timer, which also wins over an open but idle association.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Callable, Iterable
+
+from dicom_node.config import CompletionSettings
+from dicom_node.state import StateStore
+
+__all__ = ["Completion"]
+
+log = logging.getLogger(__name__)
+
+
+class Completion:
+    """Tracks open associations and completes series; runs its timer in a thread."""
+
+    def __init__(self, settings: CompletionSettings, state: StateStore, on_job: Callable[[int], None]) -> None:
+        self.settings = settings
+        self.state = state
+        self.on_job = on_job
+        self._lock = threading.Lock()
+        self._open: Counter[str] = Counter()  # series uid -> open associations carrying it
+        self._early: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="completion", daemon=True)
+
+    # -- called from the SCP's handlers ---------------------------------------------
+    def association_started(self, series_uids: Iterable[str]) -> None:
+        with self._lock:
+            self._open.update(series_uids)
+
+    def association_ended(self, series_uids: Iterable[str], *, released: bool) -> None:
+        with self._lock:
+            for uid in series_uids:
+                self._open[uid] -= 1
+                if self._open[uid] <= 0:
+                    del self._open[uid]
+                    if released and self.settings.complete_on_release:
+                        self._early.add(uid)
+        self._wake.set()
+
+    # -- the timer --------------------------------------------------------------------
+    def check(self, now: float | None = None) -> list[int]:
+        """Complete every due series; returns the ids of the jobs created."""
+        now = time.time() if now is None else now
+        with self._lock:
+            early, self._early = self._early, set()
+            busy = set(self._open)
+        jobs = []
+        for series_uid, last_received in self.state.receiving_series():
+            stable = now - last_received >= self.settings.stable_seconds
+            if not (stable or (series_uid in early and series_uid not in busy)):
+                continue
+            job_id = self.state.complete_series(series_uid, now=now)
+            if job_id is not None:
+                log.info(
+                    "series %s complete (%s); job %d created",
+                    series_uid,
+                    "stable" if stable else "association released",
+                    job_id,
+                )
+                jobs.append(job_id)
+                self.on_job(job_id)
+        return jobs
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = min(1.0, self.settings.stable_seconds / 4)
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:  # keep the timer alive; the next tick retries
+                log.exception("series completion check failed")
+            self._wake.wait(interval)
+            self._wake.clear()

@@ -1,0 +1,135 @@
+"""The node's configuration: read once at start into frozen, validated objects.
+
+``load_config(path)`` is the only reader of ``config.yaml``. Unknown keys and bad values
+raise ``ConfigError`` naming the key (for example ``node.port``). Relative paths are
+taken relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dicom_node.errors import ConfigError
+from pipeline.settings import PipelineSettings
+
+__all__ = [
+    "NodeSettings",
+    "Destination",
+    "StorageSettings",
+    "CompletionSettings",
+    "SendSettings",
+    "Config",
+    "load_config",
+    "parse_config",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value or not value.strip():
+        raise ValueError("an AE title is 1 to 16 ASCII characters, without backslash")
+    return value
+
+
+class NodeSettings(_Frozen):
+    """The node's own DICOM identity and listening socket."""
+
+    ae_title: str = "DICOMNODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Destination(_Frozen):
+    """Where SEGs are sent (normally the PACS that sent the series)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class StorageSettings(_Frozen):
+    spool_dir: Path = Path("var/spool")
+    state_db: Path = Path("var/state.sqlite3")
+
+
+class CompletionSettings(_Frozen):
+    """When a series counts as complete."""
+
+    stable_seconds: float = Field(30.0, gt=0)
+    complete_on_release: bool = True
+
+
+class SendSettings(_Frozen):
+    """Sending SEGs: a failed send stays queued and is retried."""
+
+    max_attempts: int = Field(5, ge=1)
+    retry_delay_seconds: float = Field(10.0, ge=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class Config(_Frozen):
+    node: NodeSettings = NodeSettings()
+    destination: Destination
+    storage: StorageSettings = StorageSettings()
+    completion: CompletionSettings = CompletionSettings()
+    send: SendSettings = SendSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def absolute(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path).resolve()
+
+    storage = config.storage.model_copy(
+        update={
+            "spool_dir": absolute(config.storage.spool_dir),
+            "state_db": absolute(config.storage.state_db),
+        }
+    )
+    model = config.pipeline.model.model_copy(
+        update={
+            "weights_dir": absolute(config.pipeline.model.weights_dir),
+            "home_dir": absolute(config.pipeline.model.home_dir),
+        }
+    )
+    pipeline = config.pipeline.model_copy(update={"model": model})
+    return config.model_copy(update={"storage": storage, "pipeline": pipeline})
+
+
+def parse_config(data: Any, base: Path, source: str = "config") -> Config:
+    """Validate a mapping (as read from YAML) into a ``Config``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            problems.append(f"{key}: {message}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
+    return _resolve_paths(config, base)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the YAML config at ``path``."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(data, path.parent.resolve(), str(path))

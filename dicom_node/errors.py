@@ -1,0 +1,26 @@
+"""Errors of the service layer.
+
+``NodeError`` is the root. ``ConfigError`` stops start-up with the offending key named;
+``InvalidUIDError`` refuses a UID before it can become part of a path; ``SendError``
+marks a C-STORE to the destination that did not succeed (the job stays retryable).
+"""
+
+from __future__ import annotations
+
+__all__ = ["NodeError", "ConfigError", "InvalidUIDError", "SendError"]
+
+
+class NodeError(Exception):
+    """Root of the service's own errors."""
+
+
+class ConfigError(NodeError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class InvalidUIDError(NodeError):
+    """A value that should be a DICOM UID is not one."""
+
+
+class SendError(NodeError):
+    """A C-STORE to the destination failed."""

@@ -1,0 +1,155 @@
+"""The storage SCP: C-ECHO and C-STORE, answered after the instance is safe on disk.
+
+The C-STORE handler does little: check the UIDs, write the encoded bytes atomically
+into the spool, record the instance in the state store, return a status. Pixels are
+never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
+disk write fails, 0xC210 (cannot understand) for invalid identifiers, 0xC211 for
+anything else. MR and Enhanced MR images are processed later; every other storage
+class of the study is accepted and kept but never processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicom_node.completion import Completion
+from dicom_node.config import NodeSettings
+from dicom_node.errors import InvalidUIDError
+from dicom_node.spool import Spool, validate_uid
+from dicom_node.state import SeriesRef, StateStore
+
+__all__ = ["TRANSFER_SYNTAXES", "StorageSCP"]
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+_OUT_OF_RESOURCES = 0xA700
+_CANNOT_UNDERSTAND = 0xC210
+_PROCESSING_FAILURE = 0xC211
+
+
+class StorageSCP:
+    """The listening side of the node; its handlers get their dependencies explicitly."""
+
+    def __init__(self, settings: NodeSettings, spool: Spool, state: StateStore, completion: Completion) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.state = state
+        self.completion = completion
+        self._series_by_assoc: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self._server = None
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_aborted),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "listening as %s on %s:%d", self.settings.ae_title, self.settings.bind_address, self.settings.port
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers ---------------------------------------------------------------------
+    def _handle_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            self._series_by_assoc[id(event.assoc)] = set()
+        requestor = event.assoc.requestor
+        log.info("association accepted from %s (%s:%s)", requestor.ae_title, requestor.address, requestor.port)
+
+    def _handle_store(self, event: evt.Event) -> int:
+        try:
+            dataset = event.dataset
+            study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+            if sop_uid != event.request.AffectedSOPInstanceUID:
+                raise InvalidUIDError("SOPInstanceUID differs from the request's AffectedSOPInstanceUID")
+        except InvalidUIDError as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return _CANNOT_UNDERSTAND
+        except Exception as exc:  # an undecodable dataset
+            log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
+            return _CANNOT_UNDERSTAND
+        try:
+            path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
+        except OSError as exc:
+            log.error("C-STORE of %s failed: cannot write to the spool: %s", sop_uid, exc)
+            return _OUT_OF_RESOURCES
+        try:
+            ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title, path.parent)
+            with self._lock:
+                carried = self._series_by_assoc.setdefault(id(event.assoc), set())
+                first_in_assoc = series_uid not in carried
+                carried.add(series_uid)
+            if first_in_assoc:
+                self.completion.association_started([series_uid])
+            self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path)
+        except Exception:
+            log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
+            return _PROCESSING_FAILURE
+        return 0x0000
+
+    def _end(self, event: evt.Event, *, released: bool) -> None:
+        with self._lock:
+            carried = self._series_by_assoc.pop(id(event.assoc), None)
+        if carried is not None:
+            self.completion.association_ended(carried, released=released)
+
+    def _handle_released(self, event: evt.Event) -> None:
+        log.info("association released by %s", event.assoc.requestor.ae_title)
+        self._end(event, released=True)
+
+    def _handle_aborted(self, event: evt.Event) -> None:
+        log.info("association aborted (%s)", event.assoc.requestor.ae_title)
+        self._end(event, released=False)
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        self._end(event, released=False)
+
+
+def _handle_echo(event: evt.Event) -> int:
+    return 0x0000

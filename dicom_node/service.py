@@ -1,0 +1,72 @@
+"""The running node: wires spool, state, completion, worker and SCP together, in one place."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from dicom_node.completion import Completion
+from dicom_node.config import Config
+from dicom_node.handoff import InProcessQueue
+from dicom_node.scp import StorageSCP
+from dicom_node.spool import Spool
+from dicom_node.state import StateStore
+from dicom_node.worker import Worker
+from pipeline.errors import WeightsMissingError
+from pipeline.segment import Segmenter, TotalSegmentator
+
+__all__ = ["Node", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, config: Config, segmenter: Segmenter | None = None) -> None:
+        self.config = config
+        self.spool = Spool(config.storage.spool_dir)
+        self.state = StateStore(config.storage.state_db)
+        self.segmenter = segmenter or TotalSegmentator(config.pipeline.model)
+        self.queue = InProcessQueue(self.state, Worker(config, self.state, self.spool, self.segmenter))
+        self.completion = Completion(config.completion, self.state, self.queue.submit)
+        self.scp = StorageSCP(config.node, self.spool, self.state, self.completion)
+
+    def start(self) -> None:
+        resumed = self.state.resume_interrupted()
+        restarted = self.state.restart_completion_timers()
+        if resumed or restarted:
+            log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
+        self._report_weights()
+        self.queue.start()
+        self.completion.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self.scp.stop()
+        self.completion.stop()
+        self.queue.stop()
+        self.state.close()
+
+    def _report_weights(self) -> None:
+        check = getattr(self.segmenter, "check_weights", None)
+        if check is None:
+            return
+        try:
+            check()
+            log.info("model weights present for %s", self.segmenter.describe())
+        except WeightsMissingError as exc:
+            log.error("%s", exc)
+
+
+def serve(config: Config) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    try:
+        stop.wait()
+    finally:
+        node.stop()

@@ -1,0 +1,40 @@
+"""Errors of the processing pipeline.
+
+``PipelineError`` is the root; every failure a job can end with is one of these, and
+its message is the reason recorded in the job:
+
+* ``SeriesError`` - the instances do not form a volume we can segment (with the reason).
+* ``WeightsMissingError`` - the model's weights are not where the config says.
+* ``SegmentationError`` - the segmentation model itself failed.
+* ``SegEncodingError`` - the DICOM SEG could not be built or failed its geometry check.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PipelineError",
+    "SeriesError",
+    "WeightsMissingError",
+    "SegmentationError",
+    "SegEncodingError",
+]
+
+
+class PipelineError(Exception):
+    """Root of the pipeline's errors."""
+
+
+class SeriesError(PipelineError):
+    """The series cannot be assembled into a single 3D volume."""
+
+
+class WeightsMissingError(PipelineError):
+    """Model weights are missing at the configured path."""
+
+
+class SegmentationError(PipelineError):
+    """The segmentation model failed."""
+
+
+class SegEncodingError(PipelineError):
+    """The DICOM SEG could not be encoded or does not match its source."""

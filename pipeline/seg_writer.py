@@ -1,0 +1,137 @@
+"""Encoding the label map as one DICOM SEG with highdicom, and checking it against its source.
+
+One SEG per series: a segment per label present (numbered 1..N in label order), each
+with SNOMED CT codes, laterality modifier and a display colour, the algorithm
+identified (name, version, task, preprocessing), every source instance referenced,
+the same study and patient, a new series. UIDs are derived from the source series and
+the processing identity, so the same input processed the same way gives the same SEG
+(a resend replaces rather than duplicates) and any change gives new UIDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from pipeline.errors import SegEncodingError
+from pipeline.labels import segment_info
+from pipeline.volume import LabelMap
+
+__all__ = ["Algorithm", "encode_seg", "check_seg_geometry", "POSITION_TOLERANCE_MM"]
+
+POSITION_TOLERANCE_MM = 0.01
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """How the segmentation was made; goes into the SEG and into its UIDs."""
+
+    name: str  # e.g. "TotalSegmentator"
+    version: str
+    task: str  # e.g. "total (fast)"
+    preprocessing: str  # e.g. "invert_black_background"
+    series_description: str
+    software_version: str
+
+    @property
+    def identity(self) -> str:
+        return "|".join((self.name, self.version, self.task, self.preprocessing, self.software_version))
+
+
+def _coded(code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg.SegmentDescription]:
+    identification = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm.version,
+        parameters={"task": algorithm.task, "preprocessing": algorithm.preprocessing},
+    )
+    descriptions = []
+    for number, label in enumerate(label_map.present, start=1):
+        info = segment_info(label_map.names.get(label, f"label_{label}"))
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=info.name[:64],
+            segmented_property_category=_coded(info.category),
+            segmented_property_type=_coded(info.property_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+            display_color=hd.color.CIELabColor.from_rgb(*info.rgb),
+        )
+        if info.type_modifier is not None:
+            modifier = pydicom.Dataset()
+            modifier.CodeValue = info.type_modifier.value
+            modifier.CodingSchemeDesignator = info.type_modifier.scheme_designator
+            modifier.CodeMeaning = info.type_modifier.meaning
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+        descriptions.append(description)
+    return descriptions
+
+
+def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | None:
+    """A BINARY DICOM SEG of the labels present, or None when no label is present."""
+    present = label_map.present
+    if not present:
+        return None
+    series = label_map.volume.series
+    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in series.slices]
+    lookup = np.zeros(int(label_map.array.max()) + 1, dtype=np.uint16)
+    lookup[present] = np.arange(1, len(present) + 1)
+    dtype = np.uint8 if len(present) < 256 else np.uint16
+    segments = lookup[label_map.array].astype(dtype)
+
+    identity = [series.series_instance_uid, algorithm.identity, ",".join(map(str, present))]
+    source_number = series.header.get("SeriesNumber")
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=segments,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=_describe_segments(label_map, algorithm),
+            series_instance_uid=generate_uid(entropy_srcs=["series", *identity]),
+            series_number=int(source_number) + 1000 if source_number is not None else 1000,
+            sop_instance_uid=generate_uid(entropy_srcs=["instance", *identity]),
+            instance_number=1,
+            manufacturer="dicom-node",
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.software_version,
+            device_serial_number="0",
+            content_label="AUTOSEG",
+            content_description=f"{algorithm.task}; {algorithm.preprocessing}"[:64],
+            content_creator_name="dicom-node^automatic",
+            series_description=algorithm.series_description[:64],
+            omit_empty_frames=True,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc
+    check_seg_geometry(seg, label_map)
+    return seg
+
+
+def check_seg_geometry(seg: pydicom.Dataset, label_map: LabelMap) -> None:
+    """Every frame must lie exactly on the source slice it references (0.01 mm)."""
+    series = label_map.volume.series
+    positions = {s.sop_instance_uid: np.asarray(s.position) for s in series.slices}
+    orientation = np.asarray(series.row_direction + series.column_direction)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    seg_orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    if not np.allclose(seg_orientation, orientation, atol=1e-4):
+        raise SegEncodingError("SEG orientation differs from the source series")
+    for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        if source_uid not in positions:
+            raise SegEncodingError(f"SEG frame {index} references an instance outside the series")
+        position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        if np.max(np.abs(position - positions[source_uid])) > POSITION_TOLERANCE_MM:
+            raise SegEncodingError(
+                f"SEG frame {index} lies at {position.tolist()} but its source slice at"
+                f" {positions[source_uid].tolist()}"
+            )

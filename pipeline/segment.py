@@ -1,0 +1,162 @@
+"""Segmentation with TotalSegmentator's Python API (any nnU-Net v2 model laid out as its weights).
+
+This module is the boundary with TotalSegmentator: it sets the two environment
+variables TotalSegmentator reads (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``),
+writes its ``config.json`` with usage statistics off before every call, checks that
+the weights are on disk (TotalSegmentator would otherwise try to download them), and
+converts between our LPS ``Volume`` and the RAS NIfTI image TotalSegmentator takes.
+Every failure becomes a ``PipelineError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.errors import SegmentationError, WeightsMissingError
+from pipeline.labels import total_class_names
+from pipeline.settings import ModelSettings
+from pipeline.volume import LabelMap, Volume
+
+__all__ = ["Segmenter", "TotalSegmentator", "expected_weights", "volume_to_nifti", "nifti_to_array"]
+
+log = logging.getLogger(__name__)
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class Segmenter(Protocol):
+    """Turns a (preprocessed) volume into a label map on the same grid."""
+
+    def describe(self) -> str: ...
+
+    def segment(self, volume: Volume) -> LabelMap: ...
+
+
+def _ras_affine(image: sitk.Image) -> np.ndarray:
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ affine
+
+
+def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
+    """The volume as a NIfTI image with a RAS affine; voxel (i, j, k) = array[k, j, i]."""
+    data = np.ascontiguousarray(sitk.GetArrayFromImage(volume.image).transpose(2, 1, 0))
+    return nib.Nifti1Image(data, _ras_affine(volume.image))
+
+
+def nifti_to_array(label_image: nib.Nifti1Image, volume: Volume) -> np.ndarray:
+    """A label NIfTI on the volume's grid back to (slice, row, column) order."""
+    if not np.allclose(label_image.affine, _ras_affine(volume.image), atol=1e-3):
+        raise SegmentationError("the model returned a label image on another grid than its input")
+    data = np.asanyarray(label_image.dataobj)
+    return np.ascontiguousarray(np.rint(data).astype(np.uint16).transpose(2, 1, 0))
+
+
+def _task_folders(settings: ModelSettings) -> list[Path]:
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.python_api import get_task_config
+
+    config = get_task_config(settings.task, fast=settings.fast, quiet=True)
+    task_ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
+    folders = []
+    for task_id in task_ids:
+        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
+        folder = Path(info.get("rel_path") or ".") / info["foldername"]
+        trainer = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config.get('model') or '3d_fullres'}"
+        folders.append(settings.weights_dir / folder / trainer)
+    return folders
+
+
+def expected_weights(settings: ModelSettings) -> list[Path]:
+    """The checkpoint files TotalSegmentator will load for the configured task."""
+    return [folder / "fold_0" / "checkpoint_final.pth" for folder in _task_folders(settings)]
+
+
+def _write_totalseg_config(home_dir: Path) -> None:
+    """TotalSegmentator's config.json with usage statistics off (kept off on every call)."""
+    home_dir.mkdir(parents=True, exist_ok=True)
+    path = home_dir / "config.json"
+    config: dict = {}
+    if path.exists():
+        with contextlib.suppress(ValueError, OSError):
+            config = json.loads(path.read_text())
+    config.update(
+        {
+            "totalseg_id": config.get("totalseg_id", "totalseg_dicom_node"),
+            "send_usage_stats": False,
+            "prediction_counter": config.get("prediction_counter", 0),
+            "statistics_disclaimer_shown": True,
+        }
+    )
+    path.write_text(json.dumps(config, indent=4))
+
+
+class TotalSegmentator:
+    """TotalSegmentator's ``totalsegmentator()`` API on a ``Volume``."""
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+
+    def describe(self) -> str:
+        speed = "fast" if self.settings.fast else "full"
+        return f"TotalSegmentator {self.version()} task {self.settings.task} ({speed})"
+
+    @staticmethod
+    def version() -> str:
+        from importlib.metadata import version
+
+        return version("TotalSegmentator")
+
+    def check_weights(self) -> None:
+        missing = [path for path in expected_weights(self.settings) if not path.is_file()]
+        if missing:
+            folder = missing[0].parent.parent
+            raise WeightsMissingError(
+                f"model weights for TotalSegmentator task '{self.settings.task}'"
+                f" ({'fast' if self.settings.fast else 'full'}) are missing: expected {missing[0]}."
+                f" Provide them by copying the release folder '{folder.parent.name}' (with its"
+                f" '{folder.name}' subfolder) into {self.settings.weights_dir} (the config key"
+                " pipeline.model.weights_dir); on a machine with internet, TotalSegmentator's"
+                " `totalseg_download_weights` fetches it. The series is kept and can be"
+                " processed again with `dicom-node retry JOB_ID`."
+            )
+
+    def segment(self, volume: Volume) -> LabelMap:
+        self.check_weights()
+        os.environ["TOTALSEG_WEIGHTS_PATH"] = str(self.settings.weights_dir)
+        os.environ["TOTALSEG_HOME_DIR"] = str(self.settings.home_dir)
+        _write_totalseg_config(self.settings.home_dir)
+        from totalsegmentator.python_api import totalsegmentator
+
+        chatter = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(chatter):
+                result = totalsegmentator(
+                    input=volume_to_nifti(volume),
+                    output=None,
+                    task=self.settings.task,
+                    fast=self.settings.fast,
+                    ml=True,
+                    device=self.settings.device,
+                    quiet=True,
+                    skip_saving=True,
+                    nr_thr_resamp=1,
+                    nr_thr_saving=1,
+                )
+        except (Exception, SystemExit) as exc:
+            log.debug("TotalSegmentator output: %s", chatter.getvalue())
+            raise SegmentationError(f"TotalSegmentator failed: {exc}") from exc
+        labels = nifti_to_array(result, volume)
+        return LabelMap(array=labels, names=total_class_names(self.settings.task), volume=volume)
