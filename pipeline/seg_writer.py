@@ -10,6 +10,7 @@ the processing identity, so the same input processed the same way gives the same
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -88,28 +89,31 @@ def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | N
     dtype = np.uint8 if len(present) < 256 else np.uint16
     segments = lookup[label_map.array].astype(dtype)
 
-    identity = [series.series_instance_uid, algorithm.identity, ",".join(map(str, present))]
+    identity = [series.series_instance_uid, algorithm.identity]
     source_number = series.header.get("SeriesNumber")
     try:
-        seg = hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=segments,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=_describe_segments(label_map, algorithm),
-            series_instance_uid=generate_uid(entropy_srcs=["series", *identity]),
-            series_number=int(source_number) + 1000 if source_number is not None else 1000,
-            sop_instance_uid=generate_uid(entropy_srcs=["instance", *identity]),
-            instance_number=1,
-            manufacturer="dicom-node",
-            manufacturer_model_name=algorithm.name,
-            software_versions=algorithm.software_version,
-            device_serial_number="0",
-            content_label="AUTOSEG",
-            content_description=f"{algorithm.task}; {algorithm.preprocessing}"[:64],
-            content_creator_name="dicom-node^automatic",
-            series_description=algorithm.series_description[:64],
-            omit_empty_frames=True,
-        )
+        with warnings.catch_warnings():
+            # highdicom's warning about an odd PatientName would print the name into the log.
+            warnings.filterwarnings("ignore", message=".*intended person name")
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=segments,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=_describe_segments(label_map, algorithm),
+                series_instance_uid=generate_uid(entropy_srcs=["series", *identity]),
+                series_number=int(source_number) + 1000 if source_number is not None else 1000,
+                sop_instance_uid=generate_uid(entropy_srcs=["instance", *identity]),
+                instance_number=1,
+                manufacturer="dicom-node",
+                manufacturer_model_name=algorithm.name,
+                software_versions=algorithm.software_version,
+                device_serial_number="0",
+                content_label="AUTOSEG",
+                content_description=f"{algorithm.task}; {algorithm.preprocessing}"[:64],
+                content_creator_name="dicom-node^automatic",
+                series_description=algorithm.series_description[:64],
+                omit_empty_frames=True,
+            )
     except (ValueError, TypeError, AttributeError) as exc:
         raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc
     check_seg_geometry(seg, label_map)

@@ -1,0 +1,42 @@
+# make run   - create the environment and start the node with config.yaml
+# make test  - create the environment, install the test peers, run the whole suite
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PEERS  := storescu storescp echoscu dciodvfy Orthanc
+
+.PHONY: run test venv peers demo-model clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: this takes the CPU wheel; an unpinned torch pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# dcmtk (storescu/storescp/echoscu), dicom3tools (dciodvfy) and Orthanc, from Debian.
+peers:
+	@missing=""; for tool in $(PEERS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test peers (missing:$$missing)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools orthanc; \
+	  $$SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true; \
+	fi
+
+run: venv
+	$(VENV)/bin/dicom-node serve --config config.yaml
+
+test: venv peers
+	$(PY) -m pytest
+
+demo-model: venv
+	$(VENV)/bin/dicom-node demo-model --output models/phantom_total_fast
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,800 @@
+"""A tiny, synthetic stand-in for TotalSegmentator's ``total`` *fast* model.
+
+Everything in this module is **synthetic and anatomically meaningless**: the model is
+trained for a few minutes on procedurally generated "phantoms" (ellipsoids and shells
+that look vaguely like a head or a trunk) and exists only so that tests and demos can
+run the real TotalSegmentator / nnU-Net inference code path without the real weights
+(which cannot be downloaded here). Never use its output for anything clinical.
+
+How it works (see :func:`train_phantom_model`):
+
+1. Phantoms are generated as a *tissue* map (air, fat, soft tissue, bone, CSF, grey and
+   white matter, lung, ...) plus a label map using TotalSegmentator ``total`` class ids.
+2. Every phantom is rendered with one of three intensity styles: CT (Hounsfield units),
+   an inverted T1-weighted look (a T1-like rendering passed through the preprint's
+   inversion, :func:`pipeline.preprocess.invert_t1`), or a random intensity remap. The
+   last two make the model depend on shapes rather than on exact HU values, so that it
+   also finds something in real inverted T1 brain MRI.
+3. nnU-Net v2's own fingerprinting, experiment planning and preprocessing run on the
+   phantoms (in a throw-away ``nnUNet_raw``/``nnUNet_preprocessed`` tree); the plans are
+   then shrunk to a tiny 3d_fullres U-Net at 3 mm spacing with CT normalisation.
+4. A subclass of ``nnUNetTrainer`` (CPU, no mirroring, few iterations, no final
+   validation) trains on the compact label set.
+5. The checkpoint is expanded to TotalSegmentator's 118 output channels (background +
+   117 ``total`` classes; unlearned classes get a very negative bias so they are never
+   predicted), renamed to ``nnUNetTrainer_4000epochs_NoMirroring`` and written, together
+   with ``plans.json`` and ``dataset.json``, to the folder TotalSegmentator loads for
+   ``task="total", fast=True``.
+
+Steps 1-5 run in a child Python process (``subprocess``, not ``multiprocessing``), so
+calling :func:`train_phantom_model` from a plain script without an
+``if __name__ == "__main__"`` guard is safe, and nnU-Net's import-time path globals and
+environment variables of the calling process are left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "TOTAL_FAST_DATASET",
+    "TOTAL_FAST_TRAINER_DIR",
+    "TOTAL_FAST_TRAINER",
+    "PHANTOM_KINDS",
+    "PHANTOM_STYLES",
+    "SPACING_MM",
+    "phantom_class_names",
+    "total_class_map",
+    "make_phantom_anatomy",
+    "render_phantom",
+    "make_phantom",
+    "model_folder",
+    "write_totalseg_config",
+    "use_totalseg_weights",
+    "train_phantom_model",
+]
+
+TOTAL_FAST_DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+TOTAL_FAST_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+TOTAL_FAST_TRAINER_DIR = f"{TOTAL_FAST_TRAINER}__nnUNetPlans__3d_fullres"
+
+SPACING_MM = 3.0
+PHANTOM_KINDS = ("head", "trunk")
+PHANTOM_STYLES = ("ct", "inverted_t1", "random")
+
+PhantomKind = Literal["head", "trunk"]
+PhantomStyle = Literal["ct", "inverted_t1", "random"]
+
+# Default training settings: about 5-6 minutes in total on 2 CPU cores.
+DEFAULT_EPOCHS = 30
+DEFAULT_ITERATIONS_PER_EPOCH = 12
+DEFAULT_NUM_CASES = 36
+
+_PATCH_SIZE = (64, 64, 64)
+_FEATURES = (8, 16, 32, 64, 64)
+_UNUSED_CLASS_BIAS = -100.0
+
+# ----------------------------------------------------------------------------------
+# Tissues (intensity classes) and labels
+# ----------------------------------------------------------------------------------
+
+AIR, FAT, SOFT, CORTICAL, MARROW, CSF, GM, WM, EYE, AIR_IN, LUNG, LIVER, SPLEEN, KIDNEY, \
+    BLOOD, BOWEL, CORD = range(17)
+_N_TISSUES = 17
+
+# CT (HU): (mean, jitter)
+_CT_HU = {
+    AIR: (-1000, 0), FAT: (-100, 15), SOFT: (50, 10), CORTICAL: (1100, 300), MARROW: (350, 100),
+    CSF: (8, 5), GM: (40, 4), WM: (28, 4), EYE: (10, 5), AIR_IN: (-950, 40), LUNG: (-840, 40),
+    LIVER: (60, 15), SPLEEN: (50, 10), KIDNEY: (40, 80), BLOOD: (45, 120), BOWEL: (30, 20),
+    CORD: (35, 5),
+}
+# T1-weighted MR, relative to white matter: (low, high)
+_T1_REL = {
+    AIR: (0.0, 0.0), FAT: (1.05, 1.5), SOFT: (0.4, 0.65), CORTICAL: (0.01, 0.1), MARROW: (0.7, 1.2),
+    CSF: (0.05, 0.25), GM: (0.5, 0.75), WM: (0.85, 1.05), EYE: (0.08, 0.25), AIR_IN: (0.0, 0.04),
+    LUNG: (0.02, 0.08), LIVER: (0.55, 0.8), SPLEEN: (0.45, 0.65), KIDNEY: (0.4, 0.65),
+    BLOOD: (0.05, 1.0), BOWEL: (0.35, 0.8), CORD: (0.65, 0.9),
+}
+
+_CERVICAL = [f"vertebrae_C{i}" for i in range(1, 8)]
+_THORACOLUMBAR = [f"vertebrae_T{i}" for i in range(1, 13)] + [f"vertebrae_L{i}" for i in range(1, 6)]
+_HEAD_CLASSES = ["brain", "skull", "spinal_cord"] + _CERVICAL
+_TRUNK_CLASSES = [
+    "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_lower_lobe_right",
+    "heart", "aorta", "liver", "spleen", "stomach", "kidney_left", "kidney_right",
+    "autochthon_left", "autochthon_right", "spinal_cord",
+] + _THORACOLUMBAR
+
+
+def total_class_map() -> dict[int, str]:
+    """TotalSegmentator's ``total`` classes (label id -> name, ids 1..117)."""
+    from totalsegmentator.map_to_binary import class_map
+
+    return dict(class_map["total"])
+
+
+def phantom_class_names() -> list[str]:
+    """Names of the ``total`` classes that the phantoms contain (the ones that get learned)."""
+    names: list[str] = []
+    for name in _HEAD_CLASSES + _TRUNK_CLASSES:
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _total_ids() -> dict[str, int]:
+    return {name: idx for idx, name in total_class_map().items()}
+
+
+# ----------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A random rotation matrix with angles up to ``max_deg`` around each axis."""
+    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _grid(shape: tuple[int, int, int], center_mm: np.ndarray, rot: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Phantom-frame coordinates (mm) of every voxel; axes are RAS (x right, y anterior, z superior)."""
+    axes = [(np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * SPACING_MM for n in shape]
+    gx, gy, gz = np.meshgrid(*axes, indexing="ij")
+    pts = np.stack([gx, gy, gz]) - center_mm.reshape(3, 1, 1, 1).astype(np.float32)
+    rot = rot.astype(np.float32)
+    return tuple(np.einsum("ij,j...->i...", rot, pts))
+
+
+def _ellipsoid(p: tuple[np.ndarray, ...], center, radii) -> np.ndarray:
+    x, y, z = p
+    return (((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2
+            + ((z - center[2]) / radii[2]) ** 2) <= 1.0
+
+
+def _cylinder_z(p: tuple[np.ndarray, ...], center_xy, radii_xy, z_range=(-np.inf, np.inf)) -> np.ndarray:
+    x, y, z = p
+    return ((((x - center_xy[0]) / radii_xy[0]) ** 2 + ((y - center_xy[1]) / radii_xy[1]) ** 2) <= 1.0) \
+        & (z >= z_range[0]) & (z <= z_range[1])
+
+
+def _edt_inside(mask: np.ndarray) -> np.ndarray:
+    """Distance (mm) of voxels inside ``mask`` to the outside (the mask continues beyond the volume)."""
+    from scipy.ndimage import distance_transform_edt
+
+    padded = np.pad(mask, 1, mode="edge")
+    return distance_transform_edt(padded, sampling=SPACING_MM)[1:-1, 1:-1, 1:-1]
+
+
+def _default_shape(rng: np.random.Generator, kind: str) -> tuple[int, int, int]:
+    if kind == "head":
+        return (int(rng.integers(56, 73)), int(rng.integers(68, 89)), int(rng.integers(68, 89)))
+    return (int(rng.integers(96, 121)), int(rng.integers(76, 93)), int(rng.integers(64, 89)))
+
+
+# ----------------------------------------------------------------------------------
+# Anatomy
+# ----------------------------------------------------------------------------------
+
+
+def _head_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    ids = _total_ids()
+    s = float(rng.normal(1.0, 0.06))
+    extent = np.array(shape) * SPACING_MM
+    # cranium centre somewhere in the upper/middle part of the field of view
+    center = np.array([rng.uniform(-0.05, 0.05) * extent[0],
+                       rng.uniform(-0.1, 0.1) * extent[1],
+                       rng.uniform(0.0, 0.22) * extent[2]])
+    p = _grid(shape, center, _rotation(rng, 12.0))
+    x, y, z = p
+
+    tissue = np.zeros(shape, np.uint8)
+    labels = np.zeros(shape, np.uint8)
+
+    # cranial cavity: big ellipsoid cut at the skull base, plus posterior fossa, minus orbits region
+    r_cav = np.array([rng.uniform(58, 68), rng.uniform(76, 90), rng.uniform(62, 74)]) * s
+    cavity = _ellipsoid(p, (0, 0, 10 * s), r_cav) & (z > -28 * s)
+    cavity &= ~((y > 38 * s) & (z < 2 * s))
+    cavity |= _ellipsoid(p, (0, -42 * s, -26 * s), np.array([48, 34, 24]) * s)
+    d_cav = _edt_inside(cavity)
+    d_out = _edt_inside(~cavity)
+
+    t_csf = rng.uniform(1.5, 4.5)
+    t_gm = rng.uniform(3.5, 7.0)
+    t_skull = rng.uniform(5.0, 10.0)
+    t_scalp = rng.uniform(4.0, 10.0)
+
+    brainstem = _cylinder_z(p, (0, -14 * s), (12 * s, 11 * s), (-45 * s, 5 * s))
+    canal = _cylinder_z(p, (0, -26 * s), (8 * s, 7 * s), (-np.inf, -20 * s))
+    cord = _cylinder_z(p, (0, -26 * s), (5 * s, 4.5 * s), (-np.inf, -30 * s))
+
+    cranium_outer = d_out <= t_skull + t_scalp
+    face = _ellipsoid(p, (0, 52 * s, -42 * s), np.array([rng.uniform(50, 60), 42, rng.uniform(48, 58)]) * s)
+    neck = _cylinder_z(p, (0, -6 * s), (rng.uniform(46, 56) * s, rng.uniform(50, 60) * s), (-np.inf, -20 * s))
+    body = cranium_outer | cavity | face | neck
+    d_body = _edt_inside(body)
+
+    # soft tissue everywhere, subcutaneous fat rim
+    tissue[body] = SOFT
+    tissue[body & (d_body <= rng.uniform(3.0, 8.0))] = FAT
+
+    # skull: shell around the cavity, with a diploe (marrow) core; foramen magnum left open
+    skull = (~cavity) & (d_out <= t_skull) & ~canal & ~brainstem
+    tissue[skull] = CORTICAL
+    tissue[skull & (d_out > 0.3 * t_skull) & (d_out < 0.75 * t_skull)] = MARROW
+    labels[skull] = ids["skull"]
+
+    # face: eyes, orbital fat, sinuses / nasal cavity, airway
+    for sx in (-1, 1):
+        eye_c = (sx * 31 * s, 64 * s, -14 * s)
+        tissue[_ellipsoid(p, eye_c, np.array([17, 16, 15]) * s) & body] = FAT
+        tissue[_ellipsoid(p, eye_c, np.array([12, 12, 12]) * s) & body] = EYE
+    tissue[_ellipsoid(p, (0, 58 * s, -44 * s), np.array([rng.uniform(18, 30), 16, 14]) * s) & body] = AIR_IN
+    tissue[_cylinder_z(p, (0, 22 * s), (9 * s, 7 * s), (-np.inf, -50 * s)) & body] = AIR_IN
+
+    # brain: grey matter rim, white matter core, ventricles, CSF around
+    tissue[cavity] = CSF
+    brain = cavity & (d_cav > t_csf)
+    tissue[brain] = GM
+    tissue[brain & (d_cav > t_csf + t_gm)] = WM
+    vent = np.zeros(shape, bool)
+    for sx in (-1, 1):
+        vent |= _ellipsoid(p, (sx * 9 * s, 2 * s, 18 * s), np.array([5, rng.uniform(16, 26), 9]) * s)
+    tissue[vent & brain] = CSF
+    labels[brain] = ids["brain"]
+    stem = brainstem & (z > -33 * s)
+    tissue[stem] = WM
+    labels[stem & ~skull] = ids["brain"]
+
+    # cervical spine: vertebral bodies, arches and spinous processes, levels C1..C7
+    level_h = rng.uniform(14, 17) * s
+    disc = 3.5 * s
+    top = -36 * s
+    bone = _cylinder_z(p, (0, -4 * s), (10 * s, 9 * s))
+    bone |= _cylinder_z(p, (0, -26 * s), (12 * s, 11 * s)) & ~canal
+    bone |= (np.abs(x) < 5 * s) & (y < -30 * s) & (y > -48 * s)
+    bone &= z < top
+    level = np.floor((top - z) / level_h).astype(np.int32)
+    in_disc = ((top - z) - level * level_h) > (level_h - disc)
+    for i, name in enumerate(_CERVICAL):
+        m = bone & (level == i) & ~in_disc & body
+        tissue[m] = MARROW
+        tissue[m & (_edt_inside(m) <= 3.0)] = CORTICAL
+        labels[m] = ids[name]
+    tissue[canal & body & (z < -33 * s)] = CSF
+    spinal = cord & body & (z < -33 * s)
+    tissue[spinal] = CORD
+    labels[spinal] = ids["spinal_cord"]
+
+    tissue[~body] = AIR
+    labels[~body] = 0
+    return tissue, labels
+
+
+def _trunk_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    ids = _total_ids()
+    s = float(rng.normal(1.0, 0.07))
+    extent = np.array(shape) * SPACING_MM
+    center = np.array([rng.uniform(-0.04, 0.04) * extent[0], rng.uniform(-0.06, 0.06) * extent[1], 0.0])
+    p = _grid(shape, center, _rotation(rng, 8.0))
+    x, y, z = p
+
+    a = rng.uniform(0.8, 1.0) * extent[0] / 2 * 0.92
+    b = min(rng.uniform(0.65, 0.8) * a, extent[1] / 2 * 0.92)
+    body = _cylinder_z(p, (0, 0), (a, b))
+    d_body = _edt_inside(body)
+    t_fat = rng.uniform(6, 28)
+    t_muscle = rng.uniform(6, 14)
+
+    tissue = np.zeros(shape, np.uint8)
+    labels = np.zeros(shape, np.uint8)
+    tissue[body] = BOWEL
+    tissue[body & (d_body <= t_fat + t_muscle)] = SOFT
+    tissue[body & (d_body <= t_fat)] = FAT
+    inner = body & (d_body > t_fat + t_muscle)
+
+    z_d = rng.uniform(-0.35, 0.3) * extent[2]  # diaphragm height
+    dome = z_d + 25 * s * np.clip(1 - (x / (0.6 * a)) ** 2 - (y / (0.8 * b)) ** 2, 0, 1)
+    thorax = inner & (z > dome)
+    abdomen = inner & ~thorax
+
+    # random fat / gas blobs in the abdomen (unlabelled bowel)
+    for _ in range(int(rng.integers(4, 10))):
+        c = (rng.uniform(-0.6, 0.6) * a, rng.uniform(-0.2, 0.6) * b, rng.uniform(-0.5, 0.5) * extent[2])
+        blob = _ellipsoid(p, c, rng.uniform(10, 30, size=3) * s) & abdomen
+        tissue[blob] = FAT if rng.random() < 0.6 else AIR_IN
+
+    y_spine = -b + t_fat + t_muscle + 45 * s
+    # heart, aorta, lungs
+    heart = _ellipsoid(p, (-22 * s, 0.25 * b, z_d + 55 * s), np.array([58, 48, 52]) * s) & thorax
+    aorta = _cylinder_z(p, (-18 * s, y_spine + 28 * s), (11 * s, 11 * s)) & inner
+    tissue[heart] = BLOOD
+    labels[heart] = ids["heart"]
+    for sx, side in ((1, "right"), (-1, "left")):
+        lung = _cylinder_z(p, (sx * 0.45 * a, -0.05 * b), (0.4 * a, 0.72 * b)) & thorax
+        lung &= ~_ellipsoid(p, (-22 * s, 0.25 * b, z_d + 55 * s), np.array([66, 56, 60]) * s)
+        lung &= np.abs(x) > 22 * s
+        upper = (z - z_d) > (75 * s - 0.9 * y)
+        tissue[lung] = LUNG
+        labels[lung & upper] = ids[f"lung_upper_lobe_{side}"]
+        labels[lung & ~upper] = ids[f"lung_lower_lobe_{side}"]
+
+    # abdominal organs (later ones win)
+    organs = [
+        ("liver", LIVER, _ellipsoid(p, (0.42 * a, 0.05 * b, z_d - 45 * s), (0.55 * a, 0.78 * b, 85 * s))),
+        ("stomach", BOWEL, _ellipsoid(p, (-0.35 * a, 0.3 * b, z_d - 45 * s), np.array([42, 38, 48]) * s)),
+        ("spleen", SPLEEN, _ellipsoid(p, (-0.62 * a, -0.3 * b, z_d - 45 * s), np.array([28, 40, 48]) * s)),
+        ("kidney_right", KIDNEY, _ellipsoid(p, (62 * s, y_spine + 10 * s, z_d - 110 * s), np.array([26, 24, 52]) * s)),
+        ("kidney_left", KIDNEY, _ellipsoid(p, (-62 * s, y_spine + 10 * s, z_d - 100 * s), np.array([26, 24, 52]) * s)),
+    ]
+    for name, tis, m in organs:
+        m &= abdomen
+        tissue[m] = tis
+        labels[m] = ids[name]
+        if name == "stomach":
+            gas = m & (z > z_d - 25 * s)
+            tissue[gas] = AIR_IN
+    tissue[aorta] = BLOOD
+    labels[aorta] = ids["aorta"]
+
+    # spine: body, arch, spinous process; levels T1..L5 with T11 near the diaphragm
+    level_h = rng.uniform(24, 30) * s
+    disc = 5 * s
+    canal = _cylinder_z(p, (0, y_spine - 30 * s), (9 * s, 8 * s))
+    bone = _cylinder_z(p, (0, y_spine), (20 * s, 16 * s))
+    bone |= _cylinder_z(p, (0, y_spine - 30 * s), (15 * s, 14 * s)) & ~canal
+    bone |= (np.abs(x) < 6 * s) & (y < y_spine - 40 * s) & (y > y_spine - 62 * s)
+    bone &= body
+    ref = _THORACOLUMBAR.index("vertebrae_T11")
+    rel = (z_d - z) / level_h
+    level = ref + np.floor(rel).astype(np.int32)
+    in_disc = (rel - np.floor(rel)) * level_h > (level_h - disc)
+    for i, name in enumerate(_THORACOLUMBAR):
+        m = bone & (level == i) & ~in_disc
+        if not m.any():
+            continue
+        tissue[m] = MARROW
+        tissue[m & (_edt_inside(m) <= 3.0)] = CORTICAL
+        labels[m] = ids[name]
+    tissue[canal & body] = CSF
+    cord = _cylinder_z(p, (0, y_spine - 30 * s), (5 * s, 5 * s)) & body
+    tissue[cord] = CORD
+    labels[cord] = ids["spinal_cord"]
+    for sx, side in ((-1, "left"), (1, "right")):
+        mus = _ellipsoid(p, (sx * 30 * s, y_spine - 42 * s, 0), (20 * s, 18 * s, 1e6)) & body & ~bone
+        tissue[mus] = SOFT
+        labels[mus] = ids[f"autochthon_{side}"]
+
+    tissue[~body] = AIR
+    labels[~body] = 0
+    return tissue, labels
+
+
+def make_phantom_anatomy(rng: np.random.Generator, shape: tuple[int, int, int] | None = None,
+                         kind: PhantomKind = "head") -> tuple[np.ndarray, np.ndarray]:
+    """Generate one phantom's geometry.
+
+    Returns ``(tissue, labels)``: a uint8 tissue-class map (see the module's tissue
+    constants) and a uint8 label map with TotalSegmentator ``total`` ids, both with
+    array axes in RAS order (x right, y anterior, z superior) at :data:`SPACING_MM`.
+    """
+    if kind not in PHANTOM_KINDS:
+        raise ValueError(f"kind must be one of {PHANTOM_KINDS}, got {kind!r}")
+    if shape is None:
+        shape = _default_shape(rng, kind)
+    shape = tuple(int(n) for n in shape)
+    if kind == "head":
+        return _head_anatomy(rng, shape)
+    return _trunk_anatomy(rng, shape)
+
+
+# ----------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], amplitude: float) -> np.ndarray:
+    """A smooth multiplicative bias field around 1."""
+    from scipy.ndimage import zoom
+
+    coarse = rng.uniform(-1, 1, size=(4, 4, 4)).astype(np.float32)
+    field = zoom(coarse, [n / 4 for n in shape], order=3)[: shape[0], : shape[1], : shape[2]]
+    field = np.pad(field, [(0, n - f) for n, f in zip(shape, field.shape)], mode="edge")
+    return 1.0 + amplitude * field / max(1e-6, float(np.abs(field).max()))
+
+
+def _blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(img, sigma=float(rng.uniform(0.3, 0.9)))
+
+
+def render_phantom(tissue: np.ndarray, rng: np.random.Generator, style: PhantomStyle = "ct") -> np.ndarray:
+    """Turn a tissue map into an image (float32).
+
+    * ``"ct"``: Hounsfield units, air -1000, with noise and a little blur.
+    * ``"inverted_t1"``: a T1-weighted-looking rendering (dark air with Rician-like noise,
+      bright fat, random scanner scale, bias field) passed through the preprint's
+      inversion (:func:`pipeline.preprocess.invert_t1`, clip 0..3000, 1st percentile
+      to 0) - like the real inverted MR input, including a partly bright background.
+    * ``"random"``: every tissue gets a random value in 0..3000 (random order), the air
+      stays the lowest (black); noise and bias field.
+    """
+    if style not in PHANTOM_STYLES:
+        raise ValueError(f"style must be one of {PHANTOM_STYLES}, got {style!r}")
+    lut = np.zeros(_N_TISSUES, np.float32)
+    if style == "ct":
+        for t, (mean, jitter) in _CT_HU.items():
+            lut[t] = mean + rng.uniform(-jitter, jitter)
+        img = lut[tissue]
+        img = _blur(img, rng) + rng.normal(0, rng.uniform(3, 25), size=img.shape).astype(np.float32)
+        return np.clip(img, -1024, 3071).astype(np.float32)
+    if style == "inverted_t1":
+        from pipeline.preprocess import invert_t1
+
+        for t, (lo, hi) in _T1_REL.items():
+            lut[t] = rng.uniform(lo, hi)
+        wm = rng.uniform(250, 2600)
+        img = _blur(lut[tissue], rng) * _smooth_field(rng, tissue.shape, rng.uniform(0.0, 0.3)) * wm
+        sigma = rng.uniform(0.002, 0.03) * wm
+        n1 = rng.normal(0, sigma, size=img.shape).astype(np.float32)
+        n2 = rng.normal(0, sigma, size=img.shape).astype(np.float32)
+        img = np.sqrt((img + n1) ** 2 + n2 ** 2)
+        if rng.random() < 0.4:  # scanners that zero the background outside the body
+            from scipy.ndimage import binary_dilation
+
+            body = binary_dilation(tissue != AIR, iterations=int(rng.integers(1, 5)))
+            img[~body] = 0.0
+        img = np.round(img) if rng.random() < 0.5 else img
+        return invert_t1(img, background_percentile=1.0)
+    # random remap
+    lut[1:] = rng.uniform(150, 3000, size=_N_TISSUES - 1)
+    lut[AIR] = rng.uniform(0, 60)
+    img = _blur(lut[tissue], rng) * _smooth_field(rng, tissue.shape, rng.uniform(0.0, 0.25))
+    img = img + rng.normal(0, rng.uniform(5, 80), size=img.shape).astype(np.float32)
+    img[tissue == AIR] = np.abs(img[tissue == AIR]) * (rng.random() < 0.5)
+    return np.clip(img, 0, 3000).astype(np.float32)
+
+
+def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int] | None = None,
+                 kind: PhantomKind = "head", style: PhantomStyle = "ct") -> tuple[np.ndarray, np.ndarray]:
+    """One phantom: ``(image, labels)``, by default CT-valued (HU).
+
+    ``labels`` uses TotalSegmentator ``total`` class ids (uint8); arrays are in RAS axis
+    order at :data:`SPACING_MM` mm isotropic spacing.
+    """
+    tissue, labels = make_phantom_anatomy(rng, shape, kind)
+    return render_phantom(tissue, rng, style), labels
+
+
+# ----------------------------------------------------------------------------------
+# TotalSegmentator helpers
+# ----------------------------------------------------------------------------------
+
+
+def model_folder(weights_dir: Path) -> Path:
+    """The folder TotalSegmentator loads for ``task="total", fast=True`` under ``weights_dir``."""
+    return Path(weights_dir) / TOTAL_FAST_DATASET / TOTAL_FAST_TRAINER_DIR
+
+
+def write_totalseg_config(home_dir: Path, totalseg_id: str = "totalseg_phantom") -> Path:
+    """Write a TotalSegmentator ``config.json`` that disables usage statistics."""
+    home_dir = Path(home_dir)
+    home_dir.mkdir(parents=True, exist_ok=True)
+    path = home_dir / "config.json"
+    path.write_text(json.dumps({"totalseg_id": totalseg_id, "send_usage_stats": False,
+                                "prediction_counter": 0, "statistics_disclaimer_shown": True}, indent=4))
+    return path
+
+
+def use_totalseg_weights(weights_dir: Path, home_dir: Path) -> None:
+    """Point TotalSegmentator (and nnU-Net) of *this* process at ``weights_dir``.
+
+    Sets ``TOTALSEG_WEIGHTS_PATH`` / ``TOTALSEG_HOME_DIR``, writes the config.json and,
+    because nnU-Net binds ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` as
+    module globals at import time, also rewrites those globals in already imported
+    ``nnunetv2`` modules (otherwise a second weights folder in the same process would be
+    ignored).
+    """
+    weights_dir = str(Path(weights_dir).resolve())
+    write_totalseg_config(home_dir)
+    os.environ["TOTALSEG_WEIGHTS_PATH"] = weights_dir
+    os.environ["TOTALSEG_HOME_DIR"] = str(Path(home_dir).resolve())
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = weights_dir
+    for name, module in list(sys.modules.items()):
+        if name.startswith("nnunetv2") and module is not None:
+            for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+                if hasattr(module, var):
+                    setattr(module, var, weights_dir)
+
+
+# ----------------------------------------------------------------------------------
+# Training (driver in the calling process, job in a child process)
+# ----------------------------------------------------------------------------------
+
+
+def train_phantom_model(weights_dir: Path, *, epochs: int = DEFAULT_EPOCHS,
+                        iterations_per_epoch: int = DEFAULT_ITERATIONS_PER_EPOCH, seed: int = 0,
+                        work_dir: Path | None = None, num_cases: int = DEFAULT_NUM_CASES,
+                        verbose: bool = False) -> Path:
+    """Generate phantoms, train the tiny model and install it under ``weights_dir``.
+
+    Writes ``plans.json``, ``dataset.json`` and ``fold_0/checkpoint_final.pth`` into
+    ``weights_dir/Dataset297_.../nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres``
+    (replacing what was there) and returns that folder. ``work_dir`` keeps nnU-Net's raw,
+    preprocessed and results trees (and ``train.log``) for inspection; by default a
+    temporary folder is used and deleted. Seeded, so reruns give similar (on CPU usually
+    identical) models. The work runs in a child Python process; its output goes to
+    ``train.log`` (and to stdout as well when ``verbose``).
+    """
+    if epochs < 1 or iterations_per_epoch < 1 or num_cases < 2:
+        raise ValueError("epochs and iterations_per_epoch must be >= 1, num_cases >= 2")
+    weights_dir = Path(weights_dir).resolve()
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="phantom_model_")
+        work = Path(tmp.name)
+    else:
+        work = Path(work_dir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        job = {"weights_dir": str(weights_dir), "work_dir": str(work), "epochs": int(epochs),
+               "iterations_per_epoch": int(iterations_per_epoch), "seed": int(seed),
+               "num_cases": int(num_cases)}
+        job_file = work / "job.json"
+        job_file.write_text(json.dumps(job, indent=2))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["nnUNet_raw"] = str(work / "nnUNet_raw")
+        env["nnUNet_preprocessed"] = str(work / "nnUNet_preprocessed")
+        env["nnUNet_results"] = str(work / "nnUNet_results")
+        env["nnUNet_compile"] = "false"
+        env["PYTHONHASHSEED"] = str(seed)
+        env.setdefault("MPLBACKEND", "Agg")
+        code = "import sys; from pipeline.phantom_model import _training_job; _training_job(sys.argv[1])"
+        log_path = work / "train.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(job_file)], env=env, cwd=str(work),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if verbose:
+                    sys.stdout.write(line)
+            rc = proc.wait()
+        if rc != 0:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+            raise RuntimeError(f"phantom model training failed (exit code {rc}); log tail:\n{tail}")
+        return model_folder(weights_dir)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> list[str]:
+    """Write the phantom cases in nnU-Net raw format with compact labels; returns class names."""
+    import nibabel as nib
+
+    names = phantom_class_names()
+    ids = _total_ids()
+    to_compact = np.zeros(256, np.uint8)
+    for i, name in enumerate(names, start=1):
+        to_compact[ids[name]] = i
+    (raw_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (raw_dir / "labelsTr").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    affine = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
+    n_head = int(round(num_cases * 0.6))
+    for i in range(num_cases):
+        kind = "head" if i < n_head else "trunk"
+        j = i if kind == "head" else i - n_head
+        n_kind = n_head if kind == "head" else num_cases - n_head
+        # cycle through the styles: head cases favour the inverted-T1 look, trunk the CT look
+        order = ["inverted_t1", "ct", "random", "inverted_t1"] if kind == "head" else \
+            ["ct", "inverted_t1", "random", "ct"]
+        style = order[j % len(order)] if n_kind >= 3 else order[j % 3]
+        image, labels = make_phantom(rng, None, kind, style)
+        case = f"phantom_{i:03d}"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), raw_dir / "imagesTr" / f"{case}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(to_compact[labels], affine), raw_dir / "labelsTr" / f"{case}.nii.gz")
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{name: i for i, name in enumerate(names, start=1)}},
+        "numTraining": num_cases,
+        "file_ending": ".nii.gz",
+        "name": TOTAL_FAST_DATASET,
+        "description": "Synthetic phantoms (anatomically meaningless), for tests and demos only.",
+    }
+    (raw_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return names
+
+
+def _shrink_plans(plans: dict[str, Any]) -> dict[str, Any]:
+    """Keep only a tiny 3d_fullres configuration (3 mm, 64^3 patch, batch 2, CT normalisation)."""
+    cfg = dict(plans["configurations"]["3d_fullres"])
+    n_stages = len(_FEATURES)
+    cfg.update({
+        "batch_size": 2,
+        "patch_size": list(_PATCH_SIZE),
+        "spacing": [SPACING_MM] * 3,
+        "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False],
+    })
+    cfg["architecture"] = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n_stages,
+            "features_per_stage": list(_FEATURES),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * n_stages,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+            "n_conv_per_stage": [2] * n_stages,
+            "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+    plans = dict(plans)
+    plans["configurations"] = {"3d_fullres": cfg}
+    plans["dataset_name"] = TOTAL_FAST_DATASET
+    plans["original_median_spacing_after_transp"] = [SPACING_MM] * 3
+    return plans
+
+
+def _make_trainer_class():
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class nnUNetTrainer_PhantomCPU(nnUNetTrainer):
+        """Short CPU training without mirroring, periodic checkpoints or progress plots."""
+
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cpu")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_val_iterations_per_epoch = 1
+            self.save_every = 10 ** 9
+            self.logger.plot_progress_png = lambda *args, **kwargs: None
+
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+            rot, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+            self.inference_allowed_mirroring_axes = None
+            return rot, dummy_2d, initial_patch_size, None
+
+        def plot_network_architecture(self):
+            pass
+
+        def save_checkpoint(self, filename: str) -> None:
+            if os.path.basename(filename) == "checkpoint_final.pth":
+                super().save_checkpoint(filename)
+
+    return nnUNetTrainer_PhantomCPU
+
+
+def _export_model(trained_dir: Path, out_dir: Path, names: list[str], plans: dict, dataset_json_raw: dict) -> None:
+    """Expand the compact-label checkpoint to the 118 ``total`` channels and install it."""
+    import torch
+
+    ids = _total_ids()
+    total = total_class_map()
+    n_out = max(total) + 1
+    ckpt = torch.load(trained_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = ckpt["network_weights"]
+    src_rows = [0] + list(range(1, len(names) + 1))
+    dst_rows = [0] + [ids[n] for n in names]
+    for key in list(weights):
+        if ".seg_layers." not in key:
+            continue
+        w = weights[key]
+        new = torch.zeros((n_out,) + tuple(w.shape[1:]), dtype=w.dtype)
+        if key.endswith(".bias"):
+            new.fill_(_UNUSED_CLASS_BIAS)
+        new[dst_rows] = w[src_rows]
+        weights[key] = new
+    dataset_json = {
+        "channel_names": dataset_json_raw["channel_names"],
+        "labels": {"background": 0, **{total[i]: i for i in sorted(total)}},
+        "numTraining": dataset_json_raw["numTraining"],
+        "file_ending": ".nii.gz",
+        "name": TOTAL_FAST_DATASET,
+        "description": "SYNTHETIC phantom model (anatomically meaningless) standing in for TotalSegmentator "
+                       "'total' fast weights; for tests and demos only. Learned classes: " + ", ".join(names),
+    }
+    slim = {
+        "network_weights": weights,
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": None,
+        "_best_ema": None,
+        "current_epoch": ckpt["current_epoch"],
+        "init_args": {**ckpt["init_args"], "plans": plans, "dataset_json": dataset_json, "fold": 0,
+                      "configuration": "3d_fullres", "device": "cpu"},
+        "trainer_name": TOTAL_FAST_TRAINER,
+        "inference_allowed_mirroring_axes": None,
+    }
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    (out_dir / "fold_0").mkdir(parents=True)
+    torch.save(slim, out_dir / "fold_0" / "checkpoint_final.pth")
+    (out_dir / "plans.json").write_text(json.dumps(plans, indent=2))
+    (out_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+
+
+def _training_job(job_file: str) -> None:
+    """Child-process entry point: phantoms -> nnU-Net plan/preprocess -> train -> export."""
+    import random
+
+    import torch
+
+    job = json.loads(Path(job_file).read_text())
+    seed = job["seed"]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    t0 = time.time()
+
+    work = Path(job["work_dir"])
+    raw = Path(os.environ["nnUNet_raw"]) / TOTAL_FAST_DATASET
+    pre = Path(os.environ["nnUNet_preprocessed"]) / TOTAL_FAST_DATASET
+    res = Path(os.environ["nnUNet_results"])
+    for d in (raw, pre, res / TOTAL_FAST_DATASET):
+        if d.exists():
+            shutil.rmtree(d)
+    names = _write_phantom_dataset(raw, job["num_cases"], seed)
+    print(f"[phantom] wrote {job['num_cases']} phantoms in {time.time() - t0:.1f}s", flush=True)
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset, plan_experiment_dataset)
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    n_proc = max(1, min(2, os.cpu_count() or 1))
+    os.environ["nnUNet_n_proc_DA"] = str(n_proc)  # the planner uses it as a thread count
+    extract_fingerprint_dataset(297, num_processes=n_proc, check_dataset_integrity=False, clean=True,
+                                verbose=False)
+    plan_experiment_dataset(297)
+    plans_file = pre / "nnUNetPlans.json"
+    plans = _shrink_plans(json.loads(plans_file.read_text()))
+    plans_file.write_text(json.dumps(plans, indent=2))
+    DefaultPreprocessor(verbose=False).run(297, "3d_fullres", "nnUNetPlans", num_processes=n_proc)
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
+    # fold 0 trains on every case; two cases double as (pseudo) validation
+    (pre / "splits_final.json").write_text(json.dumps([{"train": cases, "val": cases[:1] + cases[-1:]}]))
+    print(f"[phantom] nnU-Net planning + preprocessing done at {time.time() - t0:.1f}s", flush=True)
+
+    dataset_json_raw = json.loads((raw / "dataset.json").read_text())
+    os.environ["nnUNet_n_proc_DA"] = "0"  # augment in this process: no augmentation worker processes
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    trainer_cls = _make_trainer_class()
+    trainer = trainer_cls(plans, "3d_fullres", 0, dataset_json_raw, device=torch.device("cpu"))
+    trainer.num_epochs = job["epochs"]
+    trainer.num_iterations_per_epoch = job["iterations_per_epoch"]
+    t_train = time.time()
+    trainer.run_training()
+    print(f"[phantom] training ({job['epochs']} x {job['iterations_per_epoch']} iterations) took "
+          f"{time.time() - t_train:.1f}s", flush=True)
+
+    out_dir = model_folder(Path(job["weights_dir"]))
+    _export_model(Path(trainer.output_folder_base), out_dir, names, plans, dataset_json_raw)
+    print(f"[phantom] model written to {out_dir} (total {time.time() - t0:.1f}s)", flush=True)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.peers import REPO, Orthanc, StoreSCP, free_port
+
+# One setting for the shared real MRI series; never copied into the project.
+DATA_ENV = "DICOM_NODE_TEST_DATA"
+PHANTOM_MODEL = REPO / "models" / "phantom_total_fast"
+CHECKPOINT = (
+    "Dataset297_TotalSegmentator_total_3mm_1559subj/"
+    "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
+)
+
+
+@pytest.fixture(scope="session")
+def mri_dir() -> Path:
+    folder = Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
+    if not (folder / "MANIFEST.md").is_file():
+        pytest.fail(
+            f"the shared MRI test series are missing: expected {folder}/MANIFEST.md."
+            f" Set {DATA_ENV} to the folder holding them (see README, 'Test data')."
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def t1_dir(mri_dir: Path) -> Path:
+    return mri_dir / "t1_siemens_3t_fl2d_sag_hfs"
+
+
+@pytest.fixture(scope="session")
+def phantom_weights() -> Path:
+    """The synthetic phantom model as TotalSegmentator weights (built if not committed)."""
+    if (PHANTOM_MODEL / CHECKPOINT).is_file():
+        return PHANTOM_MODEL
+    cache = REPO / ".cache" / "phantom_total_fast"
+    if not (cache / CHECKPOINT).is_file():
+        from pipeline.phantom_model import train_phantom_model
+
+        train_phantom_model(cache)
+    return cache
+
+
+@pytest.fixture
+def storescp(tmp_path: Path):
+    server = StoreSCP(tmp_path / "pacs").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def node_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, node_port: int):
+    server = Orthanc(tmp_path / "orthanc", node_port=node_port).start()
+    yield server
+    server.stop()

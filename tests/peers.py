@@ -1,0 +1,223 @@
+"""Real DICOM peers for the tests, each on 127.0.0.1 and a free port: Orthanc, dcmtk's
+storescp, and the node itself as a subprocess. Each is started by a fixture and torn
+down after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+LOCALHOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((LOCALHOST, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {LOCALHOST}:{port} after {timeout}s")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def storescu(port: int, paths: list[Path] | Path, *, called: str = "DICOMNODE", calling: str = "MODALITY") -> None:
+    files = [str(paths)] if isinstance(paths, Path) else [str(p) for p in paths]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    subprocess.run(
+        ["storescu", "-aet", calling, "-aec", called, LOCALHOST, str(port), "+sd", "+r", *files],
+        check=True, env=env, capture_output=True, timeout=300,
+    )
+
+
+class StoreSCP:
+    """dcmtk storescp writing every received object into ``folder``."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> "StoreSCP":
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) with storage in a temporary folder."""
+
+    def __init__(self, folder: Path, node_port: int, node_ae: str = "DICOMNODE") -> None:
+        self.folder = folder
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.ae_title = "ORTHANC"
+        self.url = f"http://{LOCALHOST}:{self.http_port}"
+        self.process: subprocess.Popen | None = None
+        self.config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "UnknownSopClassAccepted": True,
+            "DicomModalities": {"node": [node_ae, LOCALHOST, node_port]},
+            "Plugins": [],
+            "HttpsVerifyPeers": False,
+        }
+
+    def start(self) -> "Orthanc":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config_path = self.folder / "orthanc.json"
+        config_path.write_text(json.dumps(self.config, indent=2))
+        self.log = open(self.folder / "orthanc.log", "wb")
+        self.process = subprocess.Popen(["Orthanc", str(config_path)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.http_port, process=self.process)
+        wait_until(lambda: self._ok("/system"), 30, what="Orthanc's REST API")
+        return self
+
+    def _ok(self, path: str) -> bool:
+        try:
+            return requests.get(self.url + path, timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def get(self, path: str):
+        response = requests.get(self.url + path, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, data) -> dict:
+        body = data if isinstance(data, (bytes, str)) else json.dumps(data)
+        response = requests.post(self.url + path, data=body, timeout=300)
+        response.raise_for_status()
+        return response.json()
+
+    def upload(self, folder: Path) -> list[str]:
+        ids = []
+        for path in sorted(folder.glob("*.dcm")):
+            ids.append(self.post("/instances", path.read_bytes())["ParentSeries"])
+        return sorted(set(ids))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+            self.log.close()
+
+
+@dataclass
+class NodeProcess:
+    """``dicom-node serve`` as a subprocess with its own config and folders."""
+
+    folder: Path
+    config: dict
+    process: subprocess.Popen | None = None
+
+    @property
+    def port(self) -> int:
+        return self.config["node"]["port"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "node.log"
+
+    def start(self) -> "NodeProcess":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+        )
+        log.close()
+        wait_for_port(self.port, timeout=60, process=self.process)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path, **overrides) -> dict:
+    config = {
+        "node": {"ae_title": "DICOMNODE", "bind_address": LOCALHOST, "port": free_port()},
+        "destination": {"ae_title": destination[0], "host": LOCALHOST, "port": destination[1]},
+        "storage": {"spool_dir": str(folder / "spool"), "state_db": str(folder / "state.sqlite3")},
+        "completion": {"stable_seconds": 3, "complete_on_release": True},
+        "send": {"max_attempts": 5, "retry_delay_seconds": 1, "timeout_seconds": 10},
+        "pipeline": {"model": {"weights_dir": str(weights_dir), "home_dir": str(folder / "totalseg")}},
+        "log_level": "INFO",
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config

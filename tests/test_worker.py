@@ -1,0 +1,105 @@
+"""The worker's job state machine, with a fake segmenter (the model is tested elsewhere)
+and a real dcmtk storescp as destination."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from dicom_node.config import parse_config
+from dicom_node.spool import Spool
+from dicom_node.state import JobState, SeriesRef, StateStore
+from dicom_node.worker import Worker, retry_delay
+from pipeline.volume import LabelMap
+from tests.peers import StoreSCP, free_port
+
+
+class FakeSegmenter:
+    def __init__(self, label: int | None) -> None:
+        self.label = label
+
+    def describe(self) -> str:
+        return "fake"
+
+    def segment(self, volume):
+        array = np.zeros(volume.array.shape, np.uint16)
+        if self.label:
+            array[5:10, 100:120, 100:120] = self.label
+        return LabelMap(array, {90: "brain"}, volume)
+
+
+@pytest.fixture
+def setup(tmp_path, t1_dir):
+    def make(label, port, **send):
+        config = parse_config(
+            {
+                "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": port},
+                "send": {"retry_delay_seconds": 0, "timeout_seconds": 5, **send},
+            },
+            tmp_path,
+        )
+        state = StateStore(tmp_path / "state.db")
+        spool = Spool(tmp_path / "spool")
+        series = None
+        for path in sorted(t1_dir.glob("*.dcm")):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            target = spool.store_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
+            series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MOD", target.parent)
+            state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
+        job_id = state.complete_series(series.series_instance_uid)
+        return Worker(config, state, spool, FakeSegmenter(label)), state, job_id
+
+    return make
+
+
+def test_empty_prediction_ends_without_a_seg(setup):
+    worker, state, job_id = setup(None, free_port())
+    assert worker.run(state.claim_next_job()) is JobState.NO_RESULT
+    job = state.job(job_id)
+    assert job.result_path is None and "found no structure" in job.reason
+
+
+def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
+    pacs = StoreSCP(tmp_path / "pacs")
+    worker, state, job_id = setup(90, pacs.port, max_attempts=5)
+    assert worker.run(state.claim_next_job()) is JobState.SENDING
+    job = state.job(job_id)
+    assert job.attempts == 1 and "send attempt 1 failed" in job.reason and job.result_path.exists()
+    pacs.start()
+    try:
+        assert worker.run(state.claim_next_job()) is JobState.SENT
+    finally:
+        pacs.stop()
+    assert len(pacs.received()) == 1
+
+
+def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup, tmp_path):
+    pacs = StoreSCP(tmp_path / "pacs")
+    worker, state, job_id = setup(90, pacs.port, max_attempts=2)
+    worker.run(state.claim_next_job())
+    assert worker.run(state.claim_next_job()) is JobState.FAILED
+    job = state.job(job_id)
+    assert job.reason.startswith("send failed after 2 attempt(s)") and job.result_path.exists()
+    assert state.requeue(job_id).state is JobState.SENDING
+    pacs.start()
+    try:
+        assert worker.run(state.claim_next_job()) is JobState.SENT
+    finally:
+        pacs.stop()
+
+
+def test_pipeline_error_fails_the_job_and_keeps_the_series(setup, tmp_path):
+    worker, state, job_id = setup(90, free_port())
+    job = state.claim_next_job()
+    victim = state.instance_paths(job.series.series_instance_uid)[17]
+    shutil.move(victim, tmp_path / "aside.dcm")  # a recorded instance lost on disk
+    assert worker.run(job) is JobState.FAILED
+    assert f"cannot read {victim.name}" in state.job(job_id).reason
+    assert len(list(job.series.folder.glob("*.dcm"))) == 34
+
+
+def test_retry_delay_grows_and_is_capped():
+    assert [retry_delay(n, 10) for n in (1, 2, 3)] == [10, 20, 40]
+    assert retry_delay(30, 10) == 3600
