@@ -27,6 +27,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def loopback_env() -> dict[str, str]:
+    """Environment that makes a peer's wildcard bind() a loopback bind (see bind_localhost.c)."""
+    source = Path(__file__).with_name("bind_localhost.c")
+    library = REPO / ".cache" / "bind_localhost.so"
+    if not library.exists() or library.stat().st_mtime < source.stat().st_mtime:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], check=True)
+    # Debian's dcmtk (also inside Orthanc) waits on Nagle's algorithm unless TCP_NODELAY is set.
+    return {**os.environ, "LD_PRELOAD": str(library), "TCP_NODELAY": "1"}
+
+
 def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,7 +83,7 @@ class StoreSCP:
     def start(self) -> "StoreSCP":
         self.process = subprocess.Popen(
             ["storescp", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=loopback_env(),
         )
         wait_for_port(self.port, process=self.process)
         return self
@@ -119,7 +130,9 @@ class Orthanc:
         config_path = self.folder / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
         self.log = open(self.folder / "orthanc.log", "wb")
-        self.process = subprocess.Popen(["Orthanc", str(config_path)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            ["Orthanc", str(config_path)], stdout=self.log, stderr=subprocess.STDOUT, env=loopback_env()
+        )
         wait_for_port(self.http_port, process=self.process)
         wait_until(lambda: self._ok("/system"), 30, what="Orthanc's REST API")
         return self
@@ -134,6 +147,11 @@ class Orthanc:
         response = requests.get(self.url + path, timeout=30)
         response.raise_for_status()
         return response.json()
+
+    def get_bytes(self, path: str) -> bytes:
+        response = requests.get(self.url + path, timeout=30)
+        response.raise_for_status()
+        return response.content
 
     def post(self, path: str, data) -> dict:
         body = data if isinstance(data, (bytes, str)) else json.dumps(data)
