@@ -9,7 +9,7 @@ Job life cycle (``JobState``)::
     received -> processing -> sending -> sent
                     |             |
                     +-> no_result  +-> failed (after the last send attempt)
-                    +-> skipped
+                    +-> skipped (policy: e.g. a T2 series, a localizer)
                     +-> failed (pipeline error, with its reason)
 
 ``received`` jobs wait for the worker, ``sending`` jobs wait for their next attempt.
@@ -57,6 +57,8 @@ class Job:
     state: JobState
     attempts: int
     reason: str | None
+    sequence_class: str | None  # T1, T2, PD, other: what the classifier decided
+    preprocessing: str | None  # the preprocessing mode used, if the series was segmented
     result_path: Path | None
     next_attempt_at: float
     created_at: float
@@ -87,6 +89,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state               TEXT NOT NULL,
     attempts            INTEGER NOT NULL DEFAULT 0,
     reason              TEXT,
+    sequence_class      TEXT,
+    preprocessing       TEXT,
     result_path         TEXT,
     next_attempt_at     REAL NOT NULL DEFAULT 0,
     created_at          REAL NOT NULL,
@@ -96,7 +100,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 """
 
 _JOB_COLUMNS = """
-    j.id, j.state, j.attempts, j.reason, j.result_path, j.next_attempt_at,
+    j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
     j.created_at, j.updated_at,
     s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
 """
@@ -257,6 +261,8 @@ class StateStore:
         state: JobState,
         *,
         reason: str | None = None,
+        sequence_class: str | None = None,
+        preprocessing: str | None = None,
         result_path: Path | None = None,
         attempts: int | None = None,
         next_attempt_at: float | None = None,
@@ -265,9 +271,14 @@ class StateStore:
         now = time.time() if now is None else now
         sets = ["state = ?", "reason = ?", "updated_at = ?"]
         params: list = [state.value, reason, now]
-        if result_path is not None:
-            sets.append("result_path = ?")
-            params.append(str(result_path))
+        for column, value in (
+            ("sequence_class", sequence_class),
+            ("preprocessing", preprocessing),
+            ("result_path", None if result_path is None else str(result_path)),
+        ):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value)
         if attempts is not None:
             sets.append("attempts = ?")
             params.append(attempts)
@@ -317,14 +328,16 @@ class _Transaction:
 
 
 def _job(row: tuple) -> Job:
-    (job_id, state, attempts, reason, result_path, next_attempt_at, created, updated,
-     study, series, calling_ae, folder) = row
+    (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
+     created, updated, study, series, calling_ae, folder) = row
     return Job(
         id=job_id,
         series=SeriesRef(study, series, calling_ae, Path(folder)),
         state=JobState(state),
         attempts=attempts,
         reason=reason,
+        sequence_class=sequence_class,
+        preprocessing=preprocessing,
         result_path=Path(result_path) if result_path else None,
         next_attempt_at=next_attempt_at,
         created_at=created,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from dicom_node.config import Config
 from dicom_node.errors import SendError
@@ -45,7 +44,7 @@ class Worker:
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now; return its new state."""
         if job.state is JobState.PROCESSING:
-            state, result_path = self._process(job)
+            state = self._process(job)
             if state is not JobState.SENDING:
                 return state
             job = self.state.job(job.id)  # type: ignore[assignment]
@@ -53,7 +52,7 @@ class Worker:
             return self._send(job)
         return job.state
 
-    def _process(self, job: Job) -> tuple[JobState, Path | None]:
+    def _process(self, job: Job) -> JobState:
         series_uid = job.series.series_instance_uid
         paths = self.state.instance_paths(series_uid)
         log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
@@ -62,21 +61,27 @@ class Worker:
         except PipelineError as exc:
             log.warning("job %d: failed: %s", job.id, exc)
             self.state.update_job(job.id, JobState.FAILED, reason=str(exc))
-            return JobState.FAILED, None
+            return JobState.FAILED
         except Exception as exc:  # an unexpected bug must not kill the worker
             log.exception("job %d: unexpected error", job.id)
             self.state.update_job(job.id, JobState.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
-            return JobState.FAILED, None
+            return JobState.FAILED
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-        if result.outcome is Outcome.EMPTY or result.seg is None:
-            log.info("job %d: %s (%s)", job.id, result.reason, timing)
-            self.state.update_job(job.id, JobState.NO_RESULT, reason=result.reason)
-            return JobState.NO_RESULT, None
+        recorded = {
+            "reason": result.reason,
+            "sequence_class": result.classification.sequence_class.value,
+            "preprocessing": result.preprocessing.value if result.preprocessing else None,
+        }
+        if result.outcome is not Outcome.SEG or result.seg is None:
+            state = JobState.SKIPPED if result.outcome is Outcome.SKIPPED else JobState.NO_RESULT
+            log.info("job %d: %s: %s (%s)", job.id, state.value, result.reason, timing)
+            self.state.update_job(job.id, state, **recorded)
+            return state
         encoded = _encode(result.seg)
         path = self.spool.store_result(job.id, str(result.seg.SOPInstanceUID), encoded)
         log.info("job %d: SEG %s with %s (%s)", job.id, result.seg.SOPInstanceUID, result.reason, timing)
-        self.state.update_job(job.id, JobState.SENDING, reason=result.reason, result_path=path, next_attempt_at=0)
-        return JobState.SENDING, path
+        self.state.update_job(job.id, JobState.SENDING, result_path=path, next_attempt_at=0, **recorded)
+        return JobState.SENDING
 
     def _send(self, job: Job) -> JobState:
         assert job.result_path is not None

@@ -80,7 +80,7 @@ DEFAULT_EPOCHS = 30
 DEFAULT_ITERATIONS_PER_EPOCH = 12
 DEFAULT_NUM_CASES = 36
 
-_PATCH_SIZE = (64, 64, 64)
+_PATCH_SIZE = (48, 48, 48)
 _FEATURES = (8, 16, 32, 64, 64)
 _UNUSED_CLASS_BIAS = -100.0
 
@@ -626,7 +626,7 @@ def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> list[str
 
 
 def _shrink_plans(plans: dict[str, Any]) -> dict[str, Any]:
-    """Keep only a tiny 3d_fullres configuration (3 mm, 64^3 patch, batch 2, CT normalisation)."""
+    """Keep only a tiny 3d_fullres configuration (3 mm, 48^3 patch, batch 2, CT normalisation)."""
     cfg = dict(plans["configurations"]["3d_fullres"])
     n_stages = len(_FEATURES)
     cfg.update({

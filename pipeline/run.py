@@ -1,7 +1,10 @@
-"""The pipeline from instance files to a DICOM SEG: series -> volume -> preprocess -> segment -> SEG.
+"""The pipeline from instance files to a DICOM SEG:
+classify -> series -> volume -> preprocess -> segment -> SEG.
 
 ``process_series`` is pure apart from reading the instance files; it returns a
-``SegResult`` saying what happened. Errors a job can end with are ``PipelineError``s.
+``SegResult`` saying what happened and why. The sequence class is decided from the
+headers before any pixel is read, and the configured policy decides the preprocessing
+(or a skip). Errors a job can end with are ``PipelineError``s.
 """
 
 from __future__ import annotations
@@ -15,56 +18,92 @@ from pathlib import Path
 from typing import Sequence
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
+from pipeline.classify import Classification, classify_series
+from pipeline.errors import SeriesError
 from pipeline.preprocess import PreprocessingMode, preprocess
 from pipeline.seg_writer import Algorithm, encode_seg
 from pipeline.segment import Segmenter
-from pipeline.series import load_series
+from pipeline.series import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, load_series
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
 
-__all__ = ["Outcome", "SegResult", "process_series", "algorithm_for"]
+__all__ = ["Outcome", "SegResult", "process_series", "algorithm_for", "read_image_headers"]
 
 log = logging.getLogger(__name__)
 
 _DESCRIPTIONS = {
-    PreprocessingMode.NONE: "Auto SEG, CT model on unprocessed MR",
-    PreprocessingMode.INVERT: "Auto SEG, CT model on inverted T1",
-    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted T1 (black bg)",
+    PreprocessingMode.NONE: "Auto SEG, CT model on unprocessed {cls} MR",
+    PreprocessingMode.INVERT: "Auto SEG, CT model on inverted {cls} MR",
+    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted {cls} MR (black bg)",
 }
 
 
 class Outcome(str, Enum):
     SEG = "seg"  # a SEG was produced
     EMPTY = "empty"  # the model found no structure: no SEG, by design
+    SKIPPED = "skipped"  # the policy says this kind of series is not segmented
 
 
 @dataclass(frozen=True)
 class SegResult:
     outcome: Outcome
     reason: str
+    classification: Classification
+    preprocessing: PreprocessingMode | None = None
     seg: pydicom.Dataset | None = None
     segments: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def algorithm_for(settings: PipelineSettings) -> Algorithm:
+def algorithm_for(
+    settings: PipelineSettings, mode: PreprocessingMode, classification: Classification
+) -> Algorithm:
     model = settings.model
-    mode = settings.preprocessing.mode
+    cls = classification.sequence_class.value
     return Algorithm(
         name="TotalSegmentator",
         version=version("TotalSegmentator"),
         task=f"{model.task} ({'fast' if model.fast else 'full'})",
         preprocessing=mode.value,
-        series_description=_DESCRIPTIONS[mode],
+        sequence_class=cls,
+        classification=classification.reason,
+        series_description=_DESCRIPTIONS[mode].format(cls=cls),
         software_version=f"dicom-node {version('dicom-node')}",
     )
+
+
+def read_image_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    """Headers (no pixels) of the MR image instances among ``paths``."""
+    headers = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise SeriesError(f"cannot read {path.name}: {exc}") from exc
+        if ds.get("SOPClassUID") in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE):
+            headers.append(ds)
+    return headers
 
 
 def process_series(paths: Sequence[Path], settings: PipelineSettings, segmenter: Segmenter) -> SegResult:
     """Run the whole pipeline over the instance files of one series."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    headers = read_image_headers(paths)
+    rules = [rule.rule() for rule in settings.class_rules]
+    classification = classify_series(headers, rules)
+    mode = settings.policy.mode_for(classification.sequence_class) if classification.anatomical else None
+    log.info("series classified %s (%s)", classification.sequence_class.value, classification.reason)
+    if mode is None:
+        what = classification.sequence_class.value if classification.anatomical else "non-anatomical"
+        return SegResult(
+            Outcome.SKIPPED,
+            f"skipped: {what} series, not segmented by policy: {classification.reason}",
+            classification,
+        )
+
     series = load_series(paths, min_slices=settings.min_slices)
     volume = read_volume(series)
     seconds["read"] = time.perf_counter() - start
@@ -74,7 +113,7 @@ def process_series(paths: Sequence[Path], settings: PipelineSettings, segmenter:
     prepared = volume.with_array(
         preprocess(
             volume.array,
-            options.mode,
+            mode,
             clip_min=options.clip_min,
             clip_max=options.clip_max,
             background_percentile=options.background_percentile,
@@ -87,14 +126,20 @@ def process_series(paths: Sequence[Path], settings: PipelineSettings, segmenter:
     seconds["segment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    seg = encode_seg(label_map, algorithm_for(settings))
+    seg = encode_seg(label_map, algorithm_for(settings, mode, classification))
     seconds["encode"] = time.perf_counter() - start
+    made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if seg is None:
-        return SegResult(Outcome.EMPTY, f"{segmenter.describe()} found no structure; no SEG made", seconds=seconds)
+        return SegResult(
+            Outcome.EMPTY, f"{segmenter.describe()} found no structure; no SEG made; {made}",
+            classification, mode, seconds=seconds,
+        )
     names = tuple(label_map.names.get(label, str(label)) for label in label_map.present)
     return SegResult(
         Outcome.SEG,
-        f"{len(names)} segment(s) from {len(series.slices)} slices, preprocessing {options.mode.value}",
+        f"{len(names)} segment(s) from {len(series.slices)} slices; {made}",
+        classification,
+        mode,
         seg=seg,
         segments=names,
         seconds=seconds,

@@ -36,12 +36,16 @@ class Algorithm:
     version: str
     task: str  # e.g. "total (fast)"
     preprocessing: str  # e.g. "invert_black_background"
+    sequence_class: str  # e.g. "T1"
+    classification: str  # why the series was taken for that class
     series_description: str
     software_version: str
 
     @property
     def identity(self) -> str:
-        return "|".join((self.name, self.version, self.task, self.preprocessing, self.software_version))
+        return "|".join(
+            (self.name, self.version, self.task, self.preprocessing, self.sequence_class, self.software_version)
+        )
 
 
 def _coded(code) -> hd.sr.CodedConcept:
@@ -53,7 +57,12 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
         name=algorithm.name,
         family=codes.cid7162.ArtificialIntelligence,
         version=algorithm.version,
-        parameters={"task": algorithm.task, "preprocessing": algorithm.preprocessing},
+        parameters={
+            "task": algorithm.task,
+            "preprocessing": algorithm.preprocessing,
+            "sequence_class": algorithm.sequence_class,
+            "classification": algorithm.classification[:64],
+        },
     )
     descriptions = []
     for number, label in enumerate(label_map.present, start=1):
@@ -109,7 +118,7 @@ def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | N
                 software_versions=algorithm.software_version,
                 device_serial_number="0",
                 content_label="AUTOSEG",
-                content_description=f"{algorithm.task}; {algorithm.preprocessing}"[:64],
+                content_description=f"{algorithm.sequence_class}; {algorithm.preprocessing}; {algorithm.task}"[:64],
                 content_creator_name="dicom-node^automatic",
                 series_description=algorithm.series_description[:64],
                 omit_empty_frames=True,

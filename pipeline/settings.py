@@ -11,9 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.classify import ClassRule, SequenceClass
 from pipeline.preprocess import PreprocessingMode
 
-__all__ = ["ModelSettings", "PreprocessingSettings", "PipelineSettings"]
+__all__ = ["ModelSettings", "PreprocessingSettings", "Policy", "ClassRuleSettings", "PipelineSettings"]
+
+SKIP = "skip"
+UNPROCESSED = "unprocessed"
 
 
 class _Frozen(BaseModel):
@@ -31,9 +35,8 @@ class ModelSettings(_Frozen):
 
 
 class PreprocessingSettings(_Frozen):
-    """Equation 1 of the preprint; see ``pipeline.preprocess``."""
+    """Parameters of Equation 1 of the preprint; see ``pipeline.preprocess``."""
 
-    mode: PreprocessingMode = PreprocessingMode.INVERT_BLACK_BACKGROUND
     clip_min: float = 0.0
     clip_max: float = 3000.0
     background_percentile: float = Field(1.0, ge=0.0, le=100.0)
@@ -45,9 +48,45 @@ class PreprocessingSettings(_Frozen):
         return self
 
 
+class Policy(_Frozen):
+    """What to do with each sequence class: a preprocessing mode, or skip.
+
+    T1 takes any of the preprint's modes; the preprint shows inversion ruins T2, so T2,
+    PD and other take only ``skip`` (no SEG, reason recorded) or ``unprocessed``
+    (segment the image as acquired). Series that are not anatomical images are always
+    skipped.
+    """
+
+    T1: PreprocessingMode | Literal["skip"] = PreprocessingMode.INVERT_BLACK_BACKGROUND
+    T2: Literal["skip", "unprocessed"] = "skip"
+    PD: Literal["skip", "unprocessed"] = "skip"
+    other: Literal["skip", "unprocessed"] = "skip"
+
+    def mode_for(self, sequence_class: SequenceClass) -> PreprocessingMode | None:
+        """The preprocessing for a class, or None to skip it."""
+        value = getattr(self, sequence_class.value)
+        if value == SKIP:
+            return None
+        if value == UNPROCESSED:
+            return PreprocessingMode.NONE
+        return PreprocessingMode(value)
+
+
+class ClassRuleSettings(_Frozen):
+    """A site rule: a SeriesDescription regex mapped to a sequence class."""
+
+    series_description: str
+    sequence_class: SequenceClass
+
+    def rule(self) -> ClassRule:
+        return ClassRule(self.series_description, self.sequence_class)
+
+
 class PipelineSettings(_Frozen):
     """Everything the pipeline needs to turn a series into a SEG."""
 
     model: ModelSettings = ModelSettings()
     preprocessing: PreprocessingSettings = PreprocessingSettings()
+    policy: Policy = Policy()
+    class_rules: tuple[ClassRuleSettings, ...] = ()
     min_slices: int = Field(3, ge=1)

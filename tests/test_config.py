@@ -1,5 +1,7 @@
 from pathlib import Path
 
+from pydantic import BaseModel
+
 import pytest
 
 from dicom_node.config import load_config, parse_config
@@ -12,7 +14,8 @@ MINIMAL = {"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242
 def test_repository_config_loads_with_documented_defaults():
     config = load_config(REPO / "config.yaml")
     assert config.node.bind_address == "127.0.0.1"
-    assert config.pipeline.preprocessing.mode.value == "invert_black_background"
+    assert config.pipeline.policy.T1.value == "invert_black_background"
+    assert config.pipeline.policy.T2 == "skip"
     assert config.storage.spool_dir.is_absolute()
 
 
@@ -21,9 +24,9 @@ def test_every_config_key_is_documented_in_the_readme():
     config = load_config(REPO / "config.yaml")
 
     def keys(model, prefix=""):
-        for name, field in type(model).model_fields.items():
+        for name in type(model).model_fields:
             value = getattr(model, name)
-            if hasattr(value, "model_fields"):
+            if isinstance(value, BaseModel):
                 yield from keys(value, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}"
@@ -40,8 +43,8 @@ def test_unknown_key_is_named():
 def test_bad_value_is_named():
     with pytest.raises(ConfigError, match=r"completion\.stable_seconds"):
         parse_config({**MINIMAL, "completion": {"stable_seconds": -1}}, Path("."))
-    with pytest.raises(ConfigError, match=r"pipeline\.preprocessing\.mode"):
-        parse_config({**MINIMAL, "pipeline": {"preprocessing": {"mode": "negate"}}}, Path("."))
+    with pytest.raises(ConfigError, match=r"pipeline\.policy\.T2"):
+        parse_config({**MINIMAL, "pipeline": {"policy": {"T2": "invert"}}}, Path("."))
 
 
 def test_destination_is_required():

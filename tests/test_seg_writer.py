@@ -7,12 +7,21 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SegEncodingError
+from pipeline.classify import Classification, SequenceClass
+from pipeline.preprocess import PreprocessingMode
 from pipeline.run import algorithm_for
 from pipeline.seg_writer import check_seg_geometry, encode_seg
 from pipeline.series import load_series
-from pipeline.settings import PipelineSettings, PreprocessingSettings
+from pipeline.settings import PipelineSettings
 from pipeline.volume import LabelMap, read_volume
 from tests.segcheck import check_seg_against_source
+
+
+T1 = Classification(SequenceClass.T1, True, "test")
+
+
+def _algorithm(mode: PreprocessingMode = PreprocessingMode.INVERT_BLACK_BACKGROUND):
+    return algorithm_for(PipelineSettings(), mode, T1)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +38,7 @@ def _labels(volume) -> LabelMap:
 
 
 def test_seg_references_every_source_and_lies_on_its_slices(volume, t1_dir, tmp_path):
-    seg = encode_seg(_labels(volume), algorithm_for(PipelineSettings()))
+    seg = encode_seg(_labels(volume), _algorithm())
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     read = check_seg_against_source(path, t1_dir)
@@ -53,7 +62,7 @@ def _frame_segments(seg):
 
 
 def test_left_and_right_differ_in_their_laterality_modifier(volume):
-    seg = encode_seg(_labels(volume), algorithm_for(PipelineSettings()))
+    seg = encode_seg(_labels(volume), _algorithm())
     modifiers = {
         s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning
         for s in seg.SegmentSequence
@@ -66,23 +75,25 @@ def test_left_and_right_differ_in_their_laterality_modifier(volume):
 
 def test_empty_prediction_gives_no_seg(volume):
     empty = LabelMap(np.zeros((35, 256, 256), np.uint16), {90: "brain"}, volume)
-    assert encode_seg(empty, algorithm_for(PipelineSettings())) is None
+    assert encode_seg(empty, _algorithm()) is None
 
 
 def test_same_input_same_uids_other_mode_new_uids(volume):
     labels = _labels(volume)
-    first = encode_seg(labels, algorithm_for(PipelineSettings()))
-    again = encode_seg(labels, algorithm_for(PipelineSettings()))
-    other = encode_seg(labels, algorithm_for(PipelineSettings(preprocessing=PreprocessingSettings(mode="invert"))))
+    first = encode_seg(labels, _algorithm())
+    again = encode_seg(labels, _algorithm())
+    other = encode_seg(labels, _algorithm(PreprocessingMode.INVERT))
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
     assert first.SeriesInstanceUID != other.SeriesInstanceUID
     assert first.SOPInstanceUID != other.SOPInstanceUID
     assert "inverted T1" in first.SeriesDescription
+    parameters = first.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert "invert_black_background" in parameters and "T1" in parameters
 
 
 def test_geometry_check_catches_a_frame_off_its_source(volume):
     labels = _labels(volume)
-    seg = encode_seg(labels, algorithm_for(PipelineSettings()))
+    seg = encode_seg(labels, _algorithm())
     seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient[0] += 0.5
     with pytest.raises(SegEncodingError, match="frame 1 lies at"):
         check_seg_geometry(seg, labels)
