@@ -77,7 +77,7 @@ PhantomStyle = Literal["ct", "inverted_t1", "random"]
 
 # Default training settings: about 5-6 minutes in total on 2 CPU cores.
 DEFAULT_EPOCHS = 30
-DEFAULT_ITERATIONS_PER_EPOCH = 12
+DEFAULT_ITERATIONS_PER_EPOCH = 15
 DEFAULT_NUM_CASES = 36
 
 _PATCH_SIZE = (48, 48, 48)

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicom_node.state import JobState, StateStore
 from tests.peers import REPO, NodeProcess, node_config, storescu, wait_until
 from tests.segcheck import check_seg_against_source
 
-PATIENT_STRINGS = ("crlab", "HFS^", "d2n_Philips")  # the test data's patient names and IDs
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -24,9 +24,19 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
-def assert_log_is_private(node: NodeProcess) -> None:
+def patient_strings(mri_dir: Path) -> set[str]:
+    """The patient names, IDs and birth dates of the shared test data."""
+    found = set()
+    for path in mri_dir.glob("*/*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
+        found |= {str(ds.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate")}
+    return {value for value in found if len(value) >= 3}
+
+
+def assert_log_is_private(node: NodeProcess, mri_dir: Path) -> None:
     log = node.log()
-    for secret in PATIENT_STRINGS:
+    assert log, "the node wrote no log"
+    for secret in patient_strings(mri_dir):
         assert secret not in log, f"the node's log contains patient data ({secret!r})"
 
 
@@ -56,7 +66,7 @@ def _jobs(node: NodeProcess) -> list:
         state.close()
 
 
-def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_dir):
+def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_dir, mri_dir):
     node = make_node((orthanc.ae_title, orthanc.dicom_port), phantom_weights, port=node_port).start()
     series_ids = orthanc.upload(t1_dir)
     assert len(series_ids) == 1
@@ -76,17 +86,17 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
     seg = check_seg_against_source(path, t1_dir)
     assert seg.SeriesDescription.startswith("Auto SEG")
     assert [job.state for job in _jobs(node)] == [JobState.SENT]
-    assert_log_is_private(node)
+    assert_log_is_private(node, mri_dir)
 
 
-def test_storescu_to_node_to_storescp(storescp, make_node, phantom_weights, t1_dir):
+def test_storescu_to_node_to_storescp(storescp, make_node, phantom_weights, t1_dir, mri_dir):
     node = make_node((storescp.ae_title, storescp.port), phantom_weights).start()
     storescu(node.port, t1_dir)
     received = wait_until(storescp.received, 300, 1, "the SEG at storescp")
     assert len(received) == 1
     check_seg_against_source(received[0], t1_dir)
     assert dciodvfy_errors(received[0]) == []
-    assert_log_is_private(node)
+    assert_log_is_private(node, mri_dir)
 
 
 def test_sigterm_before_completion_then_restart_still_sends_the_seg(storescp, make_node, phantom_weights, t1_dir):
@@ -139,3 +149,54 @@ def test_process_command_writes_a_valid_seg(phantom_weights, t1_dir, tmp_path):
     assert ": seg " in result.stdout
     check_seg_against_source(segs[0], t1_dir)
     assert dciodvfy_errors(segs[0]) == []
+
+
+# MANIFEST.md: what the node must do with each shared series (process -> a SEG).
+OUTCOMES = {
+    "t1_siemens_3t_fl2d_sag_hfs": (JobState.SENT, "T1"),
+    "t1_philips_3t_mprage_sag": (JobState.SENT, "T1"),
+    "hard_j2k_lossless_t1_fl2d_sag_hfdl_derived": (JobState.SENT, "T1"),
+    "t2_siemens_3t_tse_ax_adi": (JobState.SKIPPED, "T2"),
+    "hard_missing_slice_t1_fl2d_sag_hfs_derived": (JobState.FAILED, "gap of 9.60 mm"),
+    "hard_localizer_ge_3plane_phantom": (JobState.SKIPPED, "3 orientations"),
+    "hard_enhanced_philips_pcasl_source_plus_raw": (JobState.SKIPPED, "PERFUSION"),
+    "hard_ts_variants_siemens_epi_mosaic_1slice": (JobState.SKIPPED, "MOSAIC"),
+    "hard_enhanced_philips_b0map_t1label_phantom": (JobState.SKIPPED, "field map"),
+}
+
+
+def test_every_shared_series_over_dicom_gets_its_manifest_outcome(storescp, make_node, phantom_weights, mri_dir):
+    node = make_node((storescp.ae_title, storescp.port), phantom_weights).start()
+    series_of = {}
+    for folder in OUTCOMES:
+        files = sorted((mri_dir / folder).glob("*.dcm"))
+        storescu(node.port, files)
+        series_of[str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)] = folder
+
+    def finished():
+        jobs = _jobs(node)
+        done = [j for j in jobs if j.state in (JobState.SENT, JobState.SKIPPED, JobState.FAILED, JobState.NO_RESULT)]
+        return jobs if len(done) == len(OUTCOMES) else None
+
+    jobs = wait_until(finished, 900, 2, "every series to reach its outcome")
+    outcomes = {series_of[j.series.series_instance_uid]: j for j in jobs}
+    for folder, (state, phrase) in OUTCOMES.items():
+        job = outcomes[folder]
+        assert job.state is state, f"{folder}: {job.state.value}: {job.reason}"
+        assert phrase in job.reason, f"{folder}: {job.reason}"
+    t2 = outcomes["t2_siemens_3t_tse_ax_adi"]
+    assert (t2.sequence_class, t2.preprocessing) == ("T2", None), "a T2 series is never inverted"
+    sent = [outcomes[f] for f, (state, _) in OUTCOMES.items() if state is JobState.SENT]
+    assert all(job.preprocessing == "invert_black_background" for job in sent)
+
+    received = storescp.received()
+    assert len(received) == len(sent)
+    by_series = {str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID): p for p in received}
+    for uid, folder in series_of.items():
+        if OUTCOMES[folder][0] is JobState.SENT:
+            check_seg_against_source(by_series[uid], mri_dir / folder)
+    echo = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], timeout=30)
+    assert echo.returncode == 0, "the node must still be serving"
+    status = node.cli("status")
+    assert "skipped: 5" in status.stdout and "gap of 9.60 mm" in status.stdout
+    assert_log_is_private(node, mri_dir)
