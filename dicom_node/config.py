@@ -18,6 +18,8 @@ from pipeline.settings import PipelineSettings
 
 __all__ = [
     "NodeSettings",
+    "Caller",
+    "SecuritySettings",
     "Destination",
     "StorageSettings",
     "CompletionSettings",
@@ -39,13 +41,36 @@ def _check_ae_title(value: str) -> str:
 
 
 class NodeSettings(_Frozen):
-    """The node's own DICOM identity and listening socket."""
+    """The node's own DICOM identity, listening socket and association bounds."""
 
     ae_title: str = "DICOMNODE"
     bind_address: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(10, ge=1)
+    max_pdu_size: int = Field(65536, ge=4096)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Caller(_Frozen):
+    """A peer allowed to associate: its calling AE title, optionally bound to a host address."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        return ae_title.strip() == self.ae_title.strip() and (self.host is None or self.host == address)
+
+
+class SecuritySettings(_Frozen):
+    """Who may associate. An unknown caller is rejected (A-ASSOCIATE-RJ) and logged."""
+
+    allowed_callers: tuple[Caller, ...] = ()
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        return any(caller.admits(ae_title, address) for caller in self.allowed_callers)
 
 
 class Destination(_Frozen):
@@ -61,6 +86,8 @@ class Destination(_Frozen):
 class StorageSettings(_Frozen):
     spool_dir: Path = Path("var/spool")
     state_db: Path = Path("var/state.sqlite3")
+    min_free_bytes: int = Field(1_000_000_000, ge=0)
+    max_series_instances: int = Field(5000, ge=1)
 
 
 class CompletionSettings(_Frozen):
@@ -80,6 +107,7 @@ class SendSettings(_Frozen):
 
 class Config(_Frozen):
     node: NodeSettings = NodeSettings()
+    security: SecuritySettings = SecuritySettings()
     destination: Destination
     storage: StorageSettings = StorageSettings()
     completion: CompletionSettings = CompletionSettings()

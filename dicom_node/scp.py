@@ -3,14 +3,17 @@
 The C-STORE handler does little: check the UIDs, write the encoded bytes atomically
 into the spool, record the instance in the state store, return a status. Pixels are
 never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
-disk write fails, 0xC210 (cannot understand) for invalid identifiers, 0xC211 for
-anything else. MR and Enhanced MR images are processed later; every other storage
+disk is below its free-space threshold, the series exceeds its size bound or the write
+fails; 0xC210 (cannot understand) for invalid identifiers; 0xC211 for anything else.
+Only callers listed in the security settings may associate; any other is rejected
+with A-ASSOCIATE-RJ (calling AE title not recognised) and logged. MR and Enhanced MR images are processed later; every other storage
 class of the study is accepted and kept but never processed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -29,7 +32,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.completion import Completion
-from dicom_node.config import NodeSettings
+from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
 from dicom_node.errors import InvalidUIDError
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.state import SeriesRef, StateStore
@@ -59,14 +62,26 @@ _PROCESSING_FAILURE = 0xC211
 class StorageSCP:
     """The listening side of the node; its handlers get their dependencies explicitly."""
 
-    def __init__(self, settings: NodeSettings, spool: Spool, state: StateStore, completion: Completion) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        security: SecuritySettings,
+        storage: StorageSettings,
+        spool: Spool,
+        state: StateStore,
+        completion: Completion,
+    ) -> None:
         self.settings = settings
+        self.security = security
+        self.storage = storage
         self.spool = spool
         self.state = state
         self.completion = completion
         self._series_by_assoc: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self.ae = AE(ae_title=settings.ae_title)
+        self.ae.maximum_associations = settings.max_associations
+        self.ae.maximum_pdu_size = settings.max_pdu_size
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
@@ -74,6 +89,7 @@ class StorageSCP:
 
     def start(self) -> None:
         handlers = [
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_ACCEPTED, self._handle_accepted),
@@ -94,6 +110,15 @@ class StorageSCP:
             self._server = None
 
     # -- handlers ---------------------------------------------------------------------
+    def _handle_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title if requestor.primitive else ""
+        if self.security.admits(calling, requestor.address):
+            return
+        log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, user, calling AE not recognised
+        event.assoc.kill()
+
     def _handle_accepted(self, event: evt.Event) -> None:
         with self._lock:
             self._series_by_assoc[id(event.assoc)] = set()
@@ -114,6 +139,13 @@ class StorageSCP:
         except Exception as exc:  # an undecodable dataset
             log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
             return _CANNOT_UNDERSTAND
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.storage.min_free_bytes:
+            log.error("C-STORE of %s refused: %d bytes free, below storage.min_free_bytes", sop_uid, free)
+            return _OUT_OF_RESOURCES
+        if self.state.instance_count(series_uid) >= self.storage.max_series_instances:
+            log.error("C-STORE of %s refused: series %s exceeds storage.max_series_instances", sop_uid, series_uid)
+            return _OUT_OF_RESOURCES
         try:
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
         except OSError as exc:

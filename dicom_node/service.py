@@ -29,7 +29,9 @@ class Node:
         self.segmenter = segmenter or TotalSegmentator(config.pipeline.model)
         self.queue = InProcessQueue(self.state, Worker(config, self.state, self.spool, self.segmenter))
         self.completion = Completion(config.completion, self.state, self.queue.submit)
-        self.scp = StorageSCP(config.node, self.spool, self.state, self.completion)
+        self.scp = StorageSCP(
+            config.node, config.security, config.storage, self.spool, self.state, self.completion
+        )
 
     def start(self) -> None:
         resumed = self.state.resume_interrupted()
@@ -37,6 +39,8 @@ class Node:
         if resumed or restarted:
             log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
         self._report_weights()
+        if not self.config.security.allowed_callers:
+            log.warning("security.allowed_callers is empty: every association will be rejected")
         self.queue.start()
         self.completion.start()
         self.scp.start()

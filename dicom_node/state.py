@@ -170,6 +170,13 @@ class StateStore:
             ).fetchall()
         return [Path(row[0]) for row in rows]
 
+    def instance_count(self, series_instance_uid: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            ).fetchone()
+        return int(row[0])
+
     def receiving_series(self) -> list[tuple[str, float]]:
         """(SeriesInstanceUID, last_received_at) of series still receiving."""
         with self._lock:

@@ -226,8 +226,11 @@ class NodeProcess:
 def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path, **overrides) -> dict:
     config = {
         "node": {"ae_title": "DICOMNODE", "bind_address": LOCALHOST, "port": free_port()},
+        "security": {"allowed_callers": [{"ae_title": "MODALITY", "host": LOCALHOST}, {"ae_title": "ORTHANC"},
+                                         {"ae_title": "ECHOSCU"}]},
         "destination": {"ae_title": destination[0], "host": LOCALHOST, "port": destination[1]},
-        "storage": {"spool_dir": str(folder / "spool"), "state_db": str(folder / "state.sqlite3")},
+        "storage": {"spool_dir": str(folder / "spool"), "state_db": str(folder / "state.sqlite3"),
+                    "min_free_bytes": 10_000_000},
         "completion": {"stable_seconds": 3, "complete_on_release": True},
         "send": {"max_attempts": 5, "retry_delay_seconds": 1, "timeout_seconds": 10},
         "pipeline": {"model": {"weights_dir": str(weights_dir), "home_dir": str(folder / "totalseg")}},
