@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, process, status, retry, demo-model."""
+"""The ``dicom-node`` command: serve, process, status, retry, evaluate, demo-model."""
 
 from __future__ import annotations
 
@@ -122,6 +122,24 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate_cases, write_reports
+    from pipeline.preprocess import PreprocessingMode
+    from pipeline.segment import TotalSegmentator
+    from pipeline.settings import PipelineSettings
+
+    settings = _load(args).pipeline if args.config else PipelineSettings()
+    _setup_logging("WARNING")
+    modes = [mode.value for mode in PreprocessingMode]
+    scores = evaluate_cases(Path(args.images), Path(args.references), settings,
+                            TotalSegmentator(settings.model), modes)
+    paths = write_reports(scores, modes, Path(args.output), args.title)
+    print(paths["markdown"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.phantom_model import train_phantom_model
 
@@ -154,6 +172,14 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
     retry.add_argument("--config", default="config.yaml")
     retry.set_defaults(func=_cmd_retry)
+
+    evaluate = commands.add_parser("evaluate", help="score every preprocessing mode against references")
+    evaluate.add_argument("images", help="folder with one subfolder (a DICOM series) per case")
+    evaluate.add_argument("references", help="folder with CASE.dcm (SEG) or CASE.nii.gz + CASE.json per case")
+    evaluate.add_argument("--output", required=True)
+    evaluate.add_argument("--config", default=None)
+    evaluate.add_argument("--title", default="Mean DSC")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     demo = commands.add_parser("demo-model", help="train the synthetic phantom model (tests and demos only)")
     demo.add_argument("--output", required=True, help="weights folder (becomes TOTALSEG_WEIGHTS_PATH)")

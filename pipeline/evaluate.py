@@ -20,7 +20,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["dice", "score_case", "mean_ci", "Score", "summary_table", "write_reports"]
+__all__ = [
+    "dice", "score_case", "mean_ci", "Score", "summary_table", "write_reports",
+    "load_reference", "evaluate_cases",
+]
 
 
 def dice(reference: np.ndarray, prediction: np.ndarray) -> float:
@@ -157,3 +160,78 @@ def _bar_chart(scores: Sequence[Score], modes: Sequence[str], path: Path, title:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+# -- running the pipeline's modes over a set of cases --------------------------------
+
+def load_reference(path: Path, volume) -> tuple[np.ndarray, dict[int, str]]:
+    """A reference label map on the volume's grid, from a DICOM SEG or a NIfTI with a label table.
+
+    A NIfTI ``case.nii.gz`` needs ``case.json`` beside it: ``{"1": "liver", ...}``.
+    """
+    if path.suffix == ".dcm":
+        import highdicom as hd
+
+        seg = hd.seg.segread(path)
+        uids = [s.sop_instance_uid for s in volume.series.slices]
+        array = seg.get_pixels_by_source_instance(
+            uids, combine_segments=True, relabel=False, assert_missing_frames_are_empty=True
+        )
+        names = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+        return np.asarray(array, dtype=np.uint16), names
+    import json
+
+    import nibabel as nib
+
+    from pipeline.segment import nifti_to_array
+
+    table = path.with_name(path.name.split(".")[0] + ".json")
+    if not table.is_file():
+        raise FileNotFoundError(f"label table {table} is missing for {path}")
+    names = {int(k): str(v) for k, v in json.loads(table.read_text()).items()}
+    return nifti_to_array(nib.load(path), volume), names
+
+
+def _find_reference(references: Path, case: str) -> Path:
+    for candidate in (references / f"{case}.dcm", references / f"{case}.nii.gz", references / f"{case}.nii"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no reference for case {case} in {references} (.dcm, .nii.gz or .nii)")
+
+
+def evaluate_cases(images: Path, references: Path, settings, segmenter, modes: Sequence[str]) -> list[Score]:
+    """Segment every case (a subfolder of ``images``) under every mode and score it.
+
+    The sequence class comes from the classifier; the policy is not applied, since the
+    point is to compare the modes.
+    """
+    from tqdm import tqdm
+
+    from pipeline.classify import classify_series
+    from pipeline.preprocess import preprocess
+    from pipeline.run import read_image_headers
+    from pipeline.series import load_series
+    from pipeline.volume import read_volume
+
+    cases = sorted(p for p in images.iterdir() if p.is_dir())
+    if not cases:
+        raise FileNotFoundError(f"no case folders in {images}")
+    scores: list[Score] = []
+    options = settings.preprocessing
+    with tqdm(total=len(cases) * len(modes), desc="evaluate", unit="run") as progress:
+        for case_dir in cases:
+            paths = sorted(p for p in case_dir.rglob("*") if p.is_file())
+            classification = classify_series(read_image_headers(paths))
+            volume = read_volume(load_series(paths, min_slices=settings.min_slices))
+            reference, reference_names = load_reference(_find_reference(references, case_dir.name), volume)
+            for mode in modes:
+                progress.set_postfix_str(f"{case_dir.name} {mode}")
+                prepared = volume.with_array(
+                    preprocess(volume.array, mode, clip_min=options.clip_min, clip_max=options.clip_max,
+                               background_percentile=options.background_percentile)
+                )
+                label_map = segmenter.segment(prepared)
+                scores += score_case(case_dir.name, classification.sequence_class.value, mode, reference,
+                                     reference_names, label_map.array, label_map.names)
+                progress.update(1)
+    return scores
