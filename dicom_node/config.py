@@ -17,6 +17,7 @@ from dicom_node.errors import ConfigError
 from pipeline.settings import PipelineSettings
 
 __all__ = [
+    "TlsSettings",
     "NodeSettings",
     "Caller",
     "SecuritySettings",
@@ -40,6 +41,15 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+class TlsSettings(_Frozen):
+    """DICOM TLS (PS3.15 B.1): PEM certificate and key, and the CA that vouches for peers."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
 class NodeSettings(_Frozen):
     """The node's own DICOM identity, listening socket and association bounds."""
 
@@ -48,8 +58,18 @@ class NodeSettings(_Frozen):
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(65536, ge=4096)
+    tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("tls")
+    @classmethod
+    def _server_needs_a_certificate(cls, tls: TlsSettings | None) -> TlsSettings | None:
+        if tls is not None and (tls.certificate is None or tls.private_key is None):
+            raise ValueError("the SCP's TLS needs certificate and private_key")
+        if tls is not None and tls.require_client_certificate and tls.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return tls
 
 
 class Caller(_Frozen):
@@ -79,6 +99,7 @@ class Destination(_Frozen):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -133,7 +154,23 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         }
     )
     pipeline = config.pipeline.model_copy(update={"model": model})
-    return config.model_copy(update={"storage": storage, "pipeline": pipeline})
+
+    def tls(settings: TlsSettings | None) -> TlsSettings | None:
+        if settings is None:
+            return None
+        return settings.model_copy(
+            update={
+                key: absolute(getattr(settings, key))
+                for key in ("certificate", "private_key", "ca_certificates")
+                if getattr(settings, key) is not None
+            }
+        )
+
+    node = config.node.model_copy(update={"tls": tls(config.node.tls)})
+    destination = config.destination.model_copy(update={"tls": tls(config.destination.tls)})
+    return config.model_copy(
+        update={"node": node, "destination": destination, "storage": storage, "pipeline": pipeline}
+    )
 
 
 def parse_config(data: Any, base: Path, source: str = "config") -> Config:

@@ -36,6 +36,7 @@ from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
 from dicom_node.errors import InvalidUIDError
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.state import SeriesRef, StateStore
+from dicom_node.tls import server_context
 
 __all__ = ["TRANSFER_SYNTAXES", "StorageSCP"]
 
@@ -97,11 +98,19 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._handle_aborted),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
+        tls = self.settings.tls
         self._server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_context(tls) if tls else None,
         )
         log.info(
-            "listening as %s on %s:%d", self.settings.ae_title, self.settings.bind_address, self.settings.port
+            "listening as %s on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.bind_address,
+            self.settings.port,
+            " (DICOM TLS)" if tls else "",
         )
 
     def stop(self) -> None:

@@ -15,6 +15,7 @@ from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination
 from dicom_node.errors import SendError
+from dicom_node.tls import client_context
 
 __all__ = ["send_file"]
 
@@ -28,7 +29,8 @@ def send_file(path: Path, destination: Destination, *, calling_ae_title: str, ti
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
     ae.add_requested_context(dataset.SOPClassUID, [transfer_syntax])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = (client_context(destination.tls), None) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise SendError(

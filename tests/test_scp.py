@@ -8,39 +8,6 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from dicom_node.completion import Completion
-from dicom_node.config import parse_config
-from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
-from dicom_node.state import StateStore
-from tests.peers import free_port
-
-
-@pytest.fixture
-def scp(tmp_path):
-    started = []
-
-    def start(**overrides):
-        data = {
-            "node": {"port": free_port()},
-            "security": {"allowed_callers": [{"ae_title": "MODALITY", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU"}]},
-            "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
-            "storage": {"min_free_bytes": 0},
-        }
-        for section, values in overrides.items():
-            data.setdefault(section, {}).update(values)
-        config = parse_config(data, tmp_path)
-        state = StateStore(tmp_path / "state.db")
-        spool = Spool(tmp_path / "spool")
-        server = StorageSCP(config.node, config.security, config.storage, spool, state,
-                            Completion(config.completion, state, lambda job: None))
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def _associate(port, calling="MODALITY", bind="127.0.0.1"):
