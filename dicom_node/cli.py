@@ -1,9 +1,8 @@
-"""The ``dicom-node`` command: serve, process, status, retry, evaluate, demo-model."""
+"""The ``dicom-node`` command: serve, process, status, retry, cleanup, evaluate, demo-model."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -12,22 +11,10 @@ import pydicom
 
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError
+from dicom_node.logs import setup_logging
 from dicom_node.state import JobState, StateStore
 
 __all__ = ["main"]
-
-log = logging.getLogger("dicom_node")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
@@ -37,7 +24,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import serve
 
     config = _load(args)
-    _setup_logging(config.log_level)
+    setup_logging(config.logging.level, config.logging.format)
     serve(config)
     return 0
 
@@ -64,10 +51,10 @@ def _cmd_process(args: argparse.Namespace) -> int:
     if args.config:
         config = _load(args)
         settings = config.pipeline
-        _setup_logging(config.log_level)
+        setup_logging(config.logging.level, config.logging.format)
     else:
         settings = PipelineSettings()  # relative paths are taken from the current folder
-        _setup_logging("WARNING")
+        setup_logging("WARNING")
     segmenter = TotalSegmentator(settings.model)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -122,6 +109,22 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from dicom_node.retention import expired, purge
+
+    config = _load(args)
+    state = StateStore(config.storage.state_db)
+    items = expired(state, args.days if args.days is not None else config.retention.days)
+    for item in items:
+        paths = ", ".join(str(p) for p in item.paths) or "(no files left)"
+        print(f"{'would delete' if args.dry_run else 'deleting'} job {item.job.id}"
+              f" series {item.job.series.series_instance_uid}: {paths}")
+    if not args.dry_run:
+        purge(state, items)
+    print(f"{len(items)} job(s) {'would be' if args.dry_run else 'were'} cleaned up")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_cases, write_reports
     from pipeline.preprocess import PreprocessingMode
@@ -129,7 +132,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.settings import PipelineSettings
 
     settings = _load(args).pipeline if args.config else PipelineSettings()
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     modes = [mode.value for mode in PreprocessingMode]
     scores = evaluate_cases(Path(args.images), Path(args.references), settings,
                             TotalSegmentator(settings.model), modes)
@@ -143,7 +146,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.phantom_model import train_phantom_model
 
-    _setup_logging("INFO")
+    setup_logging("INFO")
     options = {"epochs": args.epochs} if args.epochs else {}
     folder = train_phantom_model(Path(args.output), seed=args.seed, **options)
     print(f"phantom model written to {folder} (synthetic, anatomically meaningless: for tests and demos only)")
@@ -172,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
     retry.add_argument("--config", default="config.yaml")
     retry.set_defaults(func=_cmd_retry)
+
+    cleanup = commands.add_parser("cleanup", help="delete series and SEGs of jobs sent longer ago than retention.days")
+    cleanup.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    cleanup.add_argument("--days", type=float, default=None, help="override retention.days")
+    cleanup.add_argument("--config", default="config.yaml")
+    cleanup.set_defaults(func=_cmd_cleanup)
 
     evaluate = commands.add_parser("evaluate", help="score every preprocessing mode against references")
     evaluate.add_argument("images", help="folder with one subfolder (a DICOM series) per case")

@@ -25,6 +25,9 @@ __all__ = [
     "StorageSettings",
     "CompletionSettings",
     "SendSettings",
+    "HttpSettings",
+    "LoggingSettings",
+    "RetentionSettings",
     "Config",
     "load_config",
     "parse_config",
@@ -126,6 +129,24 @@ class SendSettings(_Frozen):
     timeout_seconds: float = Field(30.0, gt=0)
 
 
+class HttpSettings(_Frozen):
+    """The health and metrics endpoint; port 0 turns it off."""
+
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class LoggingSettings(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class RetentionSettings(_Frozen):
+    """Received series and SEGs of jobs that ended ``sent`` are deleted after this many days (0: keep)."""
+
+    days: float = Field(0, ge=0)
+
+
 class Config(_Frozen):
     node: NodeSettings = NodeSettings()
     security: SecuritySettings = SecuritySettings()
@@ -134,7 +155,9 @@ class Config(_Frozen):
     completion: CompletionSettings = CompletionSettings()
     send: SendSettings = SendSettings()
     pipeline: PipelineSettings = PipelineSettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    http: HttpSettings = HttpSettings()
+    logging: LoggingSettings = LoggingSettings()
+    retention: RetentionSettings = RetentionSettings()
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

@@ -34,6 +34,7 @@ from pydicom.uid import (
 from dicom_node.completion import Completion
 from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
 from dicom_node.errors import InvalidUIDError
+from dicom_node.metrics import Metrics
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.state import SeriesRef, StateStore
 from dicom_node.tls import server_context
@@ -71,6 +72,7 @@ class StorageSCP:
         spool: Spool,
         state: StateStore,
         completion: Completion,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.security = security
@@ -78,6 +80,7 @@ class StorageSCP:
         self.spool = spool
         self.state = state
         self.completion = completion
+        self.metrics = metrics
         self._series_by_assoc: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self.ae = AE(ae_title=settings.ae_title)
@@ -112,6 +115,10 @@ class StorageSCP:
             self.settings.port,
             " (DICOM TLS)" if tls else "",
         )
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.socket.fileno() >= 0
 
     def stop(self) -> None:
         if self._server is not None:
@@ -172,6 +179,7 @@ class StorageSCP:
         except Exception:
             log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
             return _PROCESSING_FAILURE
+        self.metrics.instances_received.inc()
         return 0x0000
 
     def _end(self, event: evt.Event, *, released: bool) -> None:

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     preprocessing       TEXT,
     result_path         TEXT,
     next_attempt_at     REAL NOT NULL DEFAULT 0,
+    purged              INTEGER NOT NULL DEFAULT 0,
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL
 );
@@ -232,6 +233,37 @@ class StateStore:
             rows = self._db.execute(query + " ORDER BY j.id", params).fetchall()
         return [_job(row) for row in rows]
 
+    def job_counts(self) -> dict[JobState, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {JobState(state): count for state, count in rows}
+
+    def check_writable(self) -> None:
+        """Raise ``sqlite3.Error`` unless a write transaction can be opened."""
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS health (checked_at REAL)")
+            db.execute("DELETE FROM health")
+            db.execute("INSERT INTO health VALUES (?)", (time.time(),))
+
+    def purgeable_jobs(self, before: float) -> list[Job]:
+        """Sent jobs older than ``before`` whose series has no other job still open or failed."""
+        query = f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
+            WHERE j.state = ? AND j.purged = 0 AND j.updated_at < ? AND s.receiving = 0
+              AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = j.series_instance_uid
+                              AND o.id != j.id AND o.state != ? AND o.purged = 0)
+            ORDER BY j.id"""
+        with self._lock:
+            rows = self._db.execute(query, (JobState.SENT.value, before, JobState.SENT.value)).fetchall()
+        return [_job(row) for row in rows]
+
+    def mark_purged(self, job_id: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET purged = 1 WHERE id = ?", (job_id,))
+            db.execute(
+                "DELETE FROM instances WHERE series_instance_uid = (SELECT series_instance_uid FROM jobs WHERE id = ?)",
+                (job_id,),
+            )
+
     def claim_next_job(self, now: float | None = None) -> Job | None:
         """The oldest runnable job, moved to ``processing`` if it was ``received``.
 
@@ -324,7 +356,11 @@ class _Transaction:
 
     def __enter__(self) -> sqlite3.Connection:
         self._store._lock.acquire()
-        self._store._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._store._lock.release()
+            raise
         return self._store._db
 
     def __exit__(self, exc_type, exc, tb) -> None:

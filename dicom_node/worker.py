@@ -15,6 +15,7 @@ import time
 
 from dicom_node.config import Config
 from dicom_node.errors import SendError
+from dicom_node.metrics import Metrics
 from dicom_node.scu import send_file
 from dicom_node.spool import Spool
 from dicom_node.state import Job, JobState, StateStore
@@ -35,7 +36,10 @@ def retry_delay(attempts: int, base: float) -> float:
 
 
 class Worker:
-    def __init__(self, config: Config, state: StateStore, spool: Spool, segmenter: Segmenter) -> None:
+    def __init__(
+        self, config: Config, state: StateStore, spool: Spool, segmenter: Segmenter, metrics: Metrics
+    ) -> None:
+        self.metrics = metrics
         self.config = config
         self.state = state
         self.spool = spool
@@ -60,6 +64,7 @@ class Worker:
             result = process_series(paths, self.config.pipeline, self.segmenter)
         except PipelineError as exc:
             log.warning("job %d: failed: %s", job.id, exc)
+            self.metrics.series_outcomes.labels("failed").inc()
             self.state.update_job(job.id, JobState.FAILED, reason=str(exc))
             return JobState.FAILED
         except Exception as exc:  # an unexpected bug must not kill the worker
@@ -67,6 +72,9 @@ class Worker:
             self.state.update_job(job.id, JobState.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
             return JobState.FAILED
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+        for stage, seconds in result.seconds.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.series_outcomes.labels(result.outcome.value).inc()
         recorded = {
             "reason": result.reason,
             "sequence_class": result.classification.sequence_class.value,
@@ -86,6 +94,7 @@ class Worker:
     def _send(self, job: Job) -> JobState:
         assert job.result_path is not None
         settings = self.config.send
+        self.metrics.send_attempts.inc()
         try:
             send_file(
                 job.result_path,
@@ -94,6 +103,7 @@ class Worker:
                 timeout=settings.timeout_seconds,
             )
         except (SendError, OSError) as exc:
+            self.metrics.send_failures.inc()
             attempts = job.attempts + 1
             if attempts >= settings.max_attempts:
                 reason = f"send failed after {attempts} attempt(s): {exc}"

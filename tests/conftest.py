@@ -7,6 +7,7 @@ import pytest
 
 from dicom_node.completion import Completion
 from dicom_node.config import parse_config
+from dicom_node.metrics import Metrics
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateStore
@@ -86,7 +87,7 @@ def scp(tmp_path):
         state = StateStore(tmp_path / "state.db")
         spool = Spool(tmp_path / "spool")
         server = StorageSCP(config.node, config.security, config.storage, spool, state,
-                            Completion(config.completion, state, lambda job: None))
+                            Completion(config.completion, state, lambda job: None), Metrics(state))
         server.start()
         started.append(server)
         return server

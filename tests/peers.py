@@ -234,7 +234,7 @@ def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path
         "completion": {"stable_seconds": 3, "complete_on_release": True},
         "send": {"max_attempts": 5, "retry_delay_seconds": 1, "timeout_seconds": 10},
         "pipeline": {"model": {"weights_dir": str(weights_dir), "home_dir": str(folder / "totalseg")}},
-        "log_level": "INFO",
+        "http": {"port": 0},
     }
     for section, values in overrides.items():
         if isinstance(values, dict):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dicom_node.config import parse_config
+from dicom_node.metrics import Metrics
 from dicom_node.spool import Spool
 from dicom_node.state import JobState, SeriesRef, StateStore
 from dicom_node.worker import Worker, retry_delay
@@ -49,7 +50,7 @@ def setup(tmp_path, t1_dir):
             series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MOD", target.parent)
             state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
         job_id = state.complete_series(series.series_instance_uid)
-        return Worker(config, state, spool, FakeSegmenter(label)), state, job_id
+        return Worker(config, state, spool, FakeSegmenter(label), Metrics(state)), state, job_id
 
     return make
 

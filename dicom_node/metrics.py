@@ -1,0 +1,52 @@
+"""Prometheus metrics of one node (its own registry, no globals).
+
+Counters rise as things happen (instances received, series by outcome, send attempts
+and failures); stage durations are histograms; jobs by state and the queue depth are
+read from the state store when ``/metrics`` is scraped, so they are always true.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+
+from dicom_node.state import JobState, StateStore
+
+__all__ = ["Metrics"]
+
+
+class _JobCollector:
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def collect(self):
+        counts = self.state.job_counts()
+        jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], counts.get(state, 0))
+        yield jobs
+        depth = counts.get(JobState.RECEIVED, 0) + counts.get(JobState.SENDING, 0)
+        yield GaugeMetricFamily("dicom_node_queue_depth", "Jobs waiting for the worker or a send", value=depth)
+
+
+class Metrics:
+    def __init__(self, state: StateStore | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.instances_received = Counter(
+            "dicom_node_instances_received", "Instances stored by C-STORE", registry=self.registry
+        )
+        self.series_outcomes = Counter(
+            "dicom_node_series", "Processed series by outcome", ["outcome"], registry=self.registry
+        )
+        self.stage_seconds = Histogram(
+            "dicom_node_stage_seconds", "Time per pipeline stage", ["stage"], registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
+        self.send_attempts = Counter("dicom_node_send_attempts", "C-STORE attempts of SEGs", registry=self.registry)
+        self.send_failures = Counter("dicom_node_send_failures", "Failed C-STORE attempts", registry=self.registry)
+        if state is not None:
+            self.registry.register(_JobCollector(state))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,111 @@
+"""Health, metrics, retention and logging of a node (in-process; the model is faked,
+the network peers are real)."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from dicom_node.config import parse_config
+from dicom_node.logs import setup_logging
+from dicom_node.retention import expired, purge
+from dicom_node.service import Node
+from dicom_node.state import JobState
+from pipeline.volume import LabelMap
+from tests.peers import free_port, storescu, wait_until
+
+
+class FakeSegmenter:
+    def describe(self) -> str:
+        return "fake"
+
+    def segment(self, volume):
+        array = np.zeros(volume.array.shape, np.uint16)
+        array[5:10, 100:120, 100:120] = 90
+        return LabelMap(array, {90: "brain"}, volume)
+
+
+@pytest.fixture
+def node(tmp_path, storescp):
+    config = parse_config({
+        "node": {"port": free_port()},
+        "security": {"allowed_callers": [{"ae_title": "MODALITY"}]},
+        "destination": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port},
+        "storage": {"min_free_bytes": 1_000_000},
+        "completion": {"stable_seconds": 2},
+        "http": {"port": free_port()},
+    }, tmp_path)
+    node = Node(config, segmenter=FakeSegmenter())
+    node.start()
+    yield node
+    if not node._stop.is_set():
+        node.stop()
+
+
+def _get(node, path):
+    return requests.get(f"http://127.0.0.1:{node.config.http.port}{path}", timeout=10)
+
+
+def test_healthz_is_200_when_all_is_up_and_503_naming_an_unwritable_state_store(node, tmp_path):
+    response = _get(node, "/healthz")
+    assert response.status_code == 200, response.text
+    assert set(response.json()["checked"]) == {"scp", "worker", "state_store", "disk"}
+    db = node.state._db
+    db.execute("PRAGMA query_only = ON")  # the database refuses writes, as a read-only disk would
+    try:
+        response = _get(node, "/healthz")
+    finally:
+        db.execute("PRAGMA query_only = OFF")
+    assert response.status_code == 503
+    assert list(response.json()["failing"]) == ["state_store"]
+
+
+def test_metrics_rise_after_a_series(node, t1_dir, storescp):
+    def value(name, labels=""):
+        for line in _get(node, "/metrics").text.splitlines():
+            if line.startswith(name + labels + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = value("dicom_node_instances_received_total")
+    storescu(node.config.node.port, t1_dir)
+    wait_until(lambda: storescp.received(), 60, 0.5, "the SEG")
+    wait_until(lambda: value("dicom_node_jobs", '{state="sent"}') == 1, 10, 0.2, "the sent job")
+    assert value("dicom_node_instances_received_total") == before + 35
+    assert value("dicom_node_series_total", '{outcome="seg"}') == 1
+    assert value("dicom_node_send_attempts_total") == 1
+    assert value("dicom_node_stage_seconds_count", '{stage="segment"}') == 1
+
+
+def test_retention_removes_only_sent_jobs_older_than_the_limit(node, t1_dir, storescp, tmp_path):
+    storescu(node.config.node.port, t1_dir)
+    wait_until(lambda: node.state.job_counts().get(JobState.SENT), 60, 0.5, "the sent job")
+    job = node.state.jobs()[0]
+    assert expired(node.state, days=1) == []  # too young
+    assert expired(node.state, days=0) == []  # retention off
+    items = expired(node.state, days=1, now=time.time() + 2 * 86400)
+    assert [item.job.id for item in items] == [job.id]
+    assert job.series.folder in items[0].paths and job.result_path.parent in items[0].paths
+    purge(node.state, items)
+    assert not job.series.folder.exists() and not job.result_path.exists()
+    assert node.state.job(job.id).state is JobState.SENT  # the row stays as the audit trail
+    assert expired(node.state, days=1, now=time.time() + 2 * 86400) == []
+
+
+def test_failed_jobs_are_never_expired(node, t1_dir):
+    storescu(node.config.node.port, t1_dir)
+    wait_until(lambda: node.state.jobs() and node.state.jobs()[0].state is JobState.SENT, 60, 0.5, "the job")
+    node.state.update_job(node.state.jobs()[0].id, JobState.FAILED, reason="test")
+    assert expired(node.state, days=1, now=time.time() + 10 * 86400) == []
+
+
+def test_json_logs(capsys):
+    setup_logging("INFO", "json")
+    logging.getLogger("dicom_node.test").info("job %d: sent", 7)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert json.loads(line)["message"] == "job 7: sent"
+    setup_logging("INFO", "text")
