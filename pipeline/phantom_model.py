@@ -107,14 +107,13 @@ _T1_REL = {
     BLOOD: (0.05, 1.0), BOWEL: (0.35, 0.8), CORD: (0.65, 0.9),
 }
 
-_CERVICAL = [f"vertebrae_C{i}" for i in range(1, 8)]
-_THORACOLUMBAR = [f"vertebrae_T{i}" for i in range(1, 13)] + [f"vertebrae_L{i}" for i in range(1, 6)]
-_HEAD_CLASSES = ["brain", "skull", "spinal_cord"] + _CERVICAL
+# Few, large classes: a tiny network learns them within minutes. Vertebrae get one label per
+# spine region (not per level), each lung one label.
+_HEAD_CLASSES = ["brain", "skull", "spinal_cord", "vertebrae_C5"]
 _TRUNK_CLASSES = [
-    "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_lower_lobe_right",
-    "heart", "aorta", "liver", "spleen", "stomach", "kidney_left", "kidney_right",
-    "autochthon_left", "autochthon_right", "spinal_cord",
-] + _THORACOLUMBAR
+    "lung_upper_lobe_left", "lung_upper_lobe_right", "heart", "aorta", "liver", "spleen",
+    "kidney_left", "kidney_right", "spinal_cord", "vertebrae_T8", "vertebrae_L2",
+]
 
 
 def total_class_map() -> dict[int, str]:
@@ -260,7 +259,7 @@ def _head_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tupl
     tissue[stem] = WM
     labels[stem & ~skull] = ids["brain"]
 
-    # cervical spine: vertebral bodies, arches and spinous processes, levels C1..C7
+    # cervical spine: vertebral bodies, arches and spinous processes (one label for all levels)
     level_h = rng.uniform(14, 17) * s
     disc = 3.5 * s
     top = -36 * s
@@ -270,11 +269,11 @@ def _head_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tupl
     bone &= z < top
     level = np.floor((top - z) / level_h).astype(np.int32)
     in_disc = ((top - z) - level * level_h) > (level_h - disc)
-    for i, name in enumerate(_CERVICAL):
+    for i in range(7):
         m = bone & (level == i) & ~in_disc & body
         tissue[m] = MARROW
         tissue[m & (_edt_inside(m) <= 3.0)] = CORTICAL
-        labels[m] = ids[name]
+        labels[m] = ids["vertebrae_C5"]
     tissue[canal & body & (z < -33 * s)] = CSF
     spinal = cord & body & (z < -33 * s)
     tissue[spinal] = CORD
@@ -328,15 +327,13 @@ def _trunk_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
         lung = _cylinder_z(p, (sx * 0.45 * a, -0.05 * b), (0.4 * a, 0.72 * b)) & thorax
         lung &= ~_ellipsoid(p, (-22 * s, 0.25 * b, z_d + 55 * s), np.array([66, 56, 60]) * s)
         lung &= np.abs(x) > 22 * s
-        upper = (z - z_d) > (75 * s - 0.9 * y)
         tissue[lung] = LUNG
-        labels[lung & upper] = ids[f"lung_upper_lobe_{side}"]
-        labels[lung & ~upper] = ids[f"lung_lower_lobe_{side}"]
+        labels[lung] = ids[f"lung_upper_lobe_{side}"]
 
     # abdominal organs (later ones win)
     organs = [
         ("liver", LIVER, _ellipsoid(p, (0.42 * a, 0.05 * b, z_d - 45 * s), (0.55 * a, 0.78 * b, 85 * s))),
-        ("stomach", BOWEL, _ellipsoid(p, (-0.35 * a, 0.3 * b, z_d - 45 * s), np.array([42, 38, 48]) * s)),
+        (None, BOWEL, _ellipsoid(p, (-0.35 * a, 0.3 * b, z_d - 45 * s), np.array([42, 38, 48]) * s)),
         ("spleen", SPLEEN, _ellipsoid(p, (-0.62 * a, -0.3 * b, z_d - 45 * s), np.array([28, 40, 48]) * s)),
         ("kidney_right", KIDNEY, _ellipsoid(p, (62 * s, y_spine + 10 * s, z_d - 110 * s), np.array([26, 24, 52]) * s)),
         ("kidney_left", KIDNEY, _ellipsoid(p, (-62 * s, y_spine + 10 * s, z_d - 100 * s), np.array([26, 24, 52]) * s)),
@@ -344,14 +341,15 @@ def _trunk_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
     for name, tis, m in organs:
         m &= abdomen
         tissue[m] = tis
-        labels[m] = ids[name]
-        if name == "stomach":
+        labels[m] = ids[name] if name else 0
+        if name is None:  # stomach: unlabelled, with a gas cap
             gas = m & (z > z_d - 25 * s)
             tissue[gas] = AIR_IN
     tissue[aorta] = BLOOD
     labels[aorta] = ids["aorta"]
 
-    # spine: body, arch, spinous process; levels T1..L5 with T11 near the diaphragm
+    # spine: body, arch, spinous process; levels T1..L5 with T11 near the diaphragm, labelled
+    # as one thoracic and one lumbar class
     level_h = rng.uniform(24, 30) * s
     disc = 5 * s
     canal = _cylinder_z(p, (0, y_spine - 30 * s), (9 * s, 8 * s))
@@ -359,25 +357,23 @@ def _trunk_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tup
     bone |= _cylinder_z(p, (0, y_spine - 30 * s), (15 * s, 14 * s)) & ~canal
     bone |= (np.abs(x) < 6 * s) & (y < y_spine - 40 * s) & (y > y_spine - 62 * s)
     bone &= body
-    ref = _THORACOLUMBAR.index("vertebrae_T11")
     rel = (z_d - z) / level_h
-    level = ref + np.floor(rel).astype(np.int32)
+    level = 10 + np.floor(rel).astype(np.int32)  # 0 = T1, 10 = T11, 12 = L1, 16 = L5
     in_disc = (rel - np.floor(rel)) * level_h > (level_h - disc)
-    for i, name in enumerate(_THORACOLUMBAR):
+    for i in range(17):
         m = bone & (level == i) & ~in_disc
         if not m.any():
             continue
         tissue[m] = MARROW
         tissue[m & (_edt_inside(m) <= 3.0)] = CORTICAL
-        labels[m] = ids[name]
+        labels[m] = ids["vertebrae_T8" if i < 12 else "vertebrae_L2"]
     tissue[canal & body] = CSF
     cord = _cylinder_z(p, (0, y_spine - 30 * s), (5 * s, 5 * s)) & body
     tissue[cord] = CORD
     labels[cord] = ids["spinal_cord"]
-    for sx, side in ((-1, "left"), (1, "right")):
+    for sx in (-1, 1):  # paraspinal muscles (unlabelled)
         mus = _ellipsoid(p, (sx * 30 * s, y_spine - 42 * s, 0), (20 * s, 18 * s, 1e6)) & body & ~bone
         tissue[mus] = SOFT
-        labels[mus] = ids[f"autochthon_{side}"]
 
     tissue[~body] = AIR
     labels[~body] = 0

@@ -1,0 +1,52 @@
+"""docs/conformance.md must list exactly what the SCP and the SCU negotiate."""
+
+import re
+
+from pydicom.uid import ExplicitVRLittleEndian
+
+from tests.peers import REPO
+
+DOC = (REPO / "docs" / "conformance.md").read_text()
+
+
+def _uids(section_start: str, section_end: str) -> list[str]:
+    section = DOC[DOC.index(section_start):DOC.index(section_end)]
+    return re.findall(r"^\|[^|]*\| `([0-9.]+)` \|", section, re.M)
+
+
+def test_scp_sop_classes_match_the_code(scp):
+    server = scp()
+    negotiated = [str(c.abstract_syntax) for c in server.ae.supported_contexts]
+    documented = _uids("### 3.2", "### 3.3")
+    assert sorted(documented) == sorted(negotiated)
+
+
+def test_scp_transfer_syntaxes_match_the_code(scp):
+    server = scp()
+    storage = [c for c in server.ae.supported_contexts if c.abstract_syntax != "1.2.840.10008.1.1"]
+    syntaxes = {tuple(str(t) for t in c.transfer_syntax) for c in storage}
+    assert len(syntaxes) == 1, "every storage SOP class takes the same transfer syntaxes"
+    documented = re.findall(r"^\| [^|]+ \| `([0-9.]+)` \|$", DOC[DOC.index("### 3.3"):DOC.index("### 3.4")], re.M)
+    assert documented == list(syntaxes.pop())
+
+
+def test_scu_context_matches_what_the_seg_writer_produces(t1_dir):
+    import numpy as np
+
+    from pipeline.classify import Classification, SequenceClass
+    from pipeline.preprocess import PreprocessingMode
+    from pipeline.run import algorithm_for
+    from pipeline.seg_writer import encode_seg
+    from pipeline.series import load_series
+    from pipeline.settings import PipelineSettings
+    from pipeline.volume import LabelMap, read_volume
+
+    volume = read_volume(load_series(sorted(t1_dir.glob("*.dcm"))))
+    labels = np.zeros((35, 256, 256), np.uint16)
+    labels[3:5, 10:20, 10:20] = 90
+    seg = encode_seg(LabelMap(labels, {90: "brain"}, volume), algorithm_for(
+        PipelineSettings(), PreprocessingMode.INVERT_BLACK_BACKGROUND, Classification(SequenceClass.T1, True, "t")))
+    section = DOC[DOC.index("## 4. SCU"):DOC.index("## 5.")]
+    assert f"`{seg.SOPClassUID}`" in section
+    assert f"`{ExplicitVRLittleEndian}`" in section
+    assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
