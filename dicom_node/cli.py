@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, process, status, retry, cleanup, evaluate, demo-model."""
+"""The ``dicom-node`` command: serve, process, status, retry, weights, cleanup, evaluate, demo-model."""
 
 from __future__ import annotations
 
@@ -109,6 +109,32 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from dicom_node.weights import WeightsError, import_weights, installed_models
+
+    config = _load(args)
+    weights_dir = config.pipeline.model.weights_dir
+    if args.action == "import":
+        try:
+            models = import_weights(Path(args.path), weights_dir, dataset=args.dataset)
+        except WeightsError as exc:
+            print(f"weights import failed: {exc}", file=sys.stderr)
+            return 1
+        for model in models:
+            print(f"installed {model.name} into {weights_dir}")
+    models = installed_models(weights_dir)
+    if not models:
+        print(f"no models in {weights_dir}")
+    for model in models:
+        tasks = ", ".join(model.tasks) or "custom nnU-Net model"
+        print(f"{model.name}  folds: {', '.join(model.folds)}  serves: {tasks}")
+        for checkpoint, digest in sorted(model.checksums.items()):
+            print(f"    {checkpoint}  sha256 {digest}")
+        if not model.checksums:
+            print("    (not imported with `weights import`: no checksums recorded)")
+    return 0
+
+
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from dicom_node.retention import expired, purge
 
@@ -175,6 +201,16 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", type=int)
     retry.add_argument("--config", default="config.yaml")
     retry.set_defaults(func=_cmd_retry)
+
+    weights = commands.add_parser("weights", help="import and list model weights (offline)")
+    weights_actions = weights.add_subparsers(dest="action", required=True)
+    weights_import = weights_actions.add_parser("import", help="check and install a weights archive or folder")
+    weights_import.add_argument("path")
+    weights_import.add_argument("--dataset", default=None, help="DatasetNNN_Name for a bare trainer folder")
+    weights_import.add_argument("--config", default="config.yaml")
+    weights_list = weights_actions.add_parser("list", help="installed models, their checksums and tasks")
+    weights_list.add_argument("--config", default="config.yaml")
+    weights.set_defaults(func=_cmd_weights)
 
     cleanup = commands.add_parser("cleanup", help="delete series and SEGs of jobs sent longer ago than retention.days")
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
