@@ -1,4 +1,4 @@
-"""The ``dicom-node`` command: serve, process, status, retry, weights, cleanup, evaluate, demo-model."""
+"""The ``dicom-node`` command: serve, process, status, retry, weights, cleanup, evaluate, demo-study, demo-model."""
 
 from __future__ import annotations
 
@@ -169,6 +169,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_study(args: argparse.Namespace) -> int:
+    from pipeline.phantom_study import write_phantom_study
+
+    images, references = write_phantom_study(Path(args.output), cases_per_kind=args.cases, seed=args.seed)
+    print(f"phantom study written: images {images}, references {references}")
+    print(f"next: dicom-node evaluate {images} {references} --output REPORT_DIR")
+    return 0
+
+
 def _cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.phantom_model import train_phantom_model
 
@@ -225,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default=None)
     evaluate.add_argument("--title", default="Mean DSC")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    study = commands.add_parser("demo-study", help="write T1/T2 phantom series and references for evaluate")
+    study.add_argument("--output", required=True)
+    study.add_argument("--cases", type=int, default=2, help="phantoms per kind (head, trunk)")
+    study.add_argument("--seed", type=int, default=1234)
+    study.set_defaults(func=_cmd_demo_study)
 
     demo = commands.add_parser("demo-model", help="train the synthetic phantom model (tests and demos only)")
     demo.add_argument("--output", required=True, help="weights folder (becomes TOTALSEG_WEIGHTS_PATH)")
