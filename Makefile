@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PEERS  := storescu storescp echoscu dciodvfy Orthanc
 
-.PHONY: run test venv peers demo-model clean
+.PHONY: run test venv peers js demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,20 @@ peers:
 	  $$SUDO systemctl disable --now orthanc >/dev/null 2>&1 || true; \
 	fi
 
+# dcmjs (the DICOM library OHIF uses) for the viewer checks, from the npm registry.
+js: tests/js/node_modules/.installed
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q nodejs npm; }
+	cd tests/js && npm ci --no-audit --no-fund
+	touch $@
+
 run: venv
 	$(VENV)/bin/dicom-node serve --config config.yaml
 
-test: venv peers
+test: venv peers js
 	$(PY) -m pytest
 
 demo-model: venv

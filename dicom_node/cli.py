@@ -48,12 +48,14 @@ def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.segment import TotalSegmentator
     from pipeline.settings import PipelineSettings
 
+    from pipeline.seg_writer import SegOptions
+
     if args.config:
         config = _load(args)
-        settings = config.pipeline
+        settings, seg_options = config.pipeline, config.destination.seg_options
         setup_logging(config.logging.level, config.logging.format)
     else:
-        settings = PipelineSettings()  # relative paths are taken from the current folder
+        settings, seg_options = PipelineSettings(), SegOptions()  # relative paths: from the current folder
         setup_logging("WARNING")
     segmenter = TotalSegmentator(settings.model)
     output = Path(args.output)
@@ -65,7 +67,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     failures = 0
     for series_uid, paths in groups.items():
         try:
-            result = process_series(paths, settings, segmenter)
+            result = process_series(paths, settings, segmenter, seg_options)
         except PipelineError as exc:
             failures += 1
             print(f"{series_uid}: failed: {exc}")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicom_node.errors import ConfigError
+from pipeline.seg_writer import SegOptions
 from pipeline.settings import PipelineSettings
 
 __all__ = [
@@ -103,8 +104,14 @@ class Destination(_Frozen):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: TlsSettings | None = None
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    omit_empty_frames: bool = True
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @property
+    def seg_options(self) -> SegOptions:
+        return SegOptions(self.segmentation_type, self.omit_empty_frames)
 
 
 class StorageSettings(_Frozen):

@@ -61,7 +61,7 @@ class Worker:
         paths = self.state.instance_paths(series_uid)
         log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
         try:
-            result = process_series(paths, self.config.pipeline, self.segmenter)
+            result = process_series(paths, self.config.pipeline, self.segmenter, self.config.destination.seg_options)
         except PipelineError as exc:
             log.warning("job %d: failed: %s", job.id, exc)
             self.metrics.series_outcomes.labels("failed").inc()

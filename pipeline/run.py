@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pipeline.classify import Classification, classify_series
 from pipeline.errors import SeriesError
 from pipeline.preprocess import PreprocessingMode, preprocess
-from pipeline.seg_writer import Algorithm, encode_seg
+from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
 from pipeline.segment import Segmenter
 from pipeline.series import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, load_series
 from pipeline.settings import PipelineSettings
@@ -87,7 +87,12 @@ def read_image_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
     return headers
 
 
-def process_series(paths: Sequence[Path], settings: PipelineSettings, segmenter: Segmenter) -> SegResult:
+def process_series(
+    paths: Sequence[Path],
+    settings: PipelineSettings,
+    segmenter: Segmenter,
+    seg_options: SegOptions = SegOptions(),
+) -> SegResult:
     """Run the whole pipeline over the instance files of one series."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -126,7 +131,7 @@ def process_series(paths: Sequence[Path], settings: PipelineSettings, segmenter:
     seconds["segment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    seg = encode_seg(label_map, algorithm_for(settings, mode, classification))
+    seg = encode_seg(label_map, algorithm_for(settings, mode, classification), seg_options)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if seg is None:

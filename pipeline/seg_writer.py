@@ -17,15 +17,32 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pipeline.errors import SegEncodingError
 from pipeline.labels import segment_info
 from pipeline.volume import LabelMap
 
-__all__ = ["Algorithm", "encode_seg", "check_seg_geometry", "POSITION_TOLERANCE_MM"]
+__all__ = ["Algorithm", "SegOptions", "encode_seg", "check_seg_geometry", "POSITION_TOLERANCE_MM"]
 
 POSITION_TOLERANCE_MM = 0.01
+
+
+@dataclass(frozen=True)
+class SegOptions:
+    """How the SEG is encoded, per destination.
+
+    BINARY (the widest viewer support) is written uncompressed: the standard allows
+    JPEG 2000 for it, but viewers decode that poorly. LABELMAP (the 2024 Label Map
+    Segmentation: one frame per slice, small and fast) is written RLE Lossless.
+    """
+
+    segmentation_type: str = "BINARY"
+    omit_empty_frames: bool = True
+
+    @property
+    def transfer_syntax(self) -> str:
+        return ExplicitVRLittleEndian if self.segmentation_type == "BINARY" else RLELossless
 
 
 @dataclass(frozen=True)
@@ -86,8 +103,10 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
     return descriptions
 
 
-def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | None:
-    """A BINARY DICOM SEG of the labels present, or None when no label is present."""
+def encode_seg(
+    label_map: LabelMap, algorithm: Algorithm, options: SegOptions = SegOptions()
+) -> pydicom.Dataset | None:
+    """A DICOM SEG of the labels present, or None when no label is present."""
     present = label_map.present
     if not present:
         return None
@@ -98,7 +117,7 @@ def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | N
     dtype = np.uint8 if len(present) < 256 else np.uint16
     segments = lookup[label_map.array].astype(dtype)
 
-    identity = [series.series_instance_uid, algorithm.identity]
+    identity = [series.series_instance_uid, algorithm.identity, options.segmentation_type]
     source_number = series.header.get("SeriesNumber")
     try:
         with warnings.catch_warnings():
@@ -107,7 +126,7 @@ def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | N
             seg = hd.seg.Segmentation(
                 source_images=sources,
                 pixel_array=segments,
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segmentation_type=hd.seg.SegmentationTypeValues(options.segmentation_type),
                 segment_descriptions=_describe_segments(label_map, algorithm),
                 series_instance_uid=generate_uid(entropy_srcs=["series", *identity]),
                 series_number=int(source_number) + 1000 if source_number is not None else 1000,
@@ -121,7 +140,8 @@ def encode_seg(label_map: LabelMap, algorithm: Algorithm) -> pydicom.Dataset | N
                 content_description=f"{algorithm.sequence_class}; {algorithm.preprocessing}; {algorithm.task}"[:64],
                 content_creator_name="dicom-node^automatic",
                 series_description=algorithm.series_description[:64],
-                omit_empty_frames=True,
+                omit_empty_frames=options.omit_empty_frames,
+                transfer_syntax_uid=options.transfer_syntax,
             )
     except (ValueError, TypeError, AttributeError) as exc:
         raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc

@@ -15,7 +15,7 @@ def check_seg_against_source(seg_path: Path, source_dir: Path) -> hd.seg.Segment
     source_series = {str(ds.SeriesInstanceUID) for ds in sources}
     positions = {str(ds.SOPInstanceUID): np.asarray(ds.ImagePositionPatient, float) for ds in sources}
 
-    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.SOPClassUID in ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # SEG, Label Map SEG
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert seg.PatientID == sources[0].PatientID
     assert seg.SeriesInstanceUID not in source_series

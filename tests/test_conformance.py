@@ -2,7 +2,7 @@
 
 import re
 
-from pydicom.uid import ExplicitVRLittleEndian
+import pytest
 
 from tests.peers import REPO
 
@@ -30,13 +30,14 @@ def test_scp_transfer_syntaxes_match_the_code(scp):
     assert documented == list(syntaxes.pop())
 
 
-def test_scu_context_matches_what_the_seg_writer_produces(t1_dir):
+@pytest.mark.parametrize("segmentation_type", ["BINARY", "LABELMAP"])
+def test_scu_context_matches_what_the_seg_writer_produces(t1_dir, segmentation_type):
     import numpy as np
 
     from pipeline.classify import Classification, SequenceClass
     from pipeline.preprocess import PreprocessingMode
     from pipeline.run import algorithm_for
-    from pipeline.seg_writer import encode_seg
+    from pipeline.seg_writer import SegOptions, encode_seg
     from pipeline.series import load_series
     from pipeline.settings import PipelineSettings
     from pipeline.volume import LabelMap, read_volume
@@ -45,8 +46,9 @@ def test_scu_context_matches_what_the_seg_writer_produces(t1_dir):
     labels = np.zeros((35, 256, 256), np.uint16)
     labels[3:5, 10:20, 10:20] = 90
     seg = encode_seg(LabelMap(labels, {90: "brain"}, volume), algorithm_for(
-        PipelineSettings(), PreprocessingMode.INVERT_BLACK_BACKGROUND, Classification(SequenceClass.T1, True, "t")))
+        PipelineSettings(), PreprocessingMode.INVERT_BLACK_BACKGROUND, Classification(SequenceClass.T1, True, "t")),
+        SegOptions(segmentation_type))
     section = DOC[DOC.index("## 4. SCU"):DOC.index("## 5.")]
-    assert f"`{seg.SOPClassUID}`" in section
-    assert f"`{ExplicitVRLittleEndian}`" in section
-    assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    row = re.search(rf"^\| [^|]+ \| `{re.escape(str(seg.SOPClassUID))}` \| [^|`]+`([0-9.]+)` \|$", section, re.M)
+    assert row, f"{seg.SOPClassUID} is not documented"
+    assert row.group(1) == seg.file_meta.TransferSyntaxUID
