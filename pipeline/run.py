@@ -18,18 +18,16 @@ from pathlib import Path
 from typing import Sequence
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from pipeline.classify import Classification, classify_series
-from pipeline.errors import SeriesError
 from pipeline.preprocess import PreprocessingMode, preprocess
 from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
 from pipeline.segment import Segmenter
-from pipeline.series import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, load_series
+from pipeline.series import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
 
-__all__ = ["Outcome", "SegResult", "process_series", "algorithm_for", "read_image_headers"]
+__all__ = ["Outcome", "SegResult", "process_series", "algorithm_for", "image_headers", "read_image_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +72,14 @@ def algorithm_for(
     )
 
 
+def image_headers(headers: Sequence[tuple[Path, pydicom.Dataset]]) -> list[pydicom.Dataset]:
+    """The headers of the MR image instances (classic and enhanced)."""
+    return [ds for _, ds in headers if ds.get("SOPClassUID") in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE)]
+
+
 def read_image_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
     """Headers (no pixels) of the MR image instances among ``paths``."""
-    headers = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            raise SeriesError(f"cannot read {path.name}: {exc}") from exc
-        if ds.get("SOPClassUID") in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE):
-            headers.append(ds)
-    return headers
+    return image_headers(read_headers(paths))
 
 
 def process_series(
@@ -96,9 +91,9 @@ def process_series(
     """Run the whole pipeline over the instance files of one series."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    headers = read_image_headers(paths)
+    headers = read_headers(paths)
     rules = [rule.rule() for rule in settings.class_rules]
-    classification = classify_series(headers, rules)
+    classification = classify_series(image_headers(headers), rules)
     mode = settings.policy.mode_for(classification.sequence_class) if classification.anatomical else None
     log.info("series classified %s (%s)", classification.sequence_class.value, classification.reason)
     if mode is None:
@@ -109,7 +104,7 @@ def process_series(
             classification,
         )
 
-    series = load_series(paths, min_slices=settings.min_slices)
+    series = assemble_series(headers, min_slices=settings.min_slices)
     volume = read_volume(series)
     seconds["read"] = time.perf_counter() - start
 

@@ -111,7 +111,7 @@ def encode_seg(
     if not present:
         return None
     series = label_map.volume.series
-    sources = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in series.slices]
+    sources = [s.header for s in series.slices]
     lookup = np.zeros(int(label_map.array.max()) + 1, dtype=np.uint16)
     lookup[present] = np.arange(1, len(present) + 1)
     dtype = np.uint8 if len(present) < 256 else np.uint16

@@ -20,7 +20,15 @@ from pydicom.uid import UID
 
 from pipeline.errors import SeriesError
 
-__all__ = ["MR_IMAGE_STORAGE", "ENHANCED_MR_IMAGE_STORAGE", "Slice", "Series", "load_series"]
+__all__ = [
+    "MR_IMAGE_STORAGE",
+    "ENHANCED_MR_IMAGE_STORAGE",
+    "Slice",
+    "Series",
+    "read_headers",
+    "assemble_series",
+    "load_series",
+]
 
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
@@ -37,6 +45,7 @@ class Slice:
     sop_instance_uid: str
     position: tuple[float, float, float]  # ImagePositionPatient, LPS mm
     distance: float  # along the slice normal, mm
+    header: pydicom.Dataset  # the instance without its pixel data, read once
 
 
 @dataclass(frozen=True)
@@ -67,9 +76,18 @@ def _read_header(path: Path) -> pydicom.Dataset:
         raise SeriesError(f"cannot read {path.name}: {exc}") from exc
 
 
+def read_headers(paths: Sequence[Path]) -> list[tuple[Path, pydicom.Dataset]]:
+    """Every instance's header (no pixel data), read once for all later stages."""
+    return [(path, _read_header(path)) for path in paths]
+
+
 def load_series(paths: Sequence[Path], *, min_slices: int = 3) -> Series:
     """Read headers, keep the MR images, sort them and check their geometry."""
-    headers = [(path, _read_header(path)) for path in paths]
+    return assemble_series(read_headers(paths), min_slices=min_slices)
+
+
+def assemble_series(headers: Sequence[tuple[Path, pydicom.Dataset]], *, min_slices: int = 3) -> Series:
+    """Keep the MR images, sort them along their normal and check their geometry."""
     if not headers:
         raise SeriesError("the series has no instances")
     images = [(p, ds) for p, ds in headers if ds.get("SOPClassUID") == MR_IMAGE_STORAGE]
@@ -108,6 +126,7 @@ def load_series(paths: Sequence[Path], *, min_slices: int = 3) -> Series:
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 position=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
                 distance=float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))),
+                header=ds,
             )
             for p, ds in images
         ),
