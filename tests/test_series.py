@@ -45,3 +45,16 @@ def test_three_plane_localizer_is_rejected(mri_dir):
 def test_raw_data_is_left_out_of_the_volume(mri_dir):
     with pytest.raises(SeriesError, match="Enhanced MR"):
         load_series(_files(mri_dir / "hard_enhanced_philips_pcasl_source_plus_raw"))
+
+
+def test_every_transfer_syntax_variant_decodes_to_the_same_pixels(mri_dir):
+    import numpy as np
+    import pydicom
+
+    files = sorted((mri_dir / "hard_ts_variants_siemens_epi_mosaic_1slice").glob("*.dcm"))
+    decoded = [(path.name, pydicom.dcmread(path)) for path in files]
+    assert len(files) == 9
+    assert len({str(ds.file_meta.TransferSyntaxUID) for _, ds in decoded}) == 7
+    reference = next(ds for _, ds in decoded if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1").pixel_array
+    for name, ds in decoded:
+        assert np.array_equal(ds.pixel_array, reference), f"{name} ({ds.file_meta.TransferSyntaxUID.name}) differs"

@@ -1,0 +1,76 @@
+"""Orientation-correct output: a label placed by the test at a known point in patient
+space (LPS, mm) comes back from the SEG at that point, within half a voxel, for
+sagittal, oblique and decubitus series. The label goes through the same NIfTI (RAS)
+conversion as TotalSegmentator's output, so a mirrored or transposed axis anywhere on
+the way would move it."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pytest
+
+from pipeline.labels import total_class_names
+from pipeline.run import Outcome, process_series
+from pipeline.segment import nifti_to_array, volume_to_nifti
+from pipeline.settings import PipelineSettings
+from pipeline.volume import LabelMap
+from tests.segcheck import check_seg_against_source
+
+
+class PlacingSegmenter:
+    """Puts a small cube of ``label`` around a patient-space point, in RAS NIfTI space."""
+
+    def __init__(self, point_lps: np.ndarray, label: int = 5) -> None:
+        self.point_lps = point_lps
+        self.label = label
+
+    def describe(self) -> str:
+        return "placing"
+
+    def segment(self, volume):
+        nifti = volume_to_nifti(volume)
+        ras = self.point_lps * np.array([-1, -1, 1])
+        i, j, k = np.rint(np.linalg.inv(nifti.affine) @ np.append(ras, 1))[:3].astype(int)
+        data = np.zeros(nifti.shape, np.uint16)
+        data[i - 2:i + 3, j - 2:j + 3, k - 1:k + 2] = self.label  # symmetric around the point
+        labels = nifti_to_array(type(nifti)(data, nifti.affine), volume)
+        return LabelMap(labels, total_class_names(), volume)
+
+
+def _seg_centroid(seg: hd.seg.Segmentation) -> np.ndarray:
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    row_dir, col_dir = np.split(np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float), 2)
+    row_spacing, col_spacing = map(float, shared.PixelMeasuresSequence[0].PixelSpacing)
+    pixels = seg.pixel_array if seg.pixel_array.ndim == 3 else seg.pixel_array[None]
+    points = []
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        origin = np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        rows, cols = np.nonzero(frame)
+        points += [origin + c * col_spacing * row_dir + r * row_spacing * col_dir for r, c in zip(rows, cols)]
+    return np.mean(points, axis=0)
+
+
+@pytest.mark.parametrize("folder", [
+    "t1_philips_3t_mprage_sag",  # oblique sagittal
+    "hard_j2k_lossless_t1_fl2d_sag_hfdl_derived",  # decubitus left
+    "t1_siemens_3t_fl2d_sag_hfs",  # sagittal, anisotropic
+])
+def test_label_centroid_survives_into_the_seg(mri_dir, folder, tmp_path):
+    paths = sorted((mri_dir / folder).glob("*.dcm"))
+    from pipeline.series import load_series
+
+    series = load_series(paths)
+    middle = series.slices[len(series.slices) // 2]
+    # an off-centre point, so that any flip of an axis would move it
+    point = (np.asarray(middle.position)
+             + 0.3 * series.columns * series.pixel_spacing[1] * np.asarray(series.row_direction)
+             + 0.6 * series.rows * series.pixel_spacing[0] * np.asarray(series.column_direction))
+    result = process_series(paths, PipelineSettings(), PlacingSegmenter(point))
+    assert result.outcome is Outcome.SEG, result.reason
+    path = tmp_path / "seg.dcm"
+    result.seg.save_as(path, enforce_file_format=True)
+    seg = check_seg_against_source(path, mri_dir / folder)
+    voxel = np.array([series.pixel_spacing[1], series.pixel_spacing[0], series.slice_spacing])
+    error = np.abs(_seg_centroid(seg) - point)
+    assert np.linalg.norm(error) <= 0.5 * np.linalg.norm(voxel), (error, voxel)
