@@ -11,7 +11,7 @@ from dicom_node.metrics import Metrics
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateStore
-from tests.peers import REPO, Orthanc, StoreSCP, free_port
+from tests.peers import NODE_LOGS, REPO, Orthanc, StoreSCP, free_port
 
 # One setting for the shared real MRI series; never copied into the project.
 DATA_ENV = "DICOM_NODE_TEST_DATA"
@@ -22,9 +22,44 @@ CHECKPOINT = (
 )
 
 
+def _data_dir() -> Path:
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
+
+
+def patient_strings(mri_dir: Path) -> set[str]:
+    """The patient names, IDs and birth dates of the shared test data (3+ characters)."""
+    import pydicom
+
+    found: set[str] = set()
+    for path in mri_dir.glob("*/*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
+        found |= {str(ds.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate")}
+    return {value for value in found if len(value) >= 3}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Privacy: the log of the whole suite (in-process and every node subprocess) must not
+    contain the test data's patient names, IDs or birth dates."""
+    if not (_data_dir() / "MANIFEST.md").is_file():
+        return
+    logs = [REPO / ".cache" / "test-suite.log", *NODE_LOGS]
+    secrets = patient_strings(_data_dir())
+    leaks = []
+    for log in logs:
+        if log.is_file():
+            text = log.read_text(errors="replace")
+            leaks += [f"{log}: {secret!r}" for secret in secrets if secret in text]
+    if leaks:
+        print("\nPRIVACY: patient data found in the suite's logs: " + "; ".join(leaks))
+        session.exitstatus = 1
+    else:
+        print(f"\nprivacy check: {len(logs)} log(s) scanned, no patient names, IDs or birth dates")
+
+
 @pytest.fixture(scope="session")
 def mri_dir() -> Path:
-    folder = Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
+    folder = _data_dir()
     if not (folder / "MANIFEST.md").is_file():
         pytest.fail(
             f"the shared MRI test series are missing: expected {folder}/MANIFEST.md."

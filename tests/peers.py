@@ -173,6 +173,9 @@ class Orthanc:
             self.log.close()
 
 
+NODE_LOGS: list[Path] = []  # every node log of the session, scanned for patient data at the end
+
+
 @dataclass
 class NodeProcess:
     """``dicom-node serve`` as a subprocess with its own config and folders."""
@@ -196,6 +199,8 @@ class NodeProcess:
     def start(self) -> "NodeProcess":
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
+        if self.log_path not in NODE_LOGS:
+            NODE_LOGS.append(self.log_path)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],

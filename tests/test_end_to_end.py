@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from dicom_node.state import JobState, StateStore
+from tests.conftest import patient_strings
 from tests.peers import REPO, NodeProcess, node_config, storescu, wait_until
 from tests.segcheck import check_seg_against_source
 
@@ -22,15 +23,6 @@ from tests.segcheck import check_seg_against_source
 def dciodvfy_errors(path: Path) -> list[str]:
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-def patient_strings(mri_dir: Path) -> set[str]:
-    """The patient names, IDs and birth dates of the shared test data."""
-    found = set()
-    for path in mri_dir.glob("*/*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
-        found |= {str(ds.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate")}
-    return {value for value in found if len(value) >= 3}
 
 
 def assert_log_is_private(node: NodeProcess, mri_dir: Path) -> None:
