@@ -1,3 +1,5 @@
 from dicom_node.cli import main
 
-raise SystemExit(main())
+# nnU-Net starts worker processes with spawn, which re-imports this module: guard it.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,8 +75,8 @@ PHANTOM_STYLES = ("ct", "inverted_t1", "random")
 PhantomKind = Literal["head", "trunk"]
 PhantomStyle = Literal["ct", "inverted_t1", "random"]
 
-# Default training settings: about 5-6 minutes in total on 2 CPU cores.
-DEFAULT_EPOCHS = 36
+# Default training settings: about 5 minutes in total on 2 (quiet) CPU cores.
+DEFAULT_EPOCHS = 70
 DEFAULT_ITERATIONS_PER_EPOCH = 15
 DEFAULT_NUM_CASES = 36
 
@@ -182,7 +182,8 @@ def _edt_inside(mask: np.ndarray) -> np.ndarray:
 def _default_shape(rng: np.random.Generator, kind: str) -> tuple[int, int, int]:
     if kind == "head":
         return (int(rng.integers(56, 73)), int(rng.integers(68, 89)), int(rng.integers(68, 89)))
-    return (int(rng.integers(96, 121)), int(rng.integers(76, 93)), int(rng.integers(64, 89)))
+    # a small (child-sized) trunk, so that one 48^3 training patch sees most of a cross-section
+    return (int(rng.integers(76, 93)), int(rng.integers(60, 73)), int(rng.integers(56, 77)))
 
 
 # ----------------------------------------------------------------------------------
@@ -286,18 +287,18 @@ def _head_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tupl
 
 def _trunk_anatomy(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     ids = _total_ids()
-    s = float(rng.normal(1.0, 0.07))
     extent = np.array(shape) * SPACING_MM
     center = np.array([rng.uniform(-0.04, 0.04) * extent[0], rng.uniform(-0.06, 0.06) * extent[1], 0.0])
     p = _grid(shape, center, _rotation(rng, 8.0))
     x, y, z = p
 
-    a = rng.uniform(0.8, 1.0) * extent[0] / 2 * 0.92
+    a = rng.uniform(0.85, 1.0) * extent[0] / 2 * 0.92
     b = min(rng.uniform(0.65, 0.8) * a, extent[1] / 2 * 0.92)
+    s = a / 150.0 * float(rng.normal(1.0, 0.04))  # organ scale follows the body size
     body = _cylinder_z(p, (0, 0), (a, b))
     d_body = _edt_inside(body)
-    t_fat = rng.uniform(6, 28)
-    t_muscle = rng.uniform(6, 14)
+    t_fat = rng.uniform(5, 22) * s
+    t_muscle = rng.uniform(5, 10) * s
 
     tissue = np.zeros(shape, np.uint8)
     labels = np.zeros(shape, np.uint8)
@@ -568,12 +569,17 @@ def train_phantom_model(weights_dir: Path, *, epochs: int = DEFAULT_EPOCHS,
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-c", code, str(job_file)], env=env, cwd=str(work),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                if verbose:
-                    sys.stdout.write(line)
-            rc = proc.wait()
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    if verbose:
+                        sys.stdout.write(line)
+                rc = proc.wait()
+            finally:
+                if proc.poll() is None:  # interrupted: do not leave the training running
+                    proc.kill()
+                    proc.wait()
         if rc != 0:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
             raise RuntimeError(f"phantom model training failed (exit code {rc}); log tail:\n{tail}")
@@ -583,8 +589,12 @@ def train_phantom_model(weights_dir: Path, *, epochs: int = DEFAULT_EPOCHS,
             tmp.cleanup()
 
 
-def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> list[str]:
-    """Write the phantom cases in nnU-Net raw format with compact labels; returns class names."""
+def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> tuple[list[str], list[float]]:
+    """Write the phantom cases in nnU-Net raw format with compact labels.
+
+    Returns the class names (compact label i+1 = names[i]) and the voxel frequency of each
+    compact label (background first).
+    """
     import nibabel as nib
 
     names = phantom_class_names()
@@ -597,18 +607,20 @@ def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> list[str
     rng = np.random.default_rng(seed)
     affine = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
     n_head = int(round(num_cases * 0.6))
+    counts = np.zeros(len(names) + 1)
     for i in range(num_cases):
         kind = "head" if i < n_head else "trunk"
         j = i if kind == "head" else i - n_head
-        n_kind = n_head if kind == "head" else num_cases - n_head
         # cycle through the styles: head cases favour the inverted-T1 look, trunk cases the CT look
-        order = ["inverted_t1", "ct", "inverted_t1", "random", "inverted_t1", "ct"] if kind == "head" else \
-            ["ct", "inverted_t1", "ct", "random", "ct"]
+        order = ["inverted_t1", "ct", "inverted_t1", "random", "inverted_t1"] if kind == "head" else \
+            ["ct", "ct", "random", "ct", "inverted_t1", "ct"]
         style = order[j % len(order)]
         image, labels = make_phantom(rng, None, kind, style)
         case = f"phantom_{i:03d}"
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), raw_dir / "imagesTr" / f"{case}_0000.nii.gz")
-        nib.save(nib.Nifti1Image(to_compact[labels], affine), raw_dir / "labelsTr" / f"{case}.nii.gz")
+        compact = to_compact[labels]
+        counts += np.bincount(compact.ravel(), minlength=len(names) + 1)
+        nib.save(nib.Nifti1Image(compact, affine), raw_dir / "labelsTr" / f"{case}.nii.gz")
     dataset_json = {
         "channel_names": {"0": "CT"},
         "labels": {"background": 0, **{name: i for i, name in enumerate(names, start=1)}},
@@ -618,7 +630,7 @@ def _write_phantom_dataset(raw_dir: Path, num_cases: int, seed: int) -> list[str
         "description": "Synthetic phantoms (anatomically meaningless), for tests and demos only.",
     }
     (raw_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    return names
+    return names, ((counts + 1) / (counts + 1).sum()).tolist()
 
 
 def _shrink_plans(plans: dict[str, Any]) -> dict[str, Any]:
@@ -640,8 +652,9 @@ def _shrink_plans(plans: dict[str, Any]) -> dict[str, Any]:
             "conv_op": "torch.nn.modules.conv.Conv3d",
             "kernel_sizes": [[3, 3, 3]] * n_stages,
             "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-            "n_conv_per_stage": [2] * n_stages,
-            "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            # one convolution at full resolution (the expensive level on a CPU), two below
+            "n_conv_per_stage": [1] + [2] * (n_stages - 1),
+            "n_conv_per_stage_decoder": [1] + [2] * (n_stages - 2),
             "conv_bias": True,
             "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -673,9 +686,20 @@ def _make_trainer_class():
                      device: torch.device = torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.initial_lr = 3e-3
+            self.oversample_foreground_percent = 0.66  # small structures get seen more often
             self.num_val_iterations_per_epoch = 1
             self.save_every = 10 ** 9
             self.logger.plot_progress_png = lambda *args, **kwargs: None
+
+        def initialize(self):
+            super().initialize()
+            # channels-last 3D convolutions are ~30 % faster on CPU
+            self.network.to(memory_format=torch.channels_last_3d)
+            priors = getattr(self, "class_priors", None)
+            if priors is not None:  # start from the class frequencies instead of a uniform guess
+                with torch.no_grad():
+                    for layer in self.network.decoder.seg_layers:
+                        layer.bias.copy_(torch.log(torch.as_tensor(priors, dtype=torch.float32)))
 
         def configure_optimizers(self):
             optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
@@ -705,7 +729,7 @@ def _export_model(trained_dir: Path, out_dir: Path, names: list[str], plans: dic
     total = total_class_map()
     n_out = max(total) + 1
     ckpt = torch.load(trained_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    weights = ckpt["network_weights"]
+    weights = {k: v.contiguous() for k, v in ckpt["network_weights"].items()}
     src_rows = [0] + list(range(1, len(names) + 1))
     dst_rows = [0] + [ids[n] for n in names]
     for key in list(weights):
@@ -767,7 +791,7 @@ def _training_job(job_file: str) -> None:
     for d in (raw, pre, res / TOTAL_FAST_DATASET):
         if d.exists():
             shutil.rmtree(d)
-    names = _write_phantom_dataset(raw, job["num_cases"], seed)
+    names, priors = _write_phantom_dataset(raw, job["num_cases"], seed)
     print(f"[phantom] wrote {job['num_cases']} phantoms in {time.time() - t0:.1f}s", flush=True)
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -795,6 +819,7 @@ def _training_job(job_file: str) -> None:
     trainer = trainer_cls(plans, "3d_fullres", 0, dataset_json_raw, device=torch.device("cpu"))
     trainer.num_epochs = job["epochs"]
     trainer.num_iterations_per_epoch = job["iterations_per_epoch"]
+    trainer.class_priors = priors
     t_train = time.time()
     trainer.run_training()
     print(f"[phantom] training ({job['epochs']} x {job['iterations_per_epoch']} iterations) took "

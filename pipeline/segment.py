@@ -1,10 +1,14 @@
 """Segmentation with TotalSegmentator's Python API (any nnU-Net v2 model laid out as its weights).
 
-This module is the boundary with TotalSegmentator: it sets the two environment
-variables TotalSegmentator reads (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``),
-writes its ``config.json`` with usage statistics off before every call, checks that
-the weights are on disk (TotalSegmentator would otherwise try to download them), and
-converts between our LPS ``Volume`` and the RAS NIfTI image TotalSegmentator takes.
+This module is the boundary with TotalSegmentator: it checks that the weights are on
+disk (TotalSegmentator would otherwise try to download them), converts between our LPS
+``Volume`` and the RAS NIfTI image TotalSegmentator takes, and runs TotalSegmentator in
+a fresh process started with ``spawn``. That process sets the two environment variables
+TotalSegmentator reads (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``) and writes its
+``config.json`` with usage statistics off before the call. The separate process is
+deliberate: TotalSegmentator and nnU-Net start worker processes of their own, and a
+process forked from the node's many threads (SCP, completion, worker) can inherit a
+held lock and hang; a crash or leak of the model also stays out of the node.
 Every failure becomes a ``PipelineError``.
 """
 
@@ -14,7 +18,9 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -135,28 +141,47 @@ class TotalSegmentator:
 
     def segment(self, volume: Volume) -> LabelMap:
         self.check_weights()
-        os.environ["TOTALSEG_WEIGHTS_PATH"] = str(self.settings.weights_dir)
-        os.environ["TOTALSEG_HOME_DIR"] = str(self.settings.home_dir)
-        _write_totalseg_config(self.settings.home_dir)
+        with tempfile.TemporaryDirectory(prefix="dicom-node-segment-") as tmp:
+            source, target, error = Path(tmp) / "image.nii", Path(tmp) / "labels.nii", Path(tmp) / "error.txt"
+            nib.save(volume_to_nifti(volume), source)
+            process = multiprocessing.get_context("spawn").Process(
+                target=_run_in_child,
+                args=(self.settings.model_dump(mode="json"), str(source), str(target), str(error)),
+                name="totalsegmentator",
+            )
+            process.start()
+            process.join()
+            if process.exitcode != 0 or not target.exists():
+                reason = error.read_text().strip() if error.exists() else f"exit code {process.exitcode}"
+                raise SegmentationError(f"TotalSegmentator failed: {reason}")
+            result = nib.load(target)
+            labels = nifti_to_array(result, volume)
+        return LabelMap(array=labels, names=total_class_names(self.settings.task), volume=volume)
+
+
+def _run_in_child(settings: dict, source: str, target: str, error: str) -> None:
+    """Runs in a spawned process: TotalSegmentator on one NIfTI file."""
+    model = ModelSettings.model_validate(settings)
+    os.environ["TOTALSEG_WEIGHTS_PATH"] = str(model.weights_dir)
+    os.environ["TOTALSEG_HOME_DIR"] = str(model.home_dir)
+    _write_totalseg_config(model.home_dir)
+    try:
         from totalsegmentator.python_api import totalsegmentator
 
-        chatter = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(chatter):
-                result = totalsegmentator(
-                    input=volume_to_nifti(volume),
-                    output=None,
-                    task=self.settings.task,
-                    fast=self.settings.fast,
-                    ml=True,
-                    device=self.settings.device,
-                    quiet=True,
-                    skip_saving=True,
-                    nr_thr_resamp=1,
-                    nr_thr_saving=1,
-                )
-        except (Exception, SystemExit) as exc:
-            log.debug("TotalSegmentator output: %s", chatter.getvalue())
-            raise SegmentationError(f"TotalSegmentator failed: {exc}") from exc
-        labels = nifti_to_array(result, volume)
-        return LabelMap(array=labels, names=total_class_names(self.settings.task), volume=volume)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = totalsegmentator(
+                input=nib.load(source),
+                output=None,
+                task=model.task,
+                fast=model.fast,
+                ml=True,
+                device=model.device,
+                quiet=True,
+                skip_saving=True,
+                nr_thr_resamp=1,
+                nr_thr_saving=1,
+            )
+        nib.save(nib.Nifti1Image(np.asanyarray(result.dataobj).astype(np.uint16), result.affine), target)
+    except BaseException as exc:  # SystemExit too: TotalSegmentator exits on some errors
+        Path(error).write_text(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from exc

@@ -19,6 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
+STORESCU_CONFIG = Path(__file__).with_name("storescu.cfg")
 
 
 def free_port() -> int:
@@ -64,10 +65,14 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
 def storescu(port: int, paths: list[Path] | Path, *, called: str = "DICOMNODE", calling: str = "MODALITY") -> None:
     files = [str(paths)] if isinstance(paths, Path) else [str(p) for p in paths]
     env = {**os.environ, "TCP_NODELAY": "1"}
-    subprocess.run(
-        ["storescu", "-aet", calling, "-aec", called, LOCALHOST, str(port), "+sd", "+r", *files],
-        check=True, env=env, capture_output=True, timeout=300,
+    result = subprocess.run(
+        # one presentation context per (SOP class, transfer syntax): compressed files go as they are
+        ["storescu", "-xf", str(STORESCU_CONFIG), "Default", "-aet", calling, "-aec", called, LOCALHOST, str(port),
+         "+sd", "+r", *files],
+        env=env, capture_output=True, text=True, timeout=300,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
 
 
 class StoreSCP:
