@@ -9,22 +9,26 @@ run the real TotalSegmentator / nnU-Net inference code path without the real wei
 How it works (see :func:`train_phantom_model`):
 
 1. Phantoms are generated as a *tissue* map (air, fat, soft tissue, bone, CSF, grey and
-   white matter, lung, ...) plus a label map using TotalSegmentator ``total`` class ids.
+   white matter, lung, ...) plus a label map using TotalSegmentator ``total`` class ids
+   (only a few large classes: brain, skull, spinal cord, one label per spine region,
+   lungs, heart, aorta, liver, spleen, kidneys - see :func:`phantom_class_names`).
 2. Every phantom is rendered with one of three intensity styles: CT (Hounsfield units),
    an inverted T1-weighted look (a T1-like rendering passed through the preprint's
    inversion, :func:`pipeline.preprocess.invert_t1`), or a random intensity remap. The
    last two make the model depend on shapes rather than on exact HU values, so that it
-   also finds something in real inverted T1 brain MRI.
+   also finds something (mostly "brain" and "skull") in real inverted T1 brain MRI.
 3. nnU-Net v2's own fingerprinting, experiment planning and preprocessing run on the
    phantoms (in a throw-away ``nnUNet_raw``/``nnUNet_preprocessed`` tree); the plans are
-   then shrunk to a tiny 3d_fullres U-Net at 3 mm spacing with CT normalisation.
-4. A subclass of ``nnUNetTrainer`` (CPU, no mirroring, few iterations, no final
+   then shrunk to a tiny 3d_fullres U-Net (features 8..64, 48^3 patch, batch size 2) at
+   3 mm spacing with CT normalisation.
+4. A subclass of ``nnUNetTrainer`` (CPU, AdamW, no mirroring, few iterations, no final
    validation) trains on the compact label set.
 5. The checkpoint is expanded to TotalSegmentator's 118 output channels (background +
    117 ``total`` classes; unlearned classes get a very negative bias so they are never
-   predicted), renamed to ``nnUNetTrainer_4000epochs_NoMirroring`` and written, together
-   with ``plans.json`` and ``dataset.json``, to the folder TotalSegmentator loads for
-   ``task="total", fast=True``.
+   predicted), stored as float16 without optimizer state (under 2 MB), renamed to
+   ``nnUNetTrainer_4000epochs_NoMirroring`` and written, together with ``plans.json``
+   and ``dataset.json``, to the folder TotalSegmentator loads for ``task="total",
+   fast=True``.
 
 Steps 1-5 run in a child Python process (``subprocess``, not ``multiprocessing``), so
 calling :func:`train_phantom_model` from a plain script without an
@@ -729,7 +733,15 @@ def _export_model(trained_dir: Path, out_dir: Path, names: list[str], plans: dic
     total = total_class_map()
     n_out = max(total) + 1
     ckpt = torch.load(trained_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    weights = {k: v.contiguous() for k, v in ckpt["network_weights"].items()}
+    # float16 halves the file (the predictor copies the values into its float32 network);
+    # tensors shared between keys (the decoder references the encoder) stay shared
+    converted: dict[int, Any] = {}
+    weights = {}
+    for key, value in ckpt["network_weights"].items():
+        ptr = value.data_ptr()
+        if ptr not in converted:
+            converted[ptr] = value.contiguous().to(torch.float16) if value.is_floating_point() else value
+        weights[key] = converted[ptr]
     src_rows = [0] + list(range(1, len(names) + 1))
     dst_rows = [0] + [ids[n] for n in names]
     for key in list(weights):
