@@ -62,6 +62,7 @@ class NodeSettings(_Frozen):
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(65536, ge=4096)
+    network_timeout_seconds: float = Field(30.0, gt=0)
     tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)

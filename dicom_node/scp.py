@@ -86,6 +86,9 @@ class StorageSCP:
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_associations = settings.max_associations
         self.ae.maximum_pdu_size = settings.max_pdu_size
+        # A peer that stalls or sends garbage must not hold an association slot for long.
+        timeout = settings.network_timeout_seconds
+        self.ae.network_timeout = self.ae.acse_timeout = self.ae.dimse_timeout = timeout
         self.ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
@@ -132,8 +135,12 @@ class StorageSCP:
         if self.security.admits(calling, requestor.address):
             return
         log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, user, calling AE not recognised
-        event.assoc.kill()
+        try:
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, user, calling AE not recognised
+        except Exception as exc:  # the peer already broke the protocol: just drop it
+            log.warning("could not send the rejection (%s); dropping the connection", type(exc).__name__)
+        finally:
+            event.assoc.kill()
 
     def _handle_accepted(self, event: evt.Event) -> None:
         with self._lock:
