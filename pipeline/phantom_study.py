@@ -82,7 +82,9 @@ def _write_series(ras: np.ndarray, folder: Path, weighting: str, case: str) -> l
     return paths
 
 
-def write_phantom_study(output: Path, cases_per_kind: int = 2, seed: int = 1234) -> tuple[Path, Path]:
+def write_phantom_study(
+    output: Path, cases_per_kind: int = 2, seed: int = 1234, kinds: tuple[str, ...] = ("head", "trunk")
+) -> tuple[Path, Path]:
     """Write ``images/<case>/`` DICOM series and ``references/<case>.nii.gz`` + ``.json``.
 
     Each phantom is rendered once as T1 and once as T2 (the same anatomy, so the two
@@ -96,7 +98,7 @@ def write_phantom_study(output: Path, cases_per_kind: int = 2, seed: int = 1234)
     images, references = output / "images", output / "references"
     references.mkdir(parents=True, exist_ok=True)
     names = total_class_map()
-    for kind in ("head", "trunk"):
+    for kind in kinds:
         for index in range(cases_per_kind):
             tissue, labels = make_phantom_anatomy(rng, kind=kind)
             present = {int(v): names[int(v)] for v in np.unique(labels) if v}

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 
 from dicom_node.state import JobState, StateStore
 from tests.conftest import patient_strings
-from tests.peers import REPO, NodeProcess, node_config, storescu, wait_until
+from tests.peers import REPO, NodeProcess, free_port, node_config, storescu, wait_until
 from tests.segcheck import check_seg_against_source
 
 
@@ -58,8 +59,19 @@ def _jobs(node: NodeProcess) -> list:
         state.close()
 
 
+def _metric(node: NodeProcess, name: str, labels: str = "") -> float:
+    text = requests.get(f"http://127.0.0.1:{node.config['http']['port']}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_dir, mri_dir):
-    node = make_node((orthanc.ae_title, orthanc.dicom_port), phantom_weights, port=node_port).start()
+    node = make_node((orthanc.ae_title, orthanc.dicom_port), phantom_weights, port=node_port,
+                     http={"port": free_port()}).start()
+    assert requests.get(f"http://127.0.0.1:{node.config['http']['port']}/healthz", timeout=10).status_code == 200
+    assert _metric(node, "dicom_node_instances_received_total") == 0
     series_ids = orthanc.upload(t1_dir)
     assert len(series_ids) == 1
     study_id = orthanc.get(f"/series/{series_ids[0]}")["ParentStudy"]
@@ -78,6 +90,12 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
     seg = check_seg_against_source(path, t1_dir)
     assert seg.SeriesDescription.startswith("Auto SEG")
     assert [job.state for job in _jobs(node)] == [JobState.SENT]
+    # the metrics a dashboard reads rose with the round trip
+    assert _metric(node, "dicom_node_instances_received_total") == 35
+    assert _metric(node, "dicom_node_series_total", '{outcome="seg"}') == 1
+    assert _metric(node, "dicom_node_send_attempts_total") == 1
+    assert _metric(node, "dicom_node_jobs", '{state="sent"}') == 1
+    assert _metric(node, "dicom_node_stage_seconds_count", '{stage="segment"}') == 1
     assert_log_is_private(node, mri_dir)
 
 
