@@ -63,7 +63,6 @@ __all__ = [
     "render_phantom",
     "make_phantom",
     "model_folder",
-    "write_totalseg_config",
     "use_totalseg_weights",
     "train_phantom_model",
 ]
@@ -492,16 +491,6 @@ def model_folder(weights_dir: Path) -> Path:
     return Path(weights_dir) / TOTAL_FAST_DATASET / TOTAL_FAST_TRAINER_DIR
 
 
-def write_totalseg_config(home_dir: Path, totalseg_id: str = "totalseg_phantom") -> Path:
-    """Write a TotalSegmentator ``config.json`` that disables usage statistics."""
-    home_dir = Path(home_dir)
-    home_dir.mkdir(parents=True, exist_ok=True)
-    path = home_dir / "config.json"
-    path.write_text(json.dumps({"totalseg_id": totalseg_id, "send_usage_stats": False,
-                                "prediction_counter": 0, "statistics_disclaimer_shown": True}, indent=4))
-    return path
-
-
 def use_totalseg_weights(weights_dir: Path, home_dir: Path) -> None:
     """Point TotalSegmentator (and nnU-Net) of *this* process at ``weights_dir``.
 
@@ -511,8 +500,10 @@ def use_totalseg_weights(weights_dir: Path, home_dir: Path) -> None:
     ``nnunetv2`` modules (otherwise a second weights folder in the same process would be
     ignored).
     """
+    from pipeline.segment import write_totalseg_config
+
     weights_dir = str(Path(weights_dir).resolve())
-    write_totalseg_config(home_dir)
+    write_totalseg_config(Path(home_dir))
     os.environ["TOTALSEG_WEIGHTS_PATH"] = weights_dir
     os.environ["TOTALSEG_HOME_DIR"] = str(Path(home_dir).resolve())
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

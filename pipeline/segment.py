@@ -33,7 +33,14 @@ from pipeline.labels import total_class_names
 from pipeline.settings import ModelSettings
 from pipeline.volume import LabelMap, Volume
 
-__all__ = ["Segmenter", "TotalSegmentator", "expected_weights", "volume_to_nifti", "nifti_to_array"]
+__all__ = [
+    "Segmenter",
+    "TotalSegmentator",
+    "expected_weights",
+    "volume_to_nifti",
+    "nifti_to_array",
+    "write_totalseg_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ def expected_weights(settings: ModelSettings) -> list[Path]:
     return [folder / "fold_0" / "checkpoint_final.pth" for folder in _task_folders(settings)]
 
 
-def _write_totalseg_config(home_dir: Path) -> None:
+def write_totalseg_config(home_dir: Path) -> None:
     """TotalSegmentator's config.json with usage statistics off (kept off on every call)."""
     home_dir.mkdir(parents=True, exist_ok=True)
     path = home_dir / "config.json"
@@ -164,7 +171,7 @@ def _run_in_child(settings: dict, source: str, target: str, error: str) -> None:
     model = ModelSettings.model_validate(settings)
     os.environ["TOTALSEG_WEIGHTS_PATH"] = str(model.weights_dir)
     os.environ["TOTALSEG_HOME_DIR"] = str(model.home_dir)
-    _write_totalseg_config(model.home_dir)
+    write_totalseg_config(model.home_dir)
     try:
         from totalsegmentator.python_api import totalsegmentator
 
