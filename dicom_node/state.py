@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["JobState", "SeriesRef", "Job", "StateStore", "TERMINAL_STATES"]
 

@@ -4,7 +4,6 @@ the network peers are real)."""
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

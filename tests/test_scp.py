@@ -4,7 +4,6 @@ import shutil
 import subprocess
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 

@@ -2,7 +2,6 @@
 
 import subprocess
 
-import highdicom as hd
 import numpy as np
 import pytest
 

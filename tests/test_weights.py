@@ -1,6 +1,5 @@
 """Offline weights: import of archives and folders, completeness checks, listing."""
 
-import shutil
 import subprocess
 import sys
 import zipfile
