@@ -10,7 +10,6 @@ empty weights folder, so its processing fails fast and does not compete with ing
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import REPO, NodeProcess, Orthanc, StoreSCP, free_port, node_config, storescu  # noqa: E402
+from tests.peers import NodeProcess, Orthanc, StoreSCP, data_dir, free_port, node_config, storescu  # noqa: E402
 
 
 def _rate(port: int, called: str, files: list[Path], repeat: int) -> float:
@@ -32,7 +31,7 @@ def _rate(port: int, called: str, files: list[Path], repeat: int) -> float:
 
 
 def main() -> int:
-    default = Path(os.environ.get("DICOM_NODE_TEST_DATA", REPO.parent / "shared/data/mri")) / "t1_philips_3t_mprage_sag"
+    default = data_dir() / "t1_philips_3t_mprage_sag"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=Path, default=default)
     parser.add_argument("--repeat", type=int, default=3)

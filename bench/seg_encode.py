@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.peers import data_dir  # noqa: E402
+
 _WORKER = r"""
 import json, sys, time, resource, io, warnings, logging
 from pathlib import Path
@@ -92,7 +94,7 @@ def _run(kind: str, series: Path, work: Path) -> dict:
 
 
 def main() -> int:
-    default = Path(os.environ.get("DICOM_NODE_TEST_DATA", REPO.parent / "shared/data/mri")) / "t1_philips_3t_mprage_sag"
+    default = data_dir() / "t1_philips_3t_mprage_sag"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=Path, default=default)
     parser.add_argument("--repeat", type=int, default=3)

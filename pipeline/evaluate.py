@@ -209,8 +209,8 @@ def evaluate_cases(images: Path, references: Path, settings, segmenter, modes: S
 
     from pipeline.classify import classify_series
     from pipeline.preprocess import preprocess
-    from pipeline.run import read_image_headers
-    from pipeline.series import load_series
+    from pipeline.run import image_headers
+    from pipeline.series import assemble_series, read_headers
     from pipeline.volume import read_volume
 
     cases = sorted(p for p in images.iterdir() if p.is_dir())
@@ -221,8 +221,9 @@ def evaluate_cases(images: Path, references: Path, settings, segmenter, modes: S
     with tqdm(total=len(cases) * len(modes), desc="evaluate", unit="run") as progress:
         for case_dir in cases:
             paths = sorted(p for p in case_dir.rglob("*") if p.is_file())
-            classification = classify_series(read_image_headers(paths))
-            volume = read_volume(load_series(paths, min_slices=settings.min_slices))
+            headers = read_headers(paths)
+            classification = classify_series(image_headers(headers))
+            volume = read_volume(assemble_series(headers, min_slices=settings.min_slices))
             reference, reference_names = load_reference(_find_reference(references, case_dir.name), volume)
             for mode in modes:
                 progress.set_postfix_str(f"{case_dir.name} {mode}")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,13 @@ from dicom_node.metrics import Metrics
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateStore
-from tests.peers import NODE_LOGS, REPO, Orthanc, StoreSCP, free_port
+from tests.peers import DATA_ENV, NODE_LOGS, REPO, Orthanc, StoreSCP, data_dir, free_port
 
-# One setting for the shared real MRI series; never copied into the project.
-DATA_ENV = "DICOM_NODE_TEST_DATA"
 PHANTOM_MODEL = REPO / "models" / "phantom_total_fast"
 CHECKPOINT = (
     "Dataset297_TotalSegmentator_total_3mm_1559subj/"
     "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
 )
-
-
-def _data_dir() -> Path:
-    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
 
 
 def patient_strings(mri_dir: Path) -> set[str]:
@@ -41,10 +34,10 @@ def patient_strings(mri_dir: Path) -> set[str]:
 def pytest_sessionfinish(session, exitstatus):
     """Privacy: the log of the whole suite (in-process and every node subprocess) must not
     contain the test data's patient names, IDs or birth dates."""
-    if not (_data_dir() / "MANIFEST.md").is_file():
+    if not (data_dir() / "MANIFEST.md").is_file():
         return
     logs = [REPO / ".cache" / "test-suite.log", *NODE_LOGS]
-    secrets = patient_strings(_data_dir())
+    secrets = patient_strings(data_dir())
     leaks = []
     for log in logs:
         if log.is_file():
@@ -59,7 +52,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def mri_dir() -> Path:
-    folder = _data_dir()
+    folder = data_dir()
     if not (folder / "MANIFEST.md").is_file():
         pytest.fail(
             f"the shared MRI test series are missing: expected {folder}/MANIFEST.md."

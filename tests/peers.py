@@ -18,6 +18,11 @@ import requests
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+DATA_ENV = "DICOM_NODE_TEST_DATA"  # the one setting that points at the shared MRI series
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
 LOCALHOST = "127.0.0.1"
 STORESCU_CONFIG = Path(__file__).with_name("storescu.cfg")
 
@@ -214,6 +219,16 @@ class NodeProcess:
         log.close()
         wait_for_port(self.port, timeout=60, process=self.process)
         return self
+
+    def jobs(self) -> list:
+        """The node's jobs, read from its state store."""
+        from dicom_node.state import StateStore
+
+        state = StateStore(Path(self.config["storage"]["state_db"]))
+        try:
+            return state.jobs()
+        finally:
+            state.close()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process is None:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import requests
 
-from dicom_node.state import JobState, StateStore
+from dicom_node.state import JobState
 from tests.conftest import patient_strings
 from tests.peers import REPO, NodeProcess, free_port, node_config, storescu, wait_until
 from tests.segcheck import check_seg_against_source
@@ -50,13 +50,6 @@ def make_node(tmp_path: Path):
             node.stop(signal.SIGKILL)
 
 
-def _jobs(node: NodeProcess) -> list:
-    state = StateStore(Path(node.config["storage"]["state_db"]))
-    try:
-        return state.jobs()
-    finally:
-        state.close()
-
 
 def _metric(node: NodeProcess, name: str, labels: str = "") -> float:
     text = requests.get(f"http://127.0.0.1:{node.config['http']['port']}/metrics", timeout=10).text
@@ -88,7 +81,7 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
     path.write_bytes(orthanc.get_bytes(f"/instances/{instances[0]}/file"))
     seg = check_seg_against_source(path, t1_dir)
     assert seg.SeriesDescription.startswith("Auto SEG")
-    assert [job.state for job in _jobs(node)] == [JobState.SENT]
+    assert [job.state for job in node.jobs()] == [JobState.SENT]
     # the metrics a dashboard reads rose with the round trip
     assert _metric(node, "dicom_node_instances_received_total") == 35
     assert _metric(node, "dicom_node_series_total", '{outcome="seg"}') == 1
@@ -116,18 +109,18 @@ def test_sigterm_before_completion_then_restart_still_sends_the_seg(storescp, ma
     ).start()
     storescu(node.port, t1_dir)
     assert node.stop(signal.SIGTERM) == 0
-    assert _jobs(node) == [], "the series must not have completed before the stop"
+    assert node.jobs() == [], "the series must not have completed before the stop"
     node.start()
     received = wait_until(storescp.received, 300, 1, "the SEG after the restart")
     check_seg_against_source(received[0], t1_dir)
-    assert [job.state for job in _jobs(node)] == [JobState.SENT]
+    assert [job.state for job in node.jobs()] == [JobState.SENT]
 
 
 def test_missing_weights_fail_with_the_path_then_retry_succeeds(storescp, make_node, phantom_weights, t1_dir, tmp_path):
     weights = tmp_path / "empty_weights"
     node = make_node((storescp.ae_title, storescp.port), weights).start()
     storescu(node.port, t1_dir)
-    jobs = wait_until(lambda: [j for j in _jobs(node) if j.state is JobState.FAILED], 120, 0.5, "the failed job")
+    jobs = wait_until(lambda: [j for j in node.jobs() if j.state is JobState.FAILED], 120, 0.5, "the failed job")
     assert str(weights / "Dataset297_TotalSegmentator_total_3mm_1559subj") in jobs[0].reason
     assert "weights_dir" in jobs[0].reason
     assert len(list(jobs[0].series.folder.glob("*.dcm"))) == 35, "the received series stays on disk"
@@ -183,7 +176,7 @@ def test_every_shared_series_over_dicom_gets_its_manifest_outcome(storescp, make
         series_of[str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)] = folder
 
     def finished():
-        jobs = _jobs(node)
+        jobs = node.jobs()
         done = [j for j in jobs if j.state in (JobState.SENT, JobState.SKIPPED, JobState.FAILED, JobState.NO_RESULT)]
         return jobs if len(done) == len(OUTCOMES) else None
 

@@ -20,17 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from dicom_node.state import JobState, StateStore
+from dicom_node.state import JobState
 from tests.peers import LOCALHOST, NodeProcess, StoreSCP, node_config, storescu, wait_until
 from tests.segcheck import check_seg_against_source
 
-
-def _jobs(node: NodeProcess):
-    state = StateStore(Path(node.config["storage"]["state_db"]))
-    try:
-        return state.jobs()
-    finally:
-        state.close()
 
 
 def _seg_uids(pacs: StoreSCP) -> list[str]:
@@ -68,7 +61,7 @@ def test_kill_9_while_receiving_then_the_pacs_resends(node, pacs, t1_dir):
     sender.wait(timeout=60)
     node.start()
     storescu(node.port, files)  # the sender retries the whole series, as a PACS does
-    wait_until(lambda: _seg_uids(pacs) and all(j.state is JobState.SENT for j in _jobs(node)), 300, 1, "the SEG")
+    wait_until(lambda: _seg_uids(pacs) and all(j.state is JobState.SENT for j in node.jobs()), 300, 1, "the SEG")
     time.sleep(3)  # a duplicate would arrive within the completion window
     assert len(set(_seg_uids(pacs))) == 1
     check_seg_against_source(pacs.received()[-1], t1_dir)
@@ -78,36 +71,36 @@ def test_kill_9_while_processing(node, pacs, t1_dir):
     node.start()
     pacs.start()
     storescu(node.port, t1_dir)
-    wait_until(lambda: any(j.state is JobState.PROCESSING for j in _jobs(node)), 60, 0.05, "processing")
+    wait_until(lambda: any(j.state is JobState.PROCESSING for j in node.jobs()), 60, 0.05, "processing")
     node.stop(signal.SIGKILL)
-    assert _jobs(node)[0].state is JobState.PROCESSING
+    assert node.jobs()[0].state is JobState.PROCESSING
     node.start()
-    wait_until(lambda: _jobs(node)[0].state is JobState.SENT, 300, 1, "the resumed job to be sent")
+    wait_until(lambda: node.jobs()[0].state is JobState.SENT, 300, 1, "the resumed job to be sent")
     assert len(set(_seg_uids(pacs))) == 1
 
 
 def test_kill_9_while_sending_then_the_pacs_comes_back(node, pacs, t1_dir):
     node.start()  # the PACS is down: the SEG waits in `sending`
     storescu(node.port, t1_dir)
-    job = wait_until(lambda: [j for j in _jobs(node) if j.state is JobState.SENDING and j.attempts >= 1], 300, 0.5,
+    job = wait_until(lambda: [j for j in node.jobs() if j.state is JobState.SENDING and j.attempts >= 1], 300, 0.5,
                      "a failed send attempt")[0]
     assert job.result_path.exists()
     node.stop(signal.SIGKILL)
     pacs.start()
     node.start()
-    wait_until(lambda: _jobs(node)[0].state is JobState.SENT, 120, 0.5, "the SEG after the restart")
+    wait_until(lambda: node.jobs()[0].state is JobState.SENT, 120, 0.5, "the SEG after the restart")
     assert len(_seg_uids(pacs)) == 1
 
 
 def test_pacs_never_back_fails_the_job_and_retry_delivers(node, pacs, t1_dir):
     node.start()
     storescu(node.port, t1_dir)
-    job = wait_until(lambda: [j for j in _jobs(node) if j.state is JobState.FAILED], 300, 0.5, "the failed job")[0]
+    job = wait_until(lambda: [j for j in node.jobs() if j.state is JobState.FAILED], 300, 0.5, "the failed job")[0]
     assert job.attempts == 4 and "send failed after 4 attempt(s)" in job.reason
     assert "failed: 1" in node.cli("status").stdout
     pacs.start()
     assert node.cli("retry", str(job.id)).returncode == 0
-    wait_until(lambda: _jobs(node)[0].state is JobState.SENT, 60, 0.5, "the retried send")
+    wait_until(lambda: node.jobs()[0].state is JobState.SENT, 60, 0.5, "the retried send")
     assert len(_seg_uids(pacs)) == 1
 
 
@@ -138,7 +131,7 @@ def test_eight_concurrent_associations_each_get_one_seg(node, pacs, t1_dir, tmp_
         for folder in folders
     ]
     assert [s.wait(timeout=300) for s in senders] == [0] * 8
-    wait_until(lambda: len(_jobs(node)) == 8 and all(j.state is JobState.SENT for j in _jobs(node)), 900, 2,
+    wait_until(lambda: len(node.jobs()) == 8 and all(j.state is JobState.SENT for j in node.jobs()), 900, 2,
                "eight SEGs")
     segs = pacs.received()
     assert len(set(_seg_uids(pacs))) == 8
@@ -154,7 +147,7 @@ def test_full_disk_answers_out_of_resources_then_the_series_completes(node, pacs
                              str(sorted(t1_dir.glob("*.dcm"))[0])], capture_output=True, text=True, timeout=60)
     output = (result.stdout + result.stderr).lower()
     assert "refused: outofresources" in output, output  # dcmtk's name for 0xA700
-    assert _jobs(node) == []
+    assert node.jobs() == []
     node.stop()
     node.config["storage"]["min_free_bytes"] = 10_000_000  # space is back
     node.start()
