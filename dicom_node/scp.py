@@ -6,8 +6,9 @@ never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) wh
 disk is below its free-space threshold, the series exceeds its size bound or the write
 fails; 0xC210 (cannot understand) for invalid identifiers; 0xC211 for anything else.
 Only callers listed in the security settings may associate; any other is rejected
-with A-ASSOCIATE-RJ (calling AE title not recognised) and logged. MR and Enhanced MR images are processed later; every other storage
-class of the study is accepted and kept but never processed.
+with A-ASSOCIATE-RJ (calling AE title not recognised) and logged. MR images (classic,
+Enhanced and Legacy Converted) are processed later; every other storage class of the
+study is accepted and kept but never processed.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def evaluate_cases(images: Path, references: Path, settings, segmenter, modes: S
             paths = sorted(p for p in case_dir.rglob("*") if p.is_file())
             headers = read_headers(paths)
             classification = classify_series(image_headers(headers))
-            volume = read_volume(assemble_series(headers, min_slices=settings.min_slices))
+            volume = read_volume(assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d))
             reference, reference_names = load_reference(_find_reference(references, case_dir.name), volume)
             for mode in modes:
                 progress.set_postfix_str(f"{case_dir.name} {mode}")

@@ -23,7 +23,7 @@ from pipeline.classify import Classification, classify_series
 from pipeline.preprocess import PreprocessingMode, preprocess
 from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
 from pipeline.segment import Segmenter
-from pipeline.series import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, assemble_series, read_headers
+from pipeline.series import MR_IMAGE_CLASSES, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
 
@@ -73,8 +73,8 @@ def algorithm_for(
 
 
 def image_headers(headers: Sequence[tuple[Path, pydicom.Dataset]]) -> list[pydicom.Dataset]:
-    """The headers of the MR image instances (classic and enhanced)."""
-    return [ds for _, ds in headers if ds.get("SOPClassUID") in (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE)]
+    """The headers of the MR image instances (classic and multi-frame)."""
+    return [ds for _, ds in headers if ds.get("SOPClassUID") in MR_IMAGE_CLASSES]
 
 
 def read_image_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
@@ -104,7 +104,7 @@ def process_series(
             classification,
         )
 
-    series = assemble_series(headers, min_slices=settings.min_slices)
+    series = assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d)
     volume = read_volume(series)
     seconds["read"] = time.perf_counter() - start
 
@@ -129,6 +129,8 @@ def process_series(
     seg = encode_seg(label_map, algorithm_for(settings, mode, classification), seg_options)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
+    if series.selection:
+        made += f"; 4D series: {series.selection}"
     if seg is None:
         return SegResult(
             Outcome.EMPTY, f"{segmenter.describe()} found no structure; no SEG made; {made}",

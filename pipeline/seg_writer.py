@@ -10,6 +10,7 @@ the processing identity, so the same input processed the same way gives the same
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pipeline.errors import SegEncodingError
 from pipeline.labels import segment_info
+from pipeline.series import Series
 from pipeline.volume import LabelMap
 
 __all__ = ["Algorithm", "SegOptions", "encode_seg", "check_seg_geometry", "POSITION_TOLERANCE_MM"]
@@ -111,13 +113,32 @@ def encode_seg(
     if not present:
         return None
     series = label_map.volume.series
-    sources = [s.header for s in series.slices]
+    if series.multi_frame:
+        # One multi-frame source: highdicom places each plane by its position. It reads
+        # orientation and pixel measures from the shared groups only, where many scanners
+        # put them per frame; series assembly checked them equal, so share them in a copy.
+        geometry = {
+            "plane_positions": [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, s.position)
+                                for s in series.slices],
+            "plane_orientation": hd.PlaneOrientationSequence(
+                hd.CoordinateSystemNames.PATIENT, series.row_direction + series.column_direction
+            ),
+            "pixel_measures": hd.PixelMeasuresSequence(series.pixel_spacing, series.slice_spacing),
+        }
+        source = copy.deepcopy(series.header)
+        shared = source.SharedFunctionalGroupsSequence[0]
+        shared.PlaneOrientationSequence = geometry["plane_orientation"]
+        shared.PixelMeasuresSequence = geometry["pixel_measures"]
+        sources = [source]
+    else:
+        sources = [s.header for s in series.slices]
+        geometry = {}
     lookup = np.zeros(int(label_map.array.max()) + 1, dtype=np.uint16)
     lookup[present] = np.arange(1, len(present) + 1)
     dtype = np.uint8 if len(present) < 256 else np.uint16
     segments = lookup[label_map.array].astype(dtype)
 
-    identity = [series.series_instance_uid, algorithm.identity, options.segmentation_type]
+    identity = [series.series_instance_uid, series.selection or "", algorithm.identity, options.segmentation_type]
     source_number = series.header.get("SeriesNumber")
     try:
         with warnings.catch_warnings():
@@ -142,29 +163,65 @@ def encode_seg(
                 series_description=algorithm.series_description[:64],
                 omit_empty_frames=options.omit_empty_frames,
                 transfer_syntax_uid=options.transfer_syntax,
+                **geometry,
             )
     except (ValueError, TypeError, AttributeError) as exc:
         raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc
+    if series.multi_frame:
+        _keep_used_frames(seg, series)
     check_seg_geometry(seg, label_map)
     return seg
 
 
+def _source_key(item: pydicom.Dataset) -> tuple[str, int | None]:
+    """(SOP instance UID, frame number or None) of a source image reference."""
+    frames = item.get("ReferencedFrameNumber")
+    if frames is not None and not isinstance(frames, int):
+        frames = int(frames[0]) if len(frames) == 1 else -1  # several frames: never one plane
+    return str(item.ReferencedSOPInstanceUID), frames
+
+
+def _keep_used_frames(seg: pydicom.Dataset, series: Series) -> None:
+    """highdicom may reference every source frame at a plane's position (all time points
+    of a 4D object); keep only the frame the volume was built from."""
+    distances = np.array([s.distance for s in series.slices])
+    for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
+        nearest = int(np.argmin(np.abs(distances - float(np.dot(series.normal, position)))))
+        wanted = (series.slices[nearest].sop_instance_uid, series.slices[nearest].frame_number)
+        for derivation in frame.DerivationImageSequence:
+            items = []
+            for item in derivation.SourceImageSequence:
+                frames = item.get("ReferencedFrameNumber")
+                frames = [frames] if isinstance(frames, int) else list(frames or [])
+                if str(item.ReferencedSOPInstanceUID) == wanted[0] and wanted[1] in frames:
+                    item.ReferencedFrameNumber = wanted[1]
+                    items.append(item)
+            if not items:
+                raise SegEncodingError(f"SEG frame {index} references none of the volume's source frames")
+            derivation.SourceImageSequence = items
+
+
 def check_seg_geometry(seg: pydicom.Dataset, label_map: LabelMap) -> None:
-    """Every frame must lie exactly on the source slice it references (0.01 mm)."""
+    """Every frame must lie exactly on the source plane it references (0.01 mm)."""
     series = label_map.volume.series
-    positions = {s.sop_instance_uid: np.asarray(s.position) for s in series.slices}
+    positions = {(s.sop_instance_uid, s.frame_number): np.asarray(s.position) for s in series.slices}
     orientation = np.asarray(series.row_direction + series.column_direction)
     shared = seg.SharedFunctionalGroupsSequence[0]
     seg_orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
     if not np.allclose(seg_orientation, orientation, atol=1e-4):
         raise SegEncodingError("SEG orientation differs from the source series")
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        if source_uid not in positions:
-            raise SegEncodingError(f"SEG frame {index} references an instance outside the series")
         position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
-        if np.max(np.abs(position - positions[source_uid])) > POSITION_TOLERANCE_MM:
-            raise SegEncodingError(
-                f"SEG frame {index} lies at {position.tolist()} but its source slice at"
-                f" {positions[source_uid].tolist()}"
-            )
+        items = [item for d in frame.DerivationImageSequence for item in d.SourceImageSequence]
+        if not items:
+            raise SegEncodingError(f"SEG frame {index} references no source image")
+        for item in items:
+            key = _source_key(item)
+            if key not in positions:
+                raise SegEncodingError(f"SEG frame {index} references an image outside the volume: {key}")
+            if np.max(np.abs(position - positions[key])) > POSITION_TOLERANCE_MM:
+                raise SegEncodingError(
+                    f"SEG frame {index} lies at {position.tolist()} but its source plane at"
+                    f" {positions[key].tolist()}"
+                )

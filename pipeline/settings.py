@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.classify import ClassRule, SequenceClass
 from pipeline.preprocess import PreprocessingMode
+from pipeline.series import FourD
 
 __all__ = ["ModelSettings", "PreprocessingSettings", "Policy", "ClassRuleSettings", "PipelineSettings"]
 
@@ -90,3 +91,4 @@ class PipelineSettings(_Frozen):
     policy: Policy = Policy()
     class_rules: tuple[ClassRuleSettings, ...] = ()
     min_slices: int = Field(3, ge=1)
+    four_d: FourD = "reject"  # repeated slice positions: reject, or take the first/last volume

@@ -1,8 +1,8 @@
 """The 3D volume of a series, with its geometry (LPS), never separated from it.
 
 Pixels are decoded with pydicom (pylibjpeg / gdcm handle the compressed transfer
-syntaxes) slice by slice in the ``Series`` order, the modality LUT (rescale slope and
-intercept) is applied, and the result becomes a SimpleITK image whose origin, spacing
+syntaxes), each file once, slice by slice (or frame by frame) in the ``Series`` order,
+each plane's modality LUT (rescale slope and intercept) is applied, and the result becomes a SimpleITK image whose origin, spacing
 and direction come from the validated header geometry. Slice ``k`` of the array is
 ``series.slices[k]``: this correspondence is what the SEG relies on.
 """
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.pixels import apply_rescale
 
 from pipeline.errors import SeriesError
 from pipeline.series import Series
@@ -63,10 +62,14 @@ class LabelMap:
 def read_volume(series: Series) -> Volume:
     """Decode every slice of ``series`` into one float32 SimpleITK image."""
     planes = []
+    decoded: tuple[object, np.ndarray] | None = None  # (path, pixels) of the last file read
     for index, slice_ in enumerate(series.slices):
         try:
-            ds = pydicom.dcmread(slice_.path)
-            pixels = apply_rescale(ds.pixel_array, ds)
+            if decoded is None or decoded[0] != slice_.path:
+                decoded = (slice_.path, pydicom.dcmread(slice_.path).pixel_array)
+            pixels = decoded[1]
+            if slice_.frame_number is not None and pixels.ndim == 3:  # a one-frame object decodes to 2D
+                pixels = pixels[slice_.frame_number - 1]
         except Exception as exc:  # decoder errors come in many types
             raise SeriesError(f"cannot decode the pixels of slice {index + 1} ({slice_.path.name}): {exc}") from exc
         if pixels.shape != (series.rows, series.columns):
@@ -74,7 +77,8 @@ def read_volume(series: Series) -> Volume:
                 f"slice {index + 1} has pixels of shape {pixels.shape}, header says"
                 f" {series.rows}x{series.columns}"
             )
-        planes.append(np.asarray(pixels, dtype=np.float32))
+        slope, intercept = slice_.rescale
+        planes.append(np.asarray(pixels, dtype=np.float32) * np.float32(slope) + np.float32(intercept))
     image = sitk.GetImageFromArray(np.stack(planes))
     image.SetOrigin(series.slices[0].position)
     row_spacing, column_spacing = series.pixel_spacing

@@ -21,6 +21,14 @@ def test_scp_sop_classes_match_the_code(scp):
     assert sorted(documented) == sorted(negotiated)
 
 
+def test_processed_sop_classes_match_the_pipeline():
+    from pipeline.series import MR_IMAGE_CLASSES
+
+    section = DOC[DOC.index("### 3.2"):DOC.index("### 3.3")]
+    documented = re.findall(r"^\|[^|]*\| `([0-9.]+)` \| yes \|$", section, re.M)
+    assert sorted(documented) == sorted(str(uid) for uid in MR_IMAGE_CLASSES)
+
+
 def test_scp_transfer_syntaxes_match_the_code(scp):
     server = scp()
     storage = [c for c in server.ae.supported_contexts if c.abstract_syntax != "1.2.840.10008.1.1"]

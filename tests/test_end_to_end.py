@@ -153,6 +153,36 @@ def test_process_command_writes_a_valid_seg(phantom_weights, t1_dir, tmp_path):
     assert dciodvfy_errors(segs[0]) == []
 
 
+def test_multi_frame_and_4d_series_over_dicom_get_segs_on_the_right_frames(storescp, make_node, phantom_weights,
+                                                                           t1_dir, tmp_path):
+    """A Legacy Converted Enhanced MR object and a classic two-echo series, sent with
+    storescu to a node configured to take the first volume of a 4D series."""
+    from tests.derived import legacy_converted, two_echoes
+
+    converted = legacy_converted(t1_dir, tmp_path / "converted")
+    echo1, echo2 = two_echoes(t1_dir, tmp_path / "echoes")
+    assert dciodvfy_errors(converted) == [], "the converted input itself must be valid"
+    node = make_node((storescp.ae_title, storescp.port), phantom_weights, pipeline={"four_d": "first"}).start()
+    storescu(node.port, [converted])
+    storescu(node.port, echo1 + echo2)
+    received = wait_until(lambda: storescp.received() if len(storescp.received()) == 2 else None,
+                          600, 1, "two SEGs at storescp")
+    by_series = {str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID): p for p in received}
+    converted_seg = check_seg_against_source(
+        by_series[str(pydicom.dcmread(converted, stop_before_pixels=True).SeriesInstanceUID)],
+        converted.parent,
+    )
+    assert {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+            for f in converted_seg.PerFrameFunctionalGroupsSequence} <= set(range(1, 36))
+    echo_seg = by_series[str(pydicom.dcmread(echo1[0], stop_before_pixels=True).SeriesInstanceUID)]
+    check_seg_against_source(echo_seg, echo1[0].parent, sources=echo1)  # echo 1 only
+    for path in received:
+        assert dciodvfy_errors(path) == []
+    jobs = {job.state for job in node.jobs()}
+    assert jobs == {JobState.SENT}
+    assert any("4D series: volume 1 of 2 (the first, by EchoNumbers" in job.reason for job in node.jobs())
+
+
 # MANIFEST.md: what the node must do with each shared series (process -> a SEG).
 OUTCOMES = {
     "t1_siemens_3t_fl2d_sag_hfs": (JobState.SENT, "T1"),

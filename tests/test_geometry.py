@@ -15,7 +15,7 @@ from pipeline.run import Outcome, process_series
 from pipeline.segment import nifti_to_array, volume_to_nifti
 from pipeline.settings import PipelineSettings
 from pipeline.volume import LabelMap
-from tests.segcheck import check_seg_against_source
+from tests.segcheck import check_seg_against_source, referenced_planes
 
 
 class PlacingSegmenter:
@@ -71,6 +71,41 @@ def test_label_centroid_survives_into_the_seg(mri_dir, folder, tmp_path):
     path = tmp_path / "seg.dcm"
     result.seg.save_as(path, enforce_file_format=True)
     seg = check_seg_against_source(path, mri_dir / folder)
+    voxel = np.array([series.pixel_spacing[1], series.pixel_spacing[0], series.slice_spacing])
+    error = np.abs(_seg_centroid(seg) - point)
+    assert np.linalg.norm(error) <= 0.5 * np.linalg.norm(voxel), (error, voxel)
+
+
+@pytest.mark.parametrize("segmentation_type", ["BINARY", "LABELMAP"])
+@pytest.mark.parametrize("source", ["legacy_converted", "enhanced_4d_last_volume"])
+def test_label_centroid_survives_into_the_seg_of_a_multi_frame_source(
+    mri_dir, t1_dir, tmp_path, source, segmentation_type
+):
+    """Multi-frame sources: each SEG frame references the one source frame it lies on,
+    and the label comes back where it was placed."""
+    from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
+    from pipeline.series import load_series
+    from pipeline.volume import read_volume
+    from tests.derived import legacy_converted
+
+    if source == "legacy_converted":
+        paths, four_d = [legacy_converted(t1_dir, tmp_path / "source")], "reject"
+    else:
+        paths, four_d = sorted((mri_dir / "hard_enhanced_philips_pcasl_source_plus_raw").glob("*.dcm")), "last"
+    series = load_series(paths, four_d=four_d)
+    middle = series.slices[len(series.slices) // 2]
+    point = (np.asarray(middle.position)
+             + 0.3 * series.columns * series.pixel_spacing[1] * np.asarray(series.row_direction)
+             + 0.6 * series.rows * series.pixel_spacing[0] * np.asarray(series.column_direction))
+    label_map = PlacingSegmenter(point).segment(read_volume(series))
+    algorithm = Algorithm("test", "1", "placing", "none", "T1", "test", "Auto SEG test", "test")
+    path = tmp_path / "seg.dcm"
+    encode_seg(label_map, algorithm, SegOptions(segmentation_type)).save_as(path, enforce_file_format=True)
+
+    seg = check_seg_against_source(path, paths[0].parent, sources=paths)
+    used = {(s.sop_instance_uid, s.frame_number) for s in series.slices}
+    referenced = [plane for frame in seg.PerFrameFunctionalGroupsSequence for plane in referenced_planes(frame)]
+    assert referenced and set(referenced) <= used, "a SEG frame references a frame outside the chosen volume"
     voxel = np.array([series.pixel_spacing[1], series.pixel_spacing[0], series.slice_spacing])
     error = np.abs(_seg_centroid(seg) - point)
     assert np.linalg.norm(error) <= 0.5 * np.linalg.norm(voxel), (error, voxel)
