@@ -1,6 +1,7 @@
 """The worker's job state machine, with a fake segmenter (the model is tested elsewhere)
 and a real dcmtk storescp as destination."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -16,8 +17,9 @@ from tests.peers import StoreSCP, free_port
 
 
 class FakeSegmenter:
-    def __init__(self, label: int | None) -> None:
+    def __init__(self, label: int | None, shift_mm: float = 0.0) -> None:
         self.label = label
+        self.shift_mm = shift_mm  # a label map on a grid moved off the source slices
 
     def describe(self) -> str:
         return "fake"
@@ -26,12 +28,18 @@ class FakeSegmenter:
         array = np.zeros(volume.array.shape, np.uint16)
         if self.label:
             array[5:10, 100:120, 100:120] = self.label
+        if self.shift_mm:
+            series = volume.series
+            moved = tuple(
+                dataclasses.replace(s, position=tuple(v + self.shift_mm for v in s.position)) for s in series.slices
+            )
+            volume = dataclasses.replace(volume, series=dataclasses.replace(series, slices=moved))
         return LabelMap(array, {90: "brain"}, volume)
 
 
 @pytest.fixture
 def setup(tmp_path, t1_dir):
-    def make(label, port, **send):
+    def make(label, port, shift_mm=0.0, **send):
         config = parse_config(
             {
                 "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": port},
@@ -50,7 +58,7 @@ def setup(tmp_path, t1_dir):
             series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MOD", target.parent)
             state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
         job_id = state.complete_series(series.series_instance_uid)
-        return Worker(config, state, spool, FakeSegmenter(label), Metrics(state)), state, job_id
+        return Worker(config, state, spool, FakeSegmenter(label, shift_mm), Metrics(state)), state, job_id
 
     return make
 
@@ -99,6 +107,19 @@ def test_pipeline_error_fails_the_job_and_keeps_the_series(setup, tmp_path):
     assert worker.run(job) is JobState.FAILED
     assert f"cannot read {victim.name}" in state.job(job_id).reason
     assert len(list(job.series.folder.glob("*.dcm"))) == 34
+
+
+def test_seg_off_its_source_grid_fails_the_job_and_nothing_is_sent(setup, tmp_path):
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    try:
+        worker, state, job_id = setup(90, pacs.port, shift_mm=0.05)
+        assert worker.run(state.claim_next_job()) is JobState.FAILED
+    finally:
+        pacs.stop()
+    job = state.job(job_id)
+    assert "SEG frame 1 lies at" in job.reason and job.result_path is None
+    assert pacs.received() == []
+    assert len(list(job.series.folder.glob("*.dcm"))) == 35, "the series stays on disk"
 
 
 def test_retry_delay_grows_and_is_capped():
