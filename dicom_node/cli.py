@@ -45,7 +45,7 @@ def _group_by_series(root: Path) -> dict[str, list[Path]]:
 def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
     from pipeline.run import Outcome, process_series
-    from pipeline.segment import TotalSegmentator
+    from pipeline.segment import make_segmenter
     from pipeline.settings import PipelineSettings
 
     from pipeline.seg_writer import SegOptions
@@ -57,7 +57,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     else:
         settings, seg_options = PipelineSettings(), SegOptions()  # relative paths: from the current folder
         setup_logging("WARNING")
-    segmenter = TotalSegmentator(settings.model)
+    segmenter = make_segmenter(settings.model)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     groups = _group_by_series(Path(args.input))
@@ -156,14 +156,14 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_cases, write_reports
     from pipeline.preprocess import PreprocessingMode
-    from pipeline.segment import TotalSegmentator
+    from pipeline.segment import make_segmenter
     from pipeline.settings import PipelineSettings
 
     settings = _load(args).pipeline if args.config else PipelineSettings()
     setup_logging("WARNING")
     modes = [mode.value for mode in PreprocessingMode]
     scores = evaluate_cases(Path(args.images), Path(args.references), settings,
-                            TotalSegmentator(settings.model), modes)
+                            make_segmenter(settings.model), modes)
     paths = write_reports(scores, modes, Path(args.output), args.title)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():

@@ -17,7 +17,7 @@ from dicom_node.spool import Spool
 from dicom_node.state import StateStore
 from dicom_node.worker import Worker
 from pipeline.errors import WeightsMissingError
-from pipeline.segment import Segmenter, TotalSegmentator
+from pipeline.segment import Segmenter, make_segmenter
 
 __all__ = ["Node", "serve"]
 
@@ -32,7 +32,7 @@ class Node:
         self.spool = Spool(config.storage.spool_dir)
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
-        self.segmenter = segmenter or TotalSegmentator(config.pipeline.model)
+        self.segmenter = segmenter or make_segmenter(config.pipeline.model)
         worker = Worker(config, self.state, self.spool, self.segmenter, self.metrics)
         self.queue = InProcessQueue(self.state, worker)
         self.completion = Completion(config.completion, self.state, self.queue.submit)

@@ -3,8 +3,9 @@
 TotalSegmentator's class names come from ``totalsegmentator.map_to_binary``; their codes
 and colours from the mapping table it ships
 (``totalsegmentator/resources/totalsegmentator_snomed_mapping.csv``), read here with
-the type modifier (laterality) kept. A name without codes gets a clearly generic code
-and a warning, never a crash.
+the type modifier (laterality) kept. A custom nnU-Net model's come from a table in the
+same columns next to the model (``labels.csv``). A name without codes gets a clearly
+generic code and a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
+from typing import Iterable, Mapping
 
-__all__ = ["Code", "SegmentInfo", "total_class_names", "segment_info"]
+from pipeline.errors import SegmentationError
+
+__all__ = ["Code", "SegmentInfo", "total_class_names", "segment_info", "read_label_table"]
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +52,61 @@ def total_class_names(task: str = "total") -> dict[int, str]:
     return {int(k): str(v) for k, v in class_map[task].items()}
 
 
+_PREFIXES = (
+    "SegmentedPropertyCategoryCodeSequence.",
+    "SegmentedPropertyTypeCodeSequence.",
+    "SegmentedPropertyTypeModifierCodeSequence.",
+)
+
+
+def _read_table(handle: Iterable[str]) -> dict[str, SegmentInfo]:
+    """Rows of a code table in the columns of TotalSegmentator's mapping CSV."""
+    infos: dict[str, SegmentInfo] = {}
+    for row in csv.DictReader(handle):
+
+        def code(prefix: str) -> Code | None:
+            value = (row.get(prefix + "CodeValue") or "").strip()
+            if not value:
+                return None
+            return Code(value, row[prefix + "CodingSchemeDesignator"].strip(), row[prefix + "CodeMeaning"].strip())
+
+        category, property_type, modifier = (code(prefix) for prefix in _PREFIXES)
+        rgb = tuple(int(v) for v in row["DicomRGBColor"].split(",")) if row.get("DicomRGBColor") else None
+        name = row["Structure"].strip()
+        infos[name] = SegmentInfo(
+            name=name,
+            category=category or _ANATOMICAL_STRUCTURE,
+            property_type=property_type or _GENERIC_TYPE,
+            type_modifier=modifier,
+            rgb=rgb or _fallback_colour(name),  # type: ignore[arg-type]
+        )
+    return infos
+
+
 @lru_cache(maxsize=1)
 def _snomed_table() -> dict[str, SegmentInfo]:
     table = resources.files("totalsegmentator") / "resources" / "totalsegmentator_snomed_mapping.csv"
-    infos: dict[str, SegmentInfo] = {}
     with table.open(encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            prefix_c, prefix_t, prefix_m = (
-                "SegmentedPropertyCategoryCodeSequence.",
-                "SegmentedPropertyTypeCodeSequence.",
-                "SegmentedPropertyTypeModifierCodeSequence.",
-            )
+        return _read_table(handle)
 
-            def code(prefix: str) -> Code | None:
-                value = row.get(prefix + "CodeValue", "").strip()
-                if not value:
-                    return None
-                return Code(value, row[prefix + "CodingSchemeDesignator"].strip(), row[prefix + "CodeMeaning"].strip())
 
-            rgb = tuple(int(v) for v in row["DicomRGBColor"].split(","))
-            infos[row["Structure"]] = SegmentInfo(
-                name=row["Structure"],
-                category=code(prefix_c) or _ANATOMICAL_STRUCTURE,
-                property_type=code(prefix_t) or _GENERIC_TYPE,
-                type_modifier=code(prefix_m),
-                rgb=rgb,  # type: ignore[arg-type]
-            )
-    return infos
+def read_label_table(path: Path) -> dict[str, SegmentInfo]:
+    """A custom model's code table (``labels.csv`` next to it), or {} when there is none.
+
+    Same columns as TotalSegmentator's mapping: ``Structure``, the ``CodeValue``,
+    ``CodingSchemeDesignator`` and ``CodeMeaning`` of
+    ``SegmentedPropertyCategoryCodeSequence.``, ``SegmentedPropertyTypeCodeSequence.``
+    and ``SegmentedPropertyTypeModifierCodeSequence.`` (laterality), and ``DicomRGBColor``
+    as ``R,G,B``.
+    """
+    if not path.is_file():
+        log.warning("no label table at %s: every structure of the model gets a generic code", path)
+        return {}
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return _read_table(handle)
+    except (KeyError, ValueError, csv.Error) as exc:
+        raise SegmentationError(f"the label table {path} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 def _fallback_colour(name: str) -> tuple[int, int, int]:
@@ -82,9 +115,10 @@ def _fallback_colour(name: str) -> tuple[int, int, int]:
     return (64 + seed % 192, 64 + (seed // 192) % 192, 64 + (seed // 36864) % 192)
 
 
-def segment_info(name: str) -> SegmentInfo:
-    """Codes and colour for a structure name; generic ones (with a warning) if unknown."""
-    info = _snomed_table().get(name)
+def segment_info(name: str, table: Mapping[str, SegmentInfo] | None = None) -> SegmentInfo:
+    """Codes and colour for a structure name from ``table`` (TotalSegmentator's when None);
+    generic ones, with a warning, if the name is not in it."""
+    info = (_snomed_table() if table is None else table).get(name)
     if info is not None:
         return info
     log.warning("no SNOMED CT code known for structure %r; using a generic code", name)

@@ -58,6 +58,8 @@ __all__ = [
     "PHANTOM_STYLES",
     "SPACING_MM",
     "phantom_class_names",
+    "make_custom_model",
+    "CUSTOM_MODEL",
     "total_class_map",
     "make_phantom_anatomy",
     "render_phantom",
@@ -513,6 +515,53 @@ def use_totalseg_weights(weights_dir: Path, home_dir: Path) -> None:
             for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
                 if hasattr(module, var):
                     setattr(module, var, weights_dir)
+
+
+CUSTOM_DATASET = "Dataset501_PhantomCustom"
+CUSTOM_MODEL = f"{CUSTOM_DATASET}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+LABEL_TABLE_COLUMNS = [
+    "Structure",
+    *(f"{sequence}.{field}"
+      for sequence in ("SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
+                       "SegmentedPropertyTypeModifierCodeSequence")
+      for field in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")),
+    "DicomRGBColor",
+]
+
+
+def make_custom_model(phantom_weights: Path, weights_dir: Path) -> str:
+    """The phantom model again, as a *custom* nnU-Net model (synthetic, for tests and demos).
+
+    Its structures are renamed ``phantom_<name>`` (so no TotalSegmentator table knows
+    them) and coded by a ``labels.csv`` next to the model, one row per learned class.
+    Returns the model's folder relative to ``weights_dir`` (``pipeline.model.nnunet_model``).
+    """
+    import csv
+
+    from pipeline.labels import segment_info
+
+    source = model_folder(phantom_weights)
+    target = Path(weights_dir) / CUSTOM_MODEL
+    (target / "fold_0").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "plans.json", target / "plans.json")
+    shutil.copy2(source / "fold_0" / "checkpoint_final.pth", target / "fold_0" / "checkpoint_final.pth")
+    dataset = json.loads((source / "dataset.json").read_text())
+    dataset["labels"] = {("background" if i == 0 else f"phantom_{n}"): i for n, i in dataset["labels"].items()}
+    dataset["name"] = CUSTOM_DATASET
+    (target / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    with (target / "labels.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LABEL_TABLE_COLUMNS)
+        for name in phantom_class_names():
+            info = segment_info(name)
+            codes = [info.category, info.property_type, info.type_modifier]
+            writer.writerow([
+                f"phantom_{name}",
+                *(value for code in codes for value in
+                  ((code.value, code.scheme_designator, code.meaning) if code else ("", "", ""))),
+                ",".join(str(v) for v in info.rgb),
+            ])
+    return CUSTOM_MODEL
 
 
 # ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pydicom
 from pipeline.classify import Classification, classify_series
 from pipeline.preprocess import PreprocessingMode, preprocess
 from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
-from pipeline.segment import Segmenter
+from pipeline.segment import Segmenter, describe_model
 from pipeline.series import MR_IMAGE_CLASSES, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
@@ -58,12 +58,12 @@ class SegResult:
 def algorithm_for(
     settings: PipelineSettings, mode: PreprocessingMode, classification: Classification
 ) -> Algorithm:
-    model = settings.model
+    model = describe_model(settings.model)
     cls = classification.sequence_class.value
     return Algorithm(
-        name="TotalSegmentator",
-        version=version("TotalSegmentator"),
-        task=f"{model.task} ({'fast' if model.fast else 'full'})",
+        name=model.name,
+        version=model.version,
+        task=model.task,
         preprocessing=mode.value,
         sequence_class=cls,
         classification=classification.reason,

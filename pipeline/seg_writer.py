@@ -85,7 +85,7 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
     )
     descriptions = []
     for number, label in enumerate(label_map.present, start=1):
-        info = segment_info(label_map.names.get(label, f"label_{label}"))
+        info = segment_info(label_map.names.get(label, f"label_{label}"), label_map.codes)
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=info.name[:64],

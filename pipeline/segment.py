@@ -1,41 +1,51 @@
-"""Segmentation with TotalSegmentator's Python API (any nnU-Net v2 model laid out as its weights).
+"""Segmentation: TotalSegmentator's Python API, or any nnU-Net v2 model through nnU-Net's predictor.
 
-This module is the boundary with TotalSegmentator: it checks that the weights are on
-disk (TotalSegmentator would otherwise try to download them), converts between our LPS
-``Volume`` and the RAS NIfTI image TotalSegmentator takes, and runs TotalSegmentator in
-a fresh process started with ``spawn``. That process sets the two environment variables
-TotalSegmentator reads (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``) and writes its
-``config.json`` with usage statistics off before the call. The separate process is
-deliberate: TotalSegmentator and nnU-Net start worker processes of their own, and a
-process forked from the node's many threads (SCP, completion, worker) can inherit a
-held lock and hang; a crash or leak of the model also stays out of the node.
-Every failure becomes a ``PipelineError``.
+This module is the boundary with the models: it checks that the weights are on disk
+(TotalSegmentator would otherwise try to download them), converts between our LPS
+``Volume`` and the RAS NIfTI image the models take, and runs the model in a fresh
+process started with ``spawn``. For TotalSegmentator that process sets the two
+environment variables it reads (``TOTALSEG_WEIGHTS_PATH``, ``TOTALSEG_HOME_DIR``) and
+writes its ``config.json`` with usage statistics off before the call. The separate
+process is deliberate: TotalSegmentator and nnU-Net start worker processes of their
+own, and a process forked from the node's many threads (SCP, completion, worker) can
+inherit a held lock and hang; a crash or leak of the model also stays out of the node.
+``make_segmenter`` picks the implementation from the settings; ``describe_model`` names
+the model for the SEG's algorithm identification. Every failure becomes a ``PipelineError``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
 import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from pipeline.errors import SegmentationError, WeightsMissingError
-from pipeline.labels import total_class_names
+from pipeline.labels import read_label_table, total_class_names
 from pipeline.settings import ModelSettings
 from pipeline.volume import LabelMap, Volume
 
 __all__ = [
     "Segmenter",
     "TotalSegmentator",
+    "NnUNet",
+    "ModelIdentity",
+    "make_segmenter",
+    "describe_model",
+    "nnunet_label_names",
     "expected_weights",
     "volume_to_nifti",
     "nifti_to_array",
@@ -128,8 +138,6 @@ class TotalSegmentator:
 
     @staticmethod
     def version() -> str:
-        from importlib.metadata import version
-
         return version("TotalSegmentator")
 
     def check_weights(self) -> None:
@@ -148,22 +156,26 @@ class TotalSegmentator:
 
     def segment(self, volume: Volume) -> LabelMap:
         self.check_weights()
-        with tempfile.TemporaryDirectory(prefix="dicom-node-segment-") as tmp:
-            source, target, error = Path(tmp) / "image.nii", Path(tmp) / "labels.nii", Path(tmp) / "error.txt"
-            nib.save(volume_to_nifti(volume), source)
-            process = multiprocessing.get_context("spawn").Process(
-                target=_run_in_child,
-                args=(self.settings.model_dump(mode="json"), str(source), str(target), str(error)),
-                name="totalsegmentator",
-            )
-            process.start()
-            process.join()
-            if process.exitcode != 0 or not target.exists():
-                reason = error.read_text().strip() if error.exists() else f"exit code {process.exitcode}"
-                raise SegmentationError(f"TotalSegmentator failed: {reason}")
-            result = nib.load(target)
-            labels = nifti_to_array(result, volume)
+        labels = _run_model(volume, _run_in_child, self.settings, "TotalSegmentator")
         return LabelMap(array=labels, names=total_class_names(self.settings.task), volume=volume)
+
+
+def _run_model(volume: Volume, child: Callable[[dict, str, str, str], None], settings: ModelSettings,
+               what: str) -> np.ndarray:
+    """Run ``child`` in a spawned process on the volume as NIfTI; the labels on its grid."""
+    with tempfile.TemporaryDirectory(prefix="dicom-node-segment-") as tmp:
+        # nnU-Net names a case's channels <case>_0000<file ending>
+        source, target, error = Path(tmp) / "case_0000.nii.gz", Path(tmp) / "labels.nii.gz", Path(tmp) / "error.txt"
+        nib.save(volume_to_nifti(volume), source)
+        process = multiprocessing.get_context("spawn").Process(
+            target=child, args=(settings.model_dump(mode="json"), str(source), str(target), str(error)), name=what
+        )
+        process.start()
+        process.join()
+        if process.exitcode != 0 or not target.exists():
+            reason = error.read_text().strip() if error.exists() else f"exit code {process.exitcode}"
+            raise SegmentationError(f"{what} failed: {reason}")
+        return nifti_to_array(nib.load(target), volume)
 
 
 def _run_in_child(settings: dict, source: str, target: str, error: str) -> None:
@@ -192,3 +204,126 @@ def _run_in_child(settings: dict, source: str, target: str, error: str) -> None:
     except BaseException as exc:  # SystemExit too: TotalSegmentator exits on some errors
         Path(error).write_text(f"{type(exc).__name__}: {exc}")
         raise SystemExit(1) from exc
+
+
+def nnunet_label_names(folder: Path) -> dict[int, str]:
+    """Label id -> name from an nnU-Net model's ``dataset.json`` (background left out)."""
+    path = folder / "dataset.json"
+    try:
+        labels = json.loads(path.read_text())["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SegmentationError(f"cannot read the labels of the nnU-Net model from {path}: {exc}") from exc
+    regions = [name for name, value in labels.items() if not isinstance(value, int)]
+    if regions:
+        raise SegmentationError(f"region-based nnU-Net labels are not supported ({', '.join(regions)} in {path})")
+    return {int(value): str(name) for name, value in labels.items() if int(value) != 0}
+
+
+class NnUNet:
+    """Any nnU-Net v2 trained model folder, run by nnU-Net's own predictor.
+
+    The folder is ``weights_dir/nnunet_model`` (``dataset.json``, ``plans.json``,
+    ``fold_N/<checkpoint>``); the structures' codes and colours come from the
+    ``labels.csv`` next to it.
+    """
+
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.folder = settings.nnunet_folder
+
+    def describe(self) -> str:
+        folds = ",".join(str(f) for f in self.settings.folds)
+        return f"nnU-Net model {self.settings.nnunet_model} (folds {folds})"
+
+    def expected_files(self) -> list[Path]:
+        return [self.folder / "dataset.json", self.folder / "plans.json"] + [
+            self.folder / f"fold_{fold}" / self.settings.checkpoint for fold in self.settings.folds
+        ]
+
+    def check_weights(self) -> None:
+        missing = [path for path in self.expected_files() if not path.is_file()]
+        if missing:
+            raise WeightsMissingError(
+                f"the nnU-Net model {self.settings.nnunet_model} is incomplete: expected {missing[0]}."
+                " Install the trained model folder with `dicom-node weights import` into"
+                f" {self.settings.weights_dir} (the config key pipeline.model.weights_dir). The series is"
+                " kept and can be processed again with `dicom-node retry JOB_ID`."
+            )
+
+    def segment(self, volume: Volume) -> LabelMap:
+        self.check_weights()
+        names = nnunet_label_names(self.folder)
+        labels = _run_model(volume, _run_nnunet_in_child, self.settings, "nnU-Net")
+        return LabelMap(array=labels, names=names, volume=volume, codes=read_label_table(self.folder / "labels.csv"))
+
+
+def _run_nnunet_in_child(settings: dict, source: str, target: str, error: str) -> None:
+    """Runs in a spawned process: nnU-Net's predictor on one NIfTI file."""
+    model = ModelSettings.model_validate(settings)
+    try:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        device = torch.device("cuda" if model.device == "gpu" else "cpu")
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor = nnUNetPredictor(
+                perform_everything_on_device=model.device == "gpu", device=device, verbose=False,
+                verbose_preprocessing=False, allow_tqdm=False,
+            )
+            predictor.initialize_from_trained_model_folder(
+                str(model.nnunet_folder), use_folds=model.folds, checkpoint_name=model.checkpoint
+            )
+            # the model's own image reader, so the spacing and orientation are read as in training
+            io_class = predictor.plans_manager.image_reader_writer_class()
+            image, properties = io_class.read_images([source])
+            labels = predictor.predict_single_npy_array(image, properties, None, None, False)
+            io_class.write_seg(labels, target, properties)
+    except BaseException as exc:
+        Path(error).write_text(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from exc
+
+
+def make_segmenter(settings: ModelSettings) -> Segmenter:
+    """The segmenter the settings name."""
+    return NnUNet(settings) if settings.kind == "nnunet" else TotalSegmentator(settings)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model as the SEG's algorithm identification names it."""
+
+    name: str
+    version: str
+    task: str
+
+
+@lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a new file, a new digest
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_model(settings: ModelSettings) -> ModelIdentity:
+    """Name, version and task of the configured model. A custom model's version includes
+    its checkpoints' SHA-256, so another training gives other SEG UIDs."""
+    if settings.kind == "totalsegmentator":
+        return ModelIdentity(
+            "TotalSegmentator", version("TotalSegmentator"), f"{settings.task} ({'fast' if settings.fast else 'full'})"
+        )
+    folder = settings.nnunet_folder
+    try:
+        name = str(json.loads((folder / "dataset.json").read_text()).get("name") or folder.parent.name)
+        digests = []
+        for fold in settings.folds:
+            checkpoint = folder / f"fold_{fold}" / settings.checkpoint
+            stat = checkpoint.stat()
+            digests.append(_sha256(checkpoint, stat.st_size, stat.st_mtime_ns)[:12])
+    except (OSError, ValueError) as exc:
+        raise SegmentationError(f"cannot identify the nnU-Net model in {folder}: {exc}") from exc
+    folds = ",".join(str(f) for f in settings.folds)
+    return ModelIdentity(
+        name, f"nnunetv2 {version('nnunetv2')}; checkpoint {'+'.join(digests)}", f"{folder.name} folds {folds}"
+    )

@@ -26,13 +26,34 @@ class _Frozen(BaseModel):
 
 
 class ModelSettings(_Frozen):
-    """Which segmentation model runs, and where its weights live."""
+    """Which segmentation model runs, and where its weights live.
 
+    ``kind`` is ``totalsegmentator`` (its ``task``, ``fast`` or full, loaded by
+    TotalSegmentator's API) or ``nnunet``: any nnU-Net v2 trained model folder
+    ``nnunet_model`` under ``weights_dir`` (as ``dicom-node weights import`` installs
+    it), run by nnU-Net's predictor, its structures coded by the ``labels.csv`` there.
+    """
+
+    kind: Literal["totalsegmentator", "nnunet"] = "totalsegmentator"
     task: Literal["total"] = "total"
     fast: bool = True
+    nnunet_model: str | None = None  # e.g. Dataset501_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres
+    folds: tuple[int, ...] = (0,)
+    checkpoint: str = "checkpoint_final.pth"
     weights_dir: Path = Path("var/weights")
     home_dir: Path = Path("var/totalsegmentator")
     device: Literal["cpu", "gpu"] = "cpu"
+
+    @model_validator(mode="after")
+    def _nnunet_needs_a_model(self) -> "ModelSettings":
+        if self.kind == "nnunet" and not self.nnunet_model:
+            raise ValueError("kind nnunet needs nnunet_model: the trained model folder under weights_dir")
+        return self
+
+    @property
+    def nnunet_folder(self) -> Path:
+        """The nnU-Net trained model folder (kind ``nnunet``)."""
+        return self.weights_dir / (self.nnunet_model or "")
 
 
 class PreprocessingSettings(_Frozen):

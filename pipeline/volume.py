@@ -10,12 +10,14 @@ and direction come from the validated header geometry. Slice ``k`` of the array 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 
 from pipeline.errors import SeriesError
+from pipeline.labels import SegmentInfo
 from pipeline.series import Series
 
 __all__ = ["Volume", "LabelMap", "read_volume"]
@@ -47,6 +49,7 @@ class LabelMap:
     array: np.ndarray  # (slice, row, column), integer labels, 0 = background
     names: dict[int, str]  # label id -> structure name, for every id the model knows
     volume: Volume
+    codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
 
     def __post_init__(self) -> None:
         expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)
