@@ -39,6 +39,8 @@ class SegmentInfo:
     property_type: Code
     type_modifier: Code | None
     rgb: tuple[int, int, int]
+    region: Code | None = None  # where a non-anatomical structure (a cyst, a lesion, an implant) lies
+    region_modifier: Code | None = None  # the region's laterality
 
 
 _ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
@@ -56,6 +58,8 @@ _PREFIXES = (
     "SegmentedPropertyCategoryCodeSequence.",
     "SegmentedPropertyTypeCodeSequence.",
     "SegmentedPropertyTypeModifierCodeSequence.",
+    "AnatomicRegionSequence.",
+    "AnatomicRegionModifierSequence.",
 )
 
 
@@ -70,7 +74,7 @@ def _read_table(handle: Iterable[str]) -> dict[str, SegmentInfo]:
                 return None
             return Code(value, row[prefix + "CodingSchemeDesignator"].strip(), row[prefix + "CodeMeaning"].strip())
 
-        category, property_type, modifier = (code(prefix) for prefix in _PREFIXES)
+        category, property_type, modifier, region, region_modifier = (code(prefix) for prefix in _PREFIXES)
         rgb = tuple(int(v) for v in row["DicomRGBColor"].split(",")) if row.get("DicomRGBColor") else None
         name = row["Structure"].strip()
         infos[name] = SegmentInfo(
@@ -79,6 +83,8 @@ def _read_table(handle: Iterable[str]) -> dict[str, SegmentInfo]:
             property_type=property_type or _GENERIC_TYPE,
             type_modifier=modifier,
             rgb=rgb or _fallback_colour(name),  # type: ignore[arg-type]
+            region=region,
+            region_modifier=region_modifier,
         )
     return infos
 
@@ -95,9 +101,10 @@ def read_label_table(path: Path) -> dict[str, SegmentInfo]:
 
     Same columns as TotalSegmentator's mapping: ``Structure``, the ``CodeValue``,
     ``CodingSchemeDesignator`` and ``CodeMeaning`` of
-    ``SegmentedPropertyCategoryCodeSequence.``, ``SegmentedPropertyTypeCodeSequence.``
-    and ``SegmentedPropertyTypeModifierCodeSequence.`` (laterality), and ``DicomRGBColor``
-    as ``R,G,B``.
+    ``SegmentedPropertyCategoryCodeSequence.``, ``SegmentedPropertyTypeCodeSequence.``,
+    ``SegmentedPropertyTypeModifierCodeSequence.`` (laterality), optionally
+    ``AnatomicRegionSequence.`` and ``AnatomicRegionModifierSequence.``, and
+    ``DicomRGBColor`` as ``R,G,B``.
     """
     if not path.is_file():
         log.warning("no label table at %s: every structure of the model gets a generic code", path)

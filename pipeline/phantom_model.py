@@ -523,7 +523,8 @@ LABEL_TABLE_COLUMNS = [
     "Structure",
     *(f"{sequence}.{field}"
       for sequence in ("SegmentedPropertyCategoryCodeSequence", "SegmentedPropertyTypeCodeSequence",
-                       "SegmentedPropertyTypeModifierCodeSequence")
+                       "SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionSequence",
+                       "AnatomicRegionModifierSequence")
       for field in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")),
     "DicomRGBColor",
 ]
@@ -554,7 +555,7 @@ def make_custom_model(phantom_weights: Path, weights_dir: Path) -> str:
         writer.writerow(LABEL_TABLE_COLUMNS)
         for name in phantom_class_names():
             info = segment_info(name)
-            codes = [info.category, info.property_type, info.type_modifier]
+            codes = [info.category, info.property_type, info.type_modifier, info.region, info.region_modifier]
             writer.writerow([
                 f"phantom_{name}",
                 *(value for code in codes for value in

@@ -1,7 +1,8 @@
 """Encoding the label map as one DICOM SEG with highdicom, and checking it against its source.
 
 One SEG per series: a segment per label present (numbered 1..N in label order), each
-with SNOMED CT codes, laterality modifier and a display colour, the algorithm
+with SNOMED CT codes, laterality modifier, anatomic region where the table gives one
+(for lesions, cysts, implants) and a display colour, the algorithm
 identified (name, version, task, preprocessing), every source instance referenced,
 the same study and patient, a new series. UIDs are derived from the source series and
 the processing identity, so the same input processed the same way gives the same SEG
@@ -71,6 +72,15 @@ def _coded(code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
 
 
+def _code_item(code) -> pydicom.Dataset:
+    """A plain code sequence item (modifiers are written as such, not as highdicom concepts)."""
+    item = pydicom.Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
 def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg.SegmentDescription]:
     identification = hd.AlgorithmIdentificationSequence(
         name=algorithm.name,
@@ -94,13 +104,14 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
             display_color=hd.color.CIELabColor.from_rgb(*info.rgb),
+            anatomic_regions=[_coded(info.region)] if info.region is not None else None,
         )
         if info.type_modifier is not None:
-            modifier = pydicom.Dataset()
-            modifier.CodeValue = info.type_modifier.value
-            modifier.CodingSchemeDesignator = info.type_modifier.scheme_designator
-            modifier.CodeMeaning = info.type_modifier.meaning
-            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                _code_item(info.type_modifier)
+            ]
+        if info.region is not None and info.region_modifier is not None:
+            description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [_code_item(info.region_modifier)]
         descriptions.append(description)
     return descriptions
 

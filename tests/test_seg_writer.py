@@ -72,6 +72,19 @@ def test_left_and_right_differ_in_their_laterality_modifier(volume):
     assert len(set(colours)) == len(colours)
 
 
+def test_a_structure_inside_an_organ_carries_its_anatomic_region_and_its_side(volume):
+    array = np.zeros((35, 256, 256), dtype=np.uint16)
+    array[5:8, 30:40, 30:40] = 1
+    array[25:28, 30:40, 30:40] = 2
+    seg = encode_seg(LabelMap(array, {1: "kidney_cyst_left", 2: "kidney_cyst_right"}, volume), _algorithm())
+    sides = []
+    for segment in seg.SegmentSequence:
+        region = segment.AnatomicRegionSequence[0]
+        assert region.CodeMeaning == "Kidney" and region.CodingSchemeDesignator == "SCT"
+        sides.append(region.AnatomicRegionModifierSequence[0].CodeMeaning)
+    assert sides == ["Left", "Right"]
+
+
 def test_empty_prediction_gives_no_seg(volume):
     empty = LabelMap(np.zeros((35, 256, 256), np.uint16), {90: "brain"}, volume)
     assert encode_seg(empty, _algorithm()) is None
