@@ -164,8 +164,7 @@ def _run_model(volume: Volume, child: Callable[[dict, str, str, str], None], set
                what: str) -> np.ndarray:
     """Run ``child`` in a spawned process on the volume as NIfTI; the labels on its grid."""
     with tempfile.TemporaryDirectory(prefix="dicom-node-segment-") as tmp:
-        # nnU-Net names a case's channels <case>_0000<file ending>
-        source, target, error = Path(tmp) / "case_0000.nii.gz", Path(tmp) / "labels.nii.gz", Path(tmp) / "error.txt"
+        source, target, error = Path(tmp) / "image.nii", Path(tmp) / "labels.nii", Path(tmp) / "error.txt"
         nib.save(volume_to_nifti(volume), source)
         process = multiprocessing.get_context("spawn").Process(
             target=child, args=(settings.model_dump(mode="json"), str(source), str(target), str(error)), name=what
