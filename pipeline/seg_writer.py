@@ -184,28 +184,34 @@ def encode_seg(
     return seg
 
 
+def _referenced_frames(item: pydicom.Dataset) -> list[int]:
+    """ReferencedFrameNumber as a list (empty when absent), however pydicom read it."""
+    frames = item.get("ReferencedFrameNumber")
+    if frames is None:
+        return []
+    return [int(frames)] if isinstance(frames, int) else [int(f) for f in frames]
+
+
 def _source_key(item: pydicom.Dataset) -> tuple[str, int | None]:
     """(SOP instance UID, frame number or None) of a source image reference."""
-    frames = item.get("ReferencedFrameNumber")
-    if frames is not None and not isinstance(frames, int):
-        frames = int(frames[0]) if len(frames) == 1 else -1  # several frames: never one plane
-    return str(item.ReferencedSOPInstanceUID), frames
+    frames = _referenced_frames(item)
+    frame = None if not frames else frames[0] if len(frames) == 1 else -1  # several frames: never one plane
+    return str(item.ReferencedSOPInstanceUID), frame
 
 
 def _keep_used_frames(seg: pydicom.Dataset, series: Series) -> None:
     """highdicom may reference every source frame at a plane's position (all time points
     of a 4D object); keep only the frame the volume was built from."""
     distances = np.array([s.distance for s in series.slices])
+    normal = series.normal
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
         position = np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float)
-        nearest = int(np.argmin(np.abs(distances - float(np.dot(series.normal, position)))))
+        nearest = int(np.argmin(np.abs(distances - float(np.dot(normal, position)))))
         wanted = (series.slices[nearest].sop_instance_uid, series.slices[nearest].frame_number)
         for derivation in frame.DerivationImageSequence:
             items = []
             for item in derivation.SourceImageSequence:
-                frames = item.get("ReferencedFrameNumber")
-                frames = [frames] if isinstance(frames, int) else list(frames or [])
-                if str(item.ReferencedSOPInstanceUID) == wanted[0] and wanted[1] in frames:
+                if str(item.ReferencedSOPInstanceUID) == wanted[0] and wanted[1] in _referenced_frames(item):
                     item.ReferencedFrameNumber = wanted[1]
                     items.append(item)
             if not items:
