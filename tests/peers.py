@@ -23,6 +23,8 @@ DATA_ENV = "DICOM_NODE_TEST_DATA"  # the one setting that points at the shared M
 
 def data_dir() -> Path:
     return Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data" / "mri")).resolve()
+
+
 LOCALHOST = "127.0.0.1"
 STORESCU_CONFIG = Path(__file__).with_name("storescu.cfg")
 
@@ -81,18 +83,27 @@ def storescu(port: int, paths: list[Path] | Path, *, called: str = "DICOMNODE", 
 
 
 class StoreSCP:
-    """dcmtk storescp writing every received object into ``folder``."""
+    """dcmtk storescp writing every received object into ``folder``.
+
+    storescp writes each object under its final name as it arrives, so a file in the
+    folder may still be half written. After each object is complete, storescp runs a
+    command that leaves a marker of the same name in ``folder.done``; ``received()``
+    lists only objects with a marker.
+    """
 
     def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None) -> None:
         self.folder = folder
+        self.done = folder.with_name(folder.name + ".done")
         self.ae_title = ae_title
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
+        self.done.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> "StoreSCP":
         self.process = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+            ["storescp", "-aet", self.ae_title, "-od", str(self.folder),
+             "--exec-on-reception", f"touch '{self.done}/#f'", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=loopback_env(),
         )
         wait_for_port(self.port, process=self.process)
@@ -105,7 +116,8 @@ class StoreSCP:
             self.process = None
 
     def received(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
+        """The objects received completely, by name."""
+        return sorted(self.folder / marker.name for marker in self.done.iterdir())
 
 
 class Orthanc:
