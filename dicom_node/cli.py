@@ -94,8 +94,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"{job_state.value}: {len(selected)}")
         for job in selected:
             made = f" [{job.sequence_class or '?'}, {job.preprocessing or 'not segmented'}]" if job.sequence_class else ""
+            last = f" (last error: {job.last_error})" if job.last_error and job.state is not JobState.FAILED else ""
             print(f"  job {job.id} series {job.series.series_instance_uid} from {job.series.calling_ae_title}"
-                  f" attempts {job.attempts}{made}: {job.reason or ''}")
+                  f" attempts {job.attempts}{made}: {job.reason or ''}{last}")
     return 0
 
 

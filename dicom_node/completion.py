@@ -1,10 +1,14 @@
 """Series completion: when a received series is handed to the worker.
 
 A series is complete when no instance of it has arrived for ``stable_seconds``. When
-an association that carried instances is released normally, the series it carried are
-checked early: each is complete at once unless another open association is still
-sending to it (``complete_on_release``). An aborted association triggers nothing early;
-its series complete by the timer, which also wins over an open but idle association.
+an association that carried instances is released normally (``complete_on_release``),
+the series it carried are checked early: such a series is complete at once if no other
+open association is still sending to it and its instances are known to be the whole
+series (``pipeline.completeness``: a regular stack with the count its headers
+announce, or multi-frame objects). A sender that releases after every instance, or
+spreads a series over several associations, therefore never completes a part of it. An
+aborted association triggers nothing early; its series complete by the timer, which
+also wins over an open but idle association.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Callable, Iterable
 
 from dicom_node.config import CompletionSettings
 from dicom_node.state import StateStore
+from pipeline.completeness import Placement, is_whole
 
 __all__ = ["Completion"]
 
@@ -61,19 +66,24 @@ class Completion:
             busy = set(self._open)
         jobs = []
         for series_uid, last_received in self.state.receiving_series():
-            stable = now - last_received >= self.settings.stable_seconds
-            if not (stable or (series_uid in early and series_uid not in busy)):
+            if now - last_received >= self.settings.stable_seconds:
+                why = f"no instance for {self.settings.stable_seconds:g} s"
+            elif series_uid in early and series_uid not in busy:
+                wholeness = is_whole(Placement.from_json(p) for p in self.state.placements(series_uid))
+                if not wholeness.whole:
+                    log.info("series %s: association released, not known whole (%s); waiting",
+                             series_uid, wholeness.reason)
+                    continue
+                why = f"association released, whole: {wholeness.reason}"
+            else:
                 continue
             job_id = self.state.complete_series(series_uid, now=now)
             if job_id is not None:
-                log.info(
-                    "series %s complete (%s); job %d created",
-                    series_uid,
-                    "stable" if stable else "association released",
-                    job_id,
-                )
+                log.info("series %s complete (%s); job %d created", series_uid, why, job_id)
                 jobs.append(job_id)
                 self.on_job(job_id)
+            else:
+                log.info("series %s complete (%s); no new instance since its last job", series_uid, why)
         return jobs
 
     def start(self) -> None:

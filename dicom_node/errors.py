@@ -2,7 +2,8 @@
 
 ``NodeError`` is the root. ``ConfigError`` stops start-up with the offending key named;
 ``InvalidUIDError`` refuses a UID before it can become part of a path; ``SendError``
-marks a C-STORE to the destination that did not succeed (the job stays retryable).
+marks a C-STORE to the destination that did not succeed: it carries the peer, the
+DICOM status where one came back, and whether a retry can help (``permanent``).
 """
 
 from __future__ import annotations
@@ -24,3 +25,9 @@ class InvalidUIDError(NodeError):
 
 class SendError(NodeError):
     """A C-STORE to the destination failed."""
+
+    def __init__(self, message: str, *, peer: str, status: int | None = None, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.status = status
+        self.permanent = permanent

@@ -67,7 +67,10 @@ class InProcessQueue:
                 log.exception("cannot read the job queue")
                 job = None
             if job is not None:
-                self.worker.run(job)
+                try:
+                    self.worker.run(job)  # records its own failures; this is the last guard
+                except Exception:
+                    log.exception("job %d: the worker could not record its outcome", job.id)
                 continue
             due = self.state.next_wakeup()
             wait = self.poll_seconds if due is None else max(0.05, min(self.poll_seconds, due - time.time()))

@@ -39,6 +39,7 @@ from dicom_node.metrics import Metrics
 from dicom_node.spool import Spool, validate_uid
 from dicom_node.state import SeriesRef, StateStore
 from dicom_node.tls import server_context
+from pipeline.completeness import placement_of
 
 __all__ = ["TRANSFER_SYNTAXES", "StorageSCP"]
 
@@ -157,6 +158,7 @@ class StorageSCP:
             sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
             if sop_uid != event.request.AffectedSOPInstanceUID:
                 raise InvalidUIDError("SOPInstanceUID differs from the request's AffectedSOPInstanceUID")
+            placement = placement_of(dataset).to_json()
         except InvalidUIDError as exc:
             log.warning("C-STORE refused: %s", exc)
             return _CANNOT_UNDERSTAND
@@ -183,7 +185,8 @@ class StorageSCP:
                 carried.add(series_uid)
             if first_in_assoc:
                 self.completion.association_started([series_uid])
-            self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path)
+            self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
+                                       placement=placement)
         except Exception:
             log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
             return _PROCESSING_FAILURE

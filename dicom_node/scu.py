@@ -1,48 +1,128 @@
 """The storage SCU: C-STORE a produced SEG to the configured destination.
 
-Any failure (no association, rejection, abort, a failure status) raises ``SendError``
-with a reason; the caller keeps the job queued for a retry.
+``send_file`` returns the C-STORE status when the destination took the object
+(success, or a warning such as 0xB000 coercion of data elements, which is recorded).
+Anything else raises ``SendError``, which names the peer, the DICOM status in hex and
+its meaning where there is one, and says whether trying again can help:
+
+* permanent (the job fails at once): the destination refuses the SEG's SOP class or
+  transfer syntax (presentation context rejected), rejects the association
+  permanently, or answers a failure status that a retry cannot change (0xA9xx data
+  set does not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not
+  supported, 0x0124 not authorised, ...);
+* transient (the job is retried with back-off): no connection, an association rejected
+  transiently or aborted, no answer within the timeout, out of resources (0xA7xx),
+  processing failure (0x0110) or resource limitation (0x0213).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.status import code_to_category
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicom_node.config import Destination
 from dicom_node.errors import SendError
 from dicom_node.tls import client_context
 
-__all__ = ["send_file"]
+__all__ = ["SendOutcome", "send_file", "status_meaning"]
 
 log = logging.getLogger(__name__)
 
+_TRANSIENT_STATUSES = {0x0110, 0x0213}  # processing failure, resource limitation
+_CONTEXT_RESULTS = {
+    0x01: "user rejection",
+    0x02: "no reason given",
+    0x03: "abstract syntax (SOP class) not supported",
+    0x04: "transfer syntax not supported",
+}
 
-def send_file(path: Path, destination: Destination, *, calling_ae_title: str, timeout: float = 30.0) -> None:
-    """C-STORE the Part 10 file at ``path``; raise ``SendError`` unless it succeeded."""
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """A C-STORE the destination accepted: its status, and the warning if it gave one."""
+
+    status: int
+    warning: str | None = None
+
+
+def status_meaning(code: int) -> str:
+    """The standard's words for a C-STORE status code."""
+    known = STORAGE_SERVICE_CLASS_STATUS.get(code)
+    if known is not None and known[1]:
+        return known[1]
+    return code_to_category(code).lower()
+
+
+def _transient_status(code: int) -> bool:
+    return 0xA700 <= code <= 0xA7FF or code in _TRANSIENT_STATUSES
+
+
+def send_file(
+    path: Path, destination: Destination, *, calling_ae_title: str, timeout: float = 30.0
+) -> SendOutcome:
+    """C-STORE the Part 10 file at ``path``; raise ``SendError`` unless the destination took it."""
     dataset = pydicom.dcmread(path)
+    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    sop_class = dataset.SOPClassUID
     transfer_syntax = dataset.file_meta.TransferSyntaxUID
-    ae.add_requested_context(dataset.SOPClassUID, [transfer_syntax])
+    ae.add_requested_context(sop_class, [transfer_syntax])
     tls_args = (client_context(destination.tls), None) if destination.tls else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise SendError(
-            f"association to {destination.ae_title}@{destination.host}:{destination.port} {reason}"
-        )
+        raise _association_failure(assoc, peer)
     try:
-        status = assoc.send_c_store(dataset)
+        accepted = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
+        if not accepted:
+            results = [c.result for c in assoc.rejected_contexts if c.abstract_syntax == sop_class]
+            why = _CONTEXT_RESULTS.get(results[0], f"result {results[0]}") if results else "not accepted"
+            raise SendError(
+                f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
+                peer=peer, permanent=True,
+            )
+        started = time.monotonic()
+        try:
+            status = assoc.send_c_store(dataset)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}", peer=peer) from exc
+        if not status or "Status" not in status:
+            if time.monotonic() - started >= timeout * 0.95:
+                raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer)
+            raise SendError(f"{peer} aborted the association during the C-STORE", peer=peer)
     finally:
-        assoc.release()
-    if not status or "Status" not in status:
-        raise SendError(f"no C-STORE response from {destination.ae_title} (timeout or abort)")
+        if assoc.is_established:
+            assoc.release()
     code = int(status.Status)
-    if code_to_category(code) not in ("Success", "Warning"):
-        raise SendError(f"{destination.ae_title} answered C-STORE with status 0x{code:04X}")
-    log.info("sent SEG %s to %s (status 0x%04X)", dataset.SOPInstanceUID, destination.ae_title, code)
+    category = code_to_category(code)
+    if category == "Success":
+        log.info("sent %s to %s", dataset.SOPInstanceUID, peer)
+        return SendOutcome(code)
+    if category == "Warning":
+        warning = f"0x{code:04X} ({status_meaning(code)})"
+        log.warning("sent %s to %s with warning %s", dataset.SOPInstanceUID, peer, warning)
+        return SendOutcome(code, warning)
+    raise SendError(
+        f"{peer} answered C-STORE with status 0x{code:04X} ({status_meaning(code)})",
+        peer=peer, status=code, permanent=not _transient_status(code),
+    )
+
+
+def _association_failure(assoc, peer: str) -> SendError:
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        result = getattr(primitive, "result_str", None) or "rejected"
+        source = getattr(primitive, "source_str", None) or "?"
+        reason = getattr(primitive, "reason_str", None) or "?"
+        permanent = getattr(primitive, "result", None) == 0x01
+        return SendError(f"association to {peer} rejected ({result}; {source}: {reason})", peer=peer,
+                         permanent=permanent)
+    if assoc.is_aborted:
+        return SendError(f"association to {peer} aborted or refused (no connection)", peer=peer)
+    return SendError(f"no association with {peer}", peer=peer)

@@ -8,12 +8,20 @@ Job life cycle (``JobState``)::
 
     received -> processing -> sending -> sent
                     |             |
-                    +-> no_result  +-> failed (after the last send attempt)
+                    +-> no_result  +-> failed (after the last send attempt, or a permanent refusal)
                     +-> skipped (policy: e.g. a T2 series, a localizer)
                     +-> failed (pipeline error, with its reason)
+    received, processing, sending -> superseded (the series grew: a newer job replaces it)
 
 ``received`` jobs wait for the worker, ``sending`` jobs wait for their next attempt.
 On start, ``processing`` jobs go back to ``received`` (they were interrupted).
+
+A job covers a snapshot of its series: the instances received up to the moment the
+series completed (``Job.upto_seq``, a receive sequence number). An instance that
+arrives later reopens the series; when it completes again, a new job covers the grown
+series and every older job of that series that has not been sent yet is ``superseded``
+(its result is never sent). A series that completes again without any new instance
+(a sender repeating itself) gets no new job unless its last job failed.
 """
 
 from __future__ import annotations
@@ -36,9 +44,13 @@ class JobState(str, Enum):
     NO_RESULT = "no_result"
     SKIPPED = "skipped"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
-TERMINAL_STATES = frozenset({JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED})
+TERMINAL_STATES = frozenset(
+    {JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED, JobState.SUPERSEDED}
+)
+_UNSENT_STATES = (JobState.RECEIVED.value, JobState.PROCESSING.value, JobState.SENDING.value)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,9 @@ class Job:
     next_attempt_at: float
     created_at: float
     updated_at: float
+    upto_seq: int = 0  # the job covers the series' instances received up to this sequence number
+    seg_series_uid: str | None = None  # SeriesInstanceUID of the SEG it produced
+    last_error: str | None = None  # the latest failed attempt, kept apart from the outcome's reason
 
 
 _SCHEMA = """
@@ -79,7 +94,9 @@ CREATE TABLE IF NOT EXISTS instances (
     series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
     sop_class_uid       TEXT NOT NULL,
     path                TEXT NOT NULL,
-    received_at         REAL NOT NULL
+    received_at         REAL NOT NULL,
+    seq                 INTEGER NOT NULL DEFAULT 0,
+    placement           TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -94,14 +111,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at     REAL NOT NULL DEFAULT 0,
     purged              INTEGER NOT NULL DEFAULT 0,
     created_at          REAL NOT NULL,
-    updated_at          REAL NOT NULL
+    updated_at          REAL NOT NULL,
+    upto_seq            INTEGER NOT NULL DEFAULT 0,
+    seg_series_uid      TEXT,
+    last_error          TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 """
 
+# Columns added since the first release: (table, column, declaration). A database from
+# an earlier release gets them on open; old rows get the defaults (an old job's
+# ``upto_seq`` of 0 is completed below from its series' instances).
+_ADDED_COLUMNS = (
+    ("instances", "seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "placement", "TEXT"),
+    ("jobs", "upto_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "seg_series_uid", "TEXT"),
+    ("jobs", "last_error", "TEXT"),
+)
+
 _JOB_COLUMNS = """
     j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
-    j.created_at, j.updated_at,
+    j.created_at, j.updated_at, j.upto_seq, j.seg_series_uid, j.last_error,
     s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
 """
 
@@ -117,7 +148,28 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring a database of an earlier release up to it."""
+        with self._transaction() as db:
+            for table, column, declaration in _ADDED_COLUMNS:
+                existing = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if existing and column not in existing:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            # rows of an earlier release: number the instances, give old jobs their whole series
+            unnumbered = db.execute("SELECT rowid FROM instances WHERE seq = 0 ORDER BY received_at, rowid").fetchall()
+            if unnumbered:
+                start = db.execute("SELECT COALESCE(MAX(seq), 0) FROM instances").fetchone()[0]
+                db.executemany("UPDATE instances SET seq = ? WHERE rowid = ?",
+                               [(start + n, row[0]) for n, row in enumerate(unnumbered, start=1)])
+            db.execute(
+                """UPDATE jobs SET upto_seq = (SELECT COALESCE(MAX(i.seq), 0) FROM instances i
+                                               WHERE i.series_instance_uid = jobs.series_instance_uid)
+                   WHERE upto_seq = 0"""
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -135,8 +187,15 @@ class StateStore:
         sop_class_uid: str,
         path: Path,
         now: float | None = None,
+        placement: str | None = None,
     ) -> None:
-        """Record a received instance; (re)opens its series for receiving."""
+        """Record a received instance; (re)opens its series for receiving.
+
+        A new instance gets the next receive sequence number; an instance received again
+        keeps its number, so a sender repeating itself does not grow the series.
+        ``placement`` is what series completion needs to know of it (JSON, see
+        ``pipeline.completeness``).
+        """
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
@@ -155,20 +214,32 @@ class StateStore:
                 ),
             )
             db.execute(
-                """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at)
-                   VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at,
+                                          seq, placement)
+                   VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM instances), ?)
                    ON CONFLICT(sop_instance_uid) DO UPDATE
-                   SET path = excluded.path, received_at = excluded.received_at""",
-                (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now),
+                   SET path = excluded.path, received_at = excluded.received_at, placement = excluded.placement""",
+                (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now, placement),
             )
 
-    def instance_paths(self, series_instance_uid: str) -> list[Path]:
+    def instance_paths(self, series_instance_uid: str, upto_seq: int | None = None) -> list[Path]:
+        """The series' instance files (those received up to ``upto_seq``, if given)."""
+        limit = upto_seq if upto_seq is not None else 2**62
         with self._lock:
             rows = self._db.execute(
-                "SELECT path FROM instances WHERE series_instance_uid = ? ORDER BY path",
-                (series_instance_uid,),
+                "SELECT path FROM instances WHERE series_instance_uid = ? AND seq <= ? ORDER BY path",
+                (series_instance_uid, limit),
             ).fetchall()
         return [Path(row[0]) for row in rows]
+
+    def placements(self, series_instance_uid: str) -> list[str | None]:
+        """The recorded placement (JSON) of every instance of the series."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT placement FROM instances WHERE series_instance_uid = ? ORDER BY seq",
+                (series_instance_uid,),
+            ).fetchall()
+        return [row[0] for row in rows]
 
     def instance_count(self, series_instance_uid: str) -> int:
         with self._lock:
@@ -196,7 +267,12 @@ class StateStore:
             ).rowcount
 
     def complete_series(self, series_instance_uid: str, now: float | None = None) -> int | None:
-        """Close a receiving series and create its job; returns the job id (None if not receiving)."""
+        """Close a receiving series and create its job; returns the job id.
+
+        None when the series was not receiving, or when nothing new arrived since its
+        last job and that job did not fail. Older jobs of the series that have not been
+        sent are superseded by the new one in the same transaction.
+        """
         now = time.time() if now is None else now
         with self._transaction() as db:
             updated = db.execute(
@@ -205,12 +281,39 @@ class StateStore:
             ).rowcount
             if not updated:
                 return None
+            upto, count = db.execute(
+                "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM instances WHERE series_instance_uid = ?",
+                (series_instance_uid,),
+            ).fetchone()
+            last = db.execute(
+                "SELECT id, state, upto_seq FROM jobs WHERE series_instance_uid = ? ORDER BY id DESC LIMIT 1",
+                (series_instance_uid,),
+            ).fetchone()
+            if last is not None and last[2] == upto and last[1] != JobState.FAILED.value:
+                return None  # the same instances again: job last[0] stands
             cursor = db.execute(
-                """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at)
-                   VALUES (?, ?, ?, ?)""",
-                (series_instance_uid, JobState.RECEIVED.value, now, now),
+                """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at, upto_seq)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (series_instance_uid, JobState.RECEIVED.value, now, now, upto),
             )
-            return int(cursor.lastrowid)
+            job_id = int(cursor.lastrowid)
+            db.execute(
+                f"""UPDATE jobs SET state = ?, updated_at = ?,
+                        reason = 'superseded by job ' || ? || ': the series grew to ' || ? || ' instances'
+                    WHERE series_instance_uid = ? AND id < ? AND state IN ({",".join("?" * len(_UNSENT_STATES))})""",
+                (JobState.SUPERSEDED.value, now, job_id, count, series_instance_uid, job_id, *_UNSENT_STATES),
+            )
+            return job_id
+
+    def sent_seg_series(self, series_instance_uid: str, before_job: int) -> str | None:
+        """The SEG series of the latest earlier job of this series that was sent, if any."""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT seg_series_uid FROM jobs WHERE series_instance_uid = ? AND id < ? AND state = ?
+                   AND seg_series_uid IS NOT NULL ORDER BY id DESC LIMIT 1""",
+                (series_instance_uid, before_job, JobState.SENT.value),
+            ).fetchone()
+        return row[0] if row else None
 
     # -- jobs -----------------------------------------------------------------------
     def job(self, job_id: int) -> Job | None:
@@ -249,10 +352,12 @@ class StateStore:
         query = f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
             WHERE j.state = ? AND j.purged = 0 AND j.updated_at < ? AND s.receiving = 0
               AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = j.series_instance_uid
-                              AND o.id != j.id AND o.state != ? AND o.purged = 0)
+                              AND o.id != j.id AND o.state NOT IN (?, ?) AND o.purged = 0)
             ORDER BY j.id"""
         with self._lock:
-            rows = self._db.execute(query, (JobState.SENT.value, before, JobState.SENT.value)).fetchall()
+            rows = self._db.execute(
+                query, (JobState.SENT.value, before, JobState.SENT.value, JobState.SUPERSEDED.value)
+            ).fetchall()
         return [_job(row) for row in rows]
 
     def mark_purged(self, job_id: int) -> None:
@@ -302,10 +407,15 @@ class StateStore:
         sequence_class: str | None = None,
         preprocessing: str | None = None,
         result_path: Path | None = None,
+        seg_series_uid: str | None = None,
+        last_error: str | None = None,
         attempts: int | None = None,
         next_attempt_at: float | None = None,
+        expect: JobState | None = None,
         now: float | None = None,
-    ) -> None:
+    ) -> bool:
+        """Move a job to ``state``; with ``expect``, only if it is still in that state
+        (a job superseded meanwhile keeps its state). True if the row changed."""
         now = time.time() if now is None else now
         sets = ["state = ?", "reason = ?", "updated_at = ?"]
         params: list = [state.value, reason, now]
@@ -313,6 +423,8 @@ class StateStore:
             ("sequence_class", sequence_class),
             ("preprocessing", preprocessing),
             ("result_path", None if result_path is None else str(result_path)),
+            ("seg_series_uid", seg_series_uid),
+            ("last_error", last_error),
         ):
             if value is not None:
                 sets.append(f"{column} = ?")
@@ -323,8 +435,12 @@ class StateStore:
         if next_attempt_at is not None:
             sets.append("next_attempt_at = ?")
             params.append(next_attempt_at)
+        where, keys = "id = ?", [job_id]
+        if expect is not None:
+            where += " AND state = ?"
+            keys.append(expect.value)
         with self._transaction() as db:
-            db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
+            return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*params, *keys)).rowcount > 0
 
     def resume_interrupted(self, now: float | None = None) -> int:
         """Jobs that were ``processing`` when the node stopped run again."""
@@ -343,6 +459,10 @@ class StateStore:
             raise KeyError(f"no job {job_id}")
         if job.state is not JobState.FAILED:
             raise ValueError(f"job {job_id} is {job.state.value}, only failed jobs can be retried")
+        uid = job.series.series_instance_uid
+        newer = [j.id for j in self.jobs() if j.series.series_instance_uid == uid and j.id > job.id]
+        if newer:
+            raise ValueError(f"job {job_id} covers an older state of its series; job {newer[-1]} replaces it")
         has_result = job.result_path is not None and job.result_path.exists()
         state = JobState.SENDING if has_result else JobState.RECEIVED
         self.update_job(job_id, state, reason=None, attempts=0, next_attempt_at=now, now=now)
@@ -371,7 +491,7 @@ class _Transaction:
 
 def _job(row: tuple) -> Job:
     (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
-     created, updated, study, series, calling_ae, folder) = row
+     created, updated, upto_seq, seg_series_uid, last_error, study, series, calling_ae, folder) = row
     return Job(
         id=job_id,
         series=SeriesRef(study, series, calling_ae, Path(folder)),
@@ -384,6 +504,9 @@ def _job(row: tuple) -> Job:
         next_attempt_at=next_attempt_at,
         created_at=created,
         updated_at=updated,
+        upto_seq=upto_seq,
+        seg_series_uid=seg_series_uid,
+        last_error=last_error,
     )
 
 
