@@ -76,17 +76,18 @@ def send_file(
     ae.add_requested_context(sop_class, [transfer_syntax])
     tls_args = (client_context(destination.tls), None) if destination.tls else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    refused = [c.result for c in assoc.rejected_contexts if c.abstract_syntax == sop_class]
+    if refused:  # pynetdicom aborts an association in which no context was accepted
+        if assoc.is_established:
+            assoc.release()
+        why = _CONTEXT_RESULTS.get(refused[0], f"result {refused[0]}")
+        raise SendError(
+            f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
+            peer=peer, permanent=True,
+        )
     if not assoc.is_established:
         raise _association_failure(assoc, peer)
     try:
-        accepted = [c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class]
-        if not accepted:
-            results = [c.result for c in assoc.rejected_contexts if c.abstract_syntax == sop_class]
-            why = _CONTEXT_RESULTS.get(results[0], f"result {results[0]}") if results else "not accepted"
-            raise SendError(
-                f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
-                peer=peer, permanent=True,
-            )
         started = time.monotonic()
         try:
             status = assoc.send_c_store(dataset)

@@ -1,11 +1,19 @@
 """The worker: runs one job at a time, from series to sent SEG, recording every step.
 
-``Worker.run(job)`` is the unit of work: for a ``received`` job it runs the pipeline,
-saves the SEG into the spool (state ``sending``), then sends it; for a ``sending`` job it
-tries the send again. A failed send is retried with exponential back-off up to
-``send.max_attempts``; then the job is ``failed`` with the last error and its SEG stays
-on disk for ``dicom-node retry``. A pipeline error fails the job with its reason; the
-received series is never touched.
+``Worker.run(job)`` is the unit of work: for a ``received`` job it runs the pipeline
+over the instances the job covers, saves the SEG into the spool (state ``sending``),
+then sends it; for a ``sending`` job it tries the send again. ``run`` is the job
+boundary: whatever goes wrong inside one job ends that job with a reason naming the
+cause, and never escapes to the loop that runs the next job.
+
+* A pipeline error fails the job with its reason; the received series is never touched.
+* A SEG that cannot be saved (a full disk, an unwritable results folder) fails the job.
+* A send the destination refuses permanently (``SendError.permanent``) fails the job at
+  once; a transient failure is retried with exponential back-off up to
+  ``send.max_attempts``, then the job is ``failed`` and its SEG stays on disk for
+  ``dicom-node retry``. A warning status is a success, recorded in the reason.
+* A job superseded while it ran (its series grew, see ``dicom_node.state``) keeps its
+  state and its result is never sent. A SEG that replaces one already sent says so.
 """
 
 from __future__ import annotations
@@ -47,34 +55,48 @@ class Worker:
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now; return its new state."""
-        if job.state is JobState.PROCESSING:
-            state = self._process(job)
-            if state is not JobState.SENDING:
-                return state
-            job = self.state.job(job.id)  # type: ignore[assignment]
-        if job.state is JobState.SENDING:
-            return self._send(job)
-        return job.state
+        try:
+            if job.state is JobState.PROCESSING:
+                state = self._process(job)
+                if state is not JobState.SENDING:
+                    return state
+                job = self.state.job(job.id)  # type: ignore[assignment]
+            if job.state is JobState.SENDING:
+                return self._send(job)
+            return job.state
+        except Exception as exc:  # the job boundary: one job fails, the worker goes on
+            log.exception("job %d: unexpected error", job.id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self.metrics.series_outcomes.labels("failed").inc()
+            self.state.update_job(job.id, JobState.FAILED, reason=reason)
+            return JobState.FAILED
+
+    def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING) -> JobState:
+        log.warning("job %d: failed: %s", job.id, reason)
+        self.metrics.series_outcomes.labels("failed").inc()
+        if not self.state.update_job(job.id, JobState.FAILED, reason=reason, expect=expect):
+            return self._superseded(job)
+        return JobState.FAILED
+
+    def _superseded(self, job: Job) -> JobState:
+        log.info("job %d: superseded by a newer job of its series while it ran; its result is not sent", job.id)
+        return JobState.SUPERSEDED
 
     def _process(self, job: Job) -> JobState:
         series_uid = job.series.series_instance_uid
-        paths = self.state.instance_paths(series_uid)
+        paths = self.state.instance_paths(series_uid, upto_seq=job.upto_seq)
+        supersedes = self.state.sent_seg_series(series_uid, before_job=job.id)
         log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
         try:
-            result = process_series(paths, self.config.pipeline, self.segmenter, self.config.destination.seg_options)
+            result = process_series(
+                paths, self.config.pipeline, self.segmenter, self.config.destination.seg_options,
+                supersedes=supersedes,
+            )
         except PipelineError as exc:
-            log.warning("job %d: failed: %s", job.id, exc)
-            self.metrics.series_outcomes.labels("failed").inc()
-            self.state.update_job(job.id, JobState.FAILED, reason=str(exc))
-            return JobState.FAILED
-        except Exception as exc:  # an unexpected bug must not kill the worker
-            log.exception("job %d: unexpected error", job.id)
-            self.state.update_job(job.id, JobState.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
-            return JobState.FAILED
+            return self._fail(job, str(exc))
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
         for stage, seconds in result.seconds.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
-        self.metrics.series_outcomes.labels(result.outcome.value).inc()
         recorded = {
             "reason": result.reason,
             "sequence_class": result.classification.sequence_class.value,
@@ -82,21 +104,33 @@ class Worker:
         }
         if result.outcome is not Outcome.SEG or result.seg is None:
             state = JobState.SKIPPED if result.outcome is Outcome.SKIPPED else JobState.NO_RESULT
+            if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, **recorded):
+                return self._superseded(job)
+            self.metrics.series_outcomes.labels(result.outcome.value).inc()
             log.info("job %d: %s: %s (%s)", job.id, state.value, result.reason, timing)
-            self.state.update_job(job.id, state, **recorded)
             return state
-        encoded = _encode(result.seg)
-        path = self.spool.store_result(job.id, str(result.seg.SOPInstanceUID), encoded)
+        if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
+            return self._superseded(job)
+        try:
+            path = self.spool.store_result(job.id, str(result.seg.SOPInstanceUID), _encode(result.seg))
+        except OSError as exc:
+            return self._fail(job, f"cannot save the SEG into the spool ({self.spool.results}): {exc}")
+        if not self.state.update_job(
+            job.id, JobState.SENDING, result_path=path, seg_series_uid=str(result.seg.SeriesInstanceUID),
+            next_attempt_at=0, expect=JobState.PROCESSING, **recorded,
+        ):
+            return self._superseded(job)
+        self.metrics.series_outcomes.labels(result.outcome.value).inc()
         log.info("job %d: SEG %s with %s (%s)", job.id, result.seg.SOPInstanceUID, result.reason, timing)
-        self.state.update_job(job.id, JobState.SENDING, result_path=path, next_attempt_at=0, **recorded)
         return JobState.SENDING
 
     def _send(self, job: Job) -> JobState:
         assert job.result_path is not None
         settings = self.config.send
         self.metrics.send_attempts.inc()
+        attempts = job.attempts + 1
         try:
-            send_file(
+            outcome = send_file(
                 job.result_path,
                 self.config.destination,
                 calling_ae_title=self.config.node.ae_title,
@@ -104,24 +138,30 @@ class Worker:
             )
         except (SendError, OSError) as exc:
             self.metrics.send_failures.inc()
-            attempts = job.attempts + 1
-            if attempts >= settings.max_attempts:
-                reason = f"send failed after {attempts} attempt(s): {exc}"
+            permanent = isinstance(exc, SendError) and exc.permanent
+            if permanent or attempts >= settings.max_attempts:
+                reason = (f"send refused, not retried: {exc}" if permanent
+                          else f"send failed after {attempts} attempt(s): {exc}")
                 log.error("job %d: %s", job.id, reason)
-                self.state.update_job(job.id, JobState.FAILED, reason=reason, attempts=attempts)
+                self.state.update_job(job.id, JobState.FAILED, reason=reason, last_error=str(exc), attempts=attempts)
                 return JobState.FAILED
             delay = retry_delay(attempts, settings.retry_delay_seconds)
             log.warning("job %d: send attempt %d failed (%s); next in %.0fs", job.id, attempts, exc, delay)
-            self.state.update_job(
+            if not self.state.update_job(
                 job.id,
                 JobState.SENDING,
-                reason=f"send attempt {attempts} failed: {exc}",
+                reason=job.reason,
+                last_error=f"send attempt {attempts} failed: {exc}",
                 attempts=attempts,
                 next_attempt_at=time.time() + delay,
-            )
+                expect=JobState.SENDING,
+            ):
+                return self._superseded(job)
             return JobState.SENDING
-        self.state.update_job(job.id, JobState.SENT, reason=job.reason, attempts=job.attempts + 1)
-        log.info("job %d: sent", job.id)
+        # Sent is recorded even if the job was superseded meanwhile: the SEG did reach the PACS.
+        reason = job.reason if outcome.warning is None else f"{job.reason}; sent with warning {outcome.warning}"
+        self.state.update_job(job.id, JobState.SENT, reason=reason, attempts=attempts)
+        log.info("job %d: sent%s", job.id, "" if outcome.warning is None else f" with warning {outcome.warning}")
         return JobState.SENT
 
 

@@ -31,10 +31,11 @@ __all__ = ["Outcome", "SegResult", "process_series", "algorithm_for", "image_hea
 
 log = logging.getLogger(__name__)
 
+# At most 46 characters with the class, so that "Replaces earlier: " fits in front (LO, 64).
 _DESCRIPTIONS = {
     PreprocessingMode.NONE: "Auto SEG, CT model on unprocessed {cls} MR",
     PreprocessingMode.INVERT: "Auto SEG, CT model on inverted {cls} MR",
-    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted {cls} MR (black bg)",
+    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted {cls} MR, black bg",
 }
 
 
@@ -58,8 +59,12 @@ class SegResult:
 def algorithm_for(
     settings: PipelineSettings, mode: PreprocessingMode, classification: Classification
 ) -> Algorithm:
+    """The algorithm as the SEG records it: the model with its weights' digest, and the
+    preprocessing parameters the mode uses (none for ``none``, no percentile for ``invert``)."""
     model = describe_model(settings.model)
     cls = classification.sequence_class.value
+    options = settings.preprocessing
+    clipped = mode is not PreprocessingMode.NONE
     return Algorithm(
         name=model.name,
         version=model.version,
@@ -69,6 +74,11 @@ def algorithm_for(
         classification=classification.reason,
         series_description=_DESCRIPTIONS[mode].format(cls=cls),
         software_version=f"dicom-node {version('dicom-node')}",
+        clip_min=options.clip_min if clipped else None,
+        clip_max=options.clip_max if clipped else None,
+        background_percentile=(
+            options.background_percentile if mode is PreprocessingMode.INVERT_BLACK_BACKGROUND else None
+        ),
     )
 
 
@@ -87,8 +97,13 @@ def process_series(
     settings: PipelineSettings,
     segmenter: Segmenter,
     seg_options: SegOptions = SegOptions(),
+    *,
+    supersedes: str | None = None,
 ) -> SegResult:
-    """Run the whole pipeline over the instance files of one series."""
+    """Run the whole pipeline over the instance files of one series.
+
+    ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
+    to the PACS; the new SEG then says it replaces that one (see ``encode_seg``)."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     headers = read_headers(paths)
@@ -126,7 +141,7 @@ def process_series(
     seconds["segment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    seg = encode_seg(label_map, algorithm_for(settings, mode, classification), seg_options)
+    seg = encode_seg(label_map, algorithm_for(settings, mode, classification), seg_options, supersedes=supersedes)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if series.selection:

@@ -4,14 +4,24 @@ One SEG per series: a segment per label present (numbered 1..N in label order), 
 with SNOMED CT codes, laterality modifier, anatomic region where the table gives one
 (for lesions, cysts, implants) and a display colour, the algorithm
 identified (name, version, task, preprocessing), every source instance referenced,
-the same study and patient, a new series. UIDs are derived from the source series and
-the processing identity, so the same input processed the same way gives the same SEG
-(a resend replaces rather than duplicates) and any change gives new UIDs.
+the same study and patient (Type 2 attributes the source lacks are written empty), a
+new series. UIDs are derived from everything that decides the content (the source
+planes, the model and its weights, the preprocessing, the encoding options), so the same
+input processed the same way gives the same SEG (a resend replaces rather than
+duplicates) and any change gives new UIDs.
+
+Where the classification reason goes: AlgorithmParameters (LT) is read back by splitting
+on ',' and '=' (highdicom's reader, and most others), so each parameter value is written
+with ',' -> ';', '=' -> ':', a backslash -> '/' and control characters -> ' '. The exact
+reason is kept in the SEG's ImageComments (General Image module, LT, in the Segmentation
+IOD), on its line starting ``Classification: ``; the job record keeps it too.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import unicodedata
 import warnings
 from dataclasses import dataclass
 
@@ -19,16 +29,40 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from pipeline.errors import SegEncodingError
 from pipeline.labels import segment_info
 from pipeline.series import Series
 from pipeline.volume import LabelMap
 
-__all__ = ["Algorithm", "SegOptions", "encode_seg", "check_seg_geometry", "POSITION_TOLERANCE_MM"]
+__all__ = [
+    "Algorithm",
+    "SegOptions",
+    "encode_seg",
+    "algorithm_parameters",
+    "parameter_value",
+    "check_seg_geometry",
+    "POSITION_TOLERANCE_MM",
+    "REPLACES",
+]
 
 POSITION_TOLERANCE_MM = 0.01
+REPLACES = "Replaces earlier: "  # SeriesDescription prefix of a SEG that supersedes one already sent
+_LO_MAX = 64
+_LT_MAX = 10240
+# Type 2 attributes highdicom copies from the first source; it fails when one is absent.
+_TYPE_2_FROM_SOURCE = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
 
 
 @dataclass(frozen=True)
@@ -50,22 +84,80 @@ class SegOptions:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """How the segmentation was made; goes into the SEG and into its UIDs."""
+    """How the segmentation was made; goes into the SEG and into its UIDs.
+
+    The preprocessing parameters are those the mode uses (None where it uses none).
+    ``series_description`` leaves room for the ``REPLACES`` prefix, so a superseding SEG
+    says so without cutting the description.
+    """
 
     name: str  # e.g. "TotalSegmentator"
-    version: str
+    version: str  # includes the weights' digest
     task: str  # e.g. "total (fast)"
     preprocessing: str  # e.g. "invert_black_background"
     sequence_class: str  # e.g. "T1"
     classification: str  # why the series was taken for that class
     series_description: str
     software_version: str
+    clip_min: float | None = None
+    clip_max: float | None = None
+    background_percentile: float | None = None
+
+    def __post_init__(self) -> None:
+        room = _LO_MAX - len(REPLACES)
+        if len(self.series_description) > room:
+            raise ValueError(
+                f"series description {self.series_description!r} has {len(self.series_description)} characters;"
+                f" at most {room} leave room for {REPLACES!r}"
+            )
 
     @property
     def identity(self) -> str:
-        return "|".join(
-            (self.name, self.version, self.task, self.preprocessing, self.sequence_class, self.software_version)
+        """Everything about the algorithm that decides the SEG's content, as canonical text."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "version": self.version,
+                "task": self.task,
+                "preprocessing": self.preprocessing,
+                "clip_min": self.clip_min,
+                "clip_max": self.clip_max,
+                "background_percentile": self.background_percentile,
+                "sequence_class": self.sequence_class,
+                "software_version": self.software_version,
+            },
+            sort_keys=True,
         )
+
+
+_SAFE = str.maketrans({",": ";", "=": ":", "\\": "/"})
+
+
+def parameter_value(text: str) -> str:
+    """``text`` as an AlgorithmParameters value that readers split back unchanged.
+
+    Readers split the attribute on ',' and '=', so those become ';' and ':'; a backslash
+    (a value separator to careless readers) becomes '/', control characters (not allowed
+    in LT) a space, and outer spaces (dropped on reading) go."""
+    safe = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text.translate(_SAFE))
+    return safe.strip(" ")
+
+
+def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
+    """The AlgorithmParameters of every segment: name -> value, each value made safe."""
+    values: dict[str, object] = {
+        "task": algorithm.task,
+        "preprocessing": algorithm.preprocessing,
+        "clip_min": algorithm.clip_min,
+        "clip_max": algorithm.clip_max,
+        "background_percentile": algorithm.background_percentile,
+        "sequence_class": algorithm.sequence_class,
+        "classification": algorithm.classification,
+    }
+    parameters = {key: parameter_value(str(value)) for key, value in values.items() if value is not None}
+    if sum(len(k) + len(v) + 2 for k, v in parameters.items()) > _LT_MAX:
+        raise SegEncodingError(f"the algorithm parameters exceed the {_LT_MAX} characters of AlgorithmParameters")
+    return parameters
 
 
 def _coded(code) -> hd.sr.CodedConcept:
@@ -86,12 +178,7 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
         name=algorithm.name,
         family=codes.cid7162.ArtificialIntelligence,
         version=algorithm.version,
-        parameters={
-            "task": algorithm.task,
-            "preprocessing": algorithm.preprocessing,
-            "sequence_class": algorithm.sequence_class,
-            "classification": algorithm.classification[:64],
-        },
+        parameters=algorithm_parameters(algorithm),
     )
     descriptions = []
     for number, label in enumerate(label_map.present, start=1):
@@ -117,12 +204,24 @@ def _describe_segments(label_map: LabelMap, algorithm: Algorithm) -> list[hd.seg
 
 
 def encode_seg(
-    label_map: LabelMap, algorithm: Algorithm, options: SegOptions = SegOptions()
+    label_map: LabelMap,
+    algorithm: Algorithm,
+    options: SegOptions = SegOptions(),
+    *,
+    supersedes: str | None = None,
 ) -> pydicom.Dataset | None:
-    """A DICOM SEG of the labels present, or None when no label is present."""
+    """A DICOM SEG of the labels present, or None when no label is present.
+
+    ``supersedes`` is the SeriesInstanceUID of an earlier SEG of this source series that
+    was already sent: the descriptions then say this one replaces it. It is not part of
+    the UIDs (they name the content); when it equals the new series UID the content is
+    the same and the SEG is written as a plain resend.
+    """
     present = label_map.present
     if not present:
         return None
+    if supersedes is not None and not UID(supersedes).is_valid:
+        raise SegEncodingError(f"the superseded SEG series UID {supersedes!r} is not a valid UID")
     series = label_map.volume.series
     if series.multi_frame:
         # One multi-frame source: highdicom places each plane by its position. It reads
@@ -140,16 +239,19 @@ def encode_seg(
         shared = source.SharedFunctionalGroupsSequence[0]
         shared.PlaneOrientationSequence = geometry["plane_orientation"]
         shared.PixelMeasuresSequence = geometry["pixel_measures"]
-        sources = [source]
+        sources = [_with_type_2(source)]
     else:
-        sources = [s.header for s in series.slices]
+        headers = [s.header for s in series.slices]
+        sources = [_with_type_2(headers[0]), *headers[1:]]
         geometry = {}
     lookup = np.zeros(int(label_map.array.max()) + 1, dtype=np.uint16)
     lookup[present] = np.arange(1, len(present) + 1)
     dtype = np.uint8 if len(present) < 256 else np.uint16
     segments = lookup[label_map.array].astype(dtype)
 
-    identity = [series.series_instance_uid, series.selection or "", algorithm.identity, options.segmentation_type]
+    identity = _content_identity(label_map, algorithm, options)
+    series_uid = generate_uid(entropy_srcs=["series", identity])
+    replaces = supersedes if supersedes is not None and supersedes != series_uid else None
     source_number = series.header.get("SeriesNumber")
     try:
         with warnings.catch_warnings():
@@ -160,28 +262,89 @@ def encode_seg(
                 pixel_array=segments,
                 segmentation_type=hd.seg.SegmentationTypeValues(options.segmentation_type),
                 segment_descriptions=_describe_segments(label_map, algorithm),
-                series_instance_uid=generate_uid(entropy_srcs=["series", *identity]),
+                series_instance_uid=series_uid,
                 series_number=int(source_number) + 1000 if source_number is not None else 1000,
-                sop_instance_uid=generate_uid(entropy_srcs=["instance", *identity]),
+                sop_instance_uid=generate_uid(entropy_srcs=["instance", identity]),
                 instance_number=1,
                 manufacturer="dicom-node",
                 manufacturer_model_name=algorithm.name,
                 software_versions=algorithm.software_version,
                 device_serial_number="0",
                 content_label="AUTOSEG",
-                content_description=f"{algorithm.sequence_class}; {algorithm.preprocessing}; {algorithm.task}"[:64],
+                content_description=_content_description(algorithm, replaces is not None),
                 content_creator_name="dicom-node^automatic",
-                series_description=algorithm.series_description[:64],
+                series_description=(REPLACES if replaces else "") + algorithm.series_description,
                 omit_empty_frames=options.omit_empty_frames,
                 transfer_syntax_uid=options.transfer_syntax,
+                # set below: highdicom refuses some valid values, such as "\ISO 2022 IR 87"
+                specific_character_set=None,
                 **geometry,
             )
     except (ValueError, TypeError, AttributeError) as exc:
         raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc
+    if "SpecificCharacterSet" in sources[0]:
+        # The copied names are encoded as the source's were: same character set, exactly.
+        seg.SpecificCharacterSet = sources[0].SpecificCharacterSet
+    seg.ImageComments = _image_comments(algorithm, replaces)
     if series.multi_frame:
         _keep_used_frames(seg, series)
     check_seg_geometry(seg, label_map)
     return seg
+
+
+def _with_type_2(source: pydicom.Dataset) -> pydicom.Dataset:
+    """``source``, or a copy of it with the Type 2 attributes it lacks present and empty.
+
+    A copy, so the caller's header stays as it was read."""
+    missing = [keyword for keyword in _TYPE_2_FROM_SOURCE if keyword not in source]
+    if not missing:
+        return source
+    patched = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(patched, keyword, None)
+    return patched
+
+
+def _content_identity(label_map: LabelMap, algorithm: Algorithm, options: SegOptions) -> str:
+    """Everything that decides the SEG's content, as canonical text for its UIDs.
+
+    The source planes stand for their pixels (a SOP Instance UID names one content for
+    good); the label array itself is left out, so a model that is not bit-for-bit
+    reproducible still gives a resend the same UIDs. The superseded SEG is no content."""
+    series = label_map.volume.series
+    return json.dumps(
+        {
+            "series": series.series_instance_uid,
+            "sources": sorted((s.sop_instance_uid, s.frame_number or 0) for s in series.slices),
+            "selection": series.selection,
+            "algorithm": algorithm.identity,
+            "segmentation_type": options.segmentation_type,
+            "omit_empty_frames": options.omit_empty_frames,
+        },
+        sort_keys=True,
+    )
+
+
+def _content_description(algorithm: Algorithm, replaces: bool) -> str:
+    """Class, preprocessing and task in 64 characters; a long task (named in the
+    algorithm parameters too) is left out rather than cut."""
+    head = ["replaces earlier SEG"] if replaces else []
+    parts = [*head, algorithm.sequence_class, algorithm.preprocessing, algorithm.task]
+    text = "; ".join(parts)
+    if len(text) > _LO_MAX:
+        text = "; ".join(parts[:-1])
+    if len(text) > _LO_MAX:
+        raise SegEncodingError(f"content description {text!r} exceeds {_LO_MAX} characters")
+    return text
+
+
+def _image_comments(algorithm: Algorithm, replaces: str | None) -> str:
+    """The exact classification reason (AlgorithmParameters carries it made safe) and
+    the SEG this one replaces."""
+    lines = [f"Classification: {algorithm.classification}"]
+    if replaces is not None:
+        lines.append(f"Replaces the earlier SEG series {replaces} of this source series.")
+    return "\n".join(lines)
 
 
 def _referenced_frames(item: pydicom.Dataset) -> list[int]:

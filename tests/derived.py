@@ -53,3 +53,19 @@ def two_echoes(source_dir: Path, out_dir: Path) -> tuple[list[Path], list[Path]]
             ds.save_as(target, enforce_file_format=True)
             files.append(target)
     return echoes
+
+
+def copy_series(source_dir: Path, out_dir: Path, seed: str) -> list[Path]:
+    """The series with new Study, Series, Frame of Reference and SOP Instance UIDs (derived
+    from ``seed``, so a test can make several independent copies of one real series)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series, frame = (generate_uid(entropy_srcs=[seed, what]) for what in ("study", "series", "frame"))
+    paths = []
+    for path in sorted(source_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[seed, path.name])
+        target = out_dir / path.name
+        ds.save_as(target, enforce_file_format=True)
+        paths.append(target)
+    return paths

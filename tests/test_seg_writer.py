@@ -1,19 +1,33 @@
 """The SEG encoder on a real series, with a label map placed by the test (no model)."""
 
-import subprocess
+import dataclasses
+import hashlib
+import io
+import json
+import os
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
+from hypothesis import given, settings, strategies as st
+from pydicom.sr.codedict import codes
 
+from dicom_node.weights import import_weights
 from pipeline.errors import SegEncodingError
-from pipeline.classify import Classification, SequenceClass
+from pipeline.classify import Classification, SequenceClass, classify_series
 from pipeline.preprocess import PreprocessingMode
-from pipeline.run import algorithm_for
-from pipeline.seg_writer import check_seg_geometry, encode_seg
+from pipeline.run import algorithm_for, process_series, read_image_headers
+from pipeline.seg_writer import (
+    REPLACES, Algorithm, SegOptions, algorithm_parameters, check_seg_geometry, encode_seg, parameter_value,
+)
+from pipeline.segment import describe_model, expected_weights
 from pipeline.series import load_series
-from pipeline.settings import PipelineSettings
+from pipeline.settings import ModelSettings, PipelineSettings, PreprocessingSettings
 from pipeline.volume import LabelMap, read_volume
 from tests.segcheck import check_seg_against_source
+from tests.test_viewers import _dciodvfy_errors
+from tests.test_worker import FakeSegmenter
 
 
 T1 = Classification(SequenceClass.T1, True, "test")
@@ -29,7 +43,7 @@ def volume(t1_dir):
 
 
 def _labels(volume) -> LabelMap:
-    array = np.zeros((35, 256, 256), dtype=np.uint16)
+    array = np.zeros((len(volume.series.slices), 256, 256), dtype=np.uint16)
     array[10:20, 100:150, 60:90] = 90  # brain
     array[5:8, 30:40, 30:40] = 3  # kidney_right
     array[25:28, 30:40, 30:40] = 2  # kidney_left
@@ -51,9 +65,7 @@ def test_seg_references_every_source_and_lies_on_its_slices(volume, t1_dir, tmp_
     ]
     expected = {volume.series.slices[k].sop_instance_uid for k in range(10, 20)}
     assert set(frames) == expected
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-    assert not errors, errors
+    assert _dciodvfy_errors(path) == []
 
 
 def _frame_segments(seg):
@@ -109,3 +121,140 @@ def test_geometry_check_catches_a_frame_off_its_source(volume):
     seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient[0] += 0.5
     with pytest.raises(SegEncodingError, match="frame 1 lies at"):
         check_seg_geometry(seg, labels)
+
+
+def _uids(seg) -> tuple[str, str]:
+    return str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID)
+
+
+def test_the_uids_name_everything_that_decides_the_content(volume, t1_dir):
+    """Same input, same UIDs; any one difference in what decides the content, both UIDs new."""
+    labels = _labels(volume)
+    algorithm = _algorithm()
+    first = _uids(encode_seg(labels, algorithm))
+    assert _uids(encode_seg(labels, _algorithm())) == first
+
+    def changed(preprocessing: dict) -> Algorithm:
+        configured = PipelineSettings(preprocessing=PreprocessingSettings(**preprocessing))
+        return algorithm_for(configured, PreprocessingMode.INVERT_BLACK_BACKGROUND, T1)
+
+    one_less = read_volume(load_series(sorted(t1_dir.glob("*.dcm"))[1:]))
+    variants = {
+        "one source instance fewer": encode_seg(_labels(one_less), algorithm),
+        "clip_max": encode_seg(labels, changed({"clip_max": 2500})),
+        "percentile": encode_seg(labels, changed({"background_percentile": 2})),
+        "segmentation type": encode_seg(labels, algorithm, SegOptions("LABELMAP")),
+        "omit_empty_frames": encode_seg(labels, algorithm, SegOptions(omit_empty_frames=False)),
+        "model version": encode_seg(labels, dataclasses.replace(algorithm, version=algorithm.version + "+1")),
+    }
+    for what, seg in variants.items():
+        series_uid, sop_uid = _uids(seg)
+        assert series_uid != first[0] and sop_uid != first[1], what
+    assert len({_uids(seg) for seg in variants.values()}) == len(variants)
+
+
+def test_the_totalsegmentator_version_names_its_weights(phantom_weights, tmp_path):
+    """The checkpoint's SHA-256 as ``weights import`` recorded it, else as hashed; other
+    weights, another version (and so other SEG UIDs)."""
+    assert describe_model(ModelSettings(weights_dir=tmp_path / "none")).version.endswith("checkpoint not installed")
+    model = ModelSettings(weights_dir=tmp_path / "weights")
+    import_weights(phantom_weights, model.weights_dir)
+    [checkpoint] = expected_weights(model)
+    real = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert describe_model(model).version.endswith(f"; checkpoint {real[:12]}")
+
+    manifest_path = model.weights_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    [entry] = manifest.values()
+    assert entry["checkpoints"] == {"fold_0/checkpoint_final.pth": real}
+    entry["checkpoints"]["fold_0/checkpoint_final.pth"] = "f" * 64  # the recorded digest is the one used
+    manifest_path.write_text(json.dumps(manifest))
+    stamp = checkpoint.stat().st_mtime_ns
+    os.utime(manifest_path, ns=(stamp + 10**9, stamp + 10**9))
+    assert describe_model(model).version.endswith("; checkpoint ffffffffffff")
+
+    with checkpoint.open("ab") as handle:  # replaced by hand after the import: hashed again
+        handle.write(b"\0")
+    os.utime(checkpoint, ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))
+    retrained = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert retrained != real
+    assert describe_model(model).version.endswith(f"; checkpoint {retrained[:12]}")
+
+
+def test_a_seg_that_replaces_an_earlier_one_says_so_with_the_same_uids(t1_dir):
+    paths = sorted(t1_dir.glob("*.dcm"))
+    earlier = "1.2.826.0.1.3680043.8.498.12345"
+    plain = process_series(paths, PipelineSettings(), FakeSegmenter(90)).seg
+    again = process_series(paths, PipelineSettings(), FakeSegmenter(90), supersedes=earlier).seg
+    assert _uids(again) == _uids(plain), "the superseded SEG is not content"
+    assert again.SeriesDescription == REPLACES + plain.SeriesDescription
+    assert len(again.SeriesDescription) <= 64 and "black bg" in again.SeriesDescription
+    assert again.ContentDescription.startswith("replaces earlier SEG; T1; invert_black_background")
+    assert earlier in again.ImageComments and earlier not in plain.ImageComments
+    assert not plain.SeriesDescription.startswith(REPLACES)
+    same = process_series(paths, PipelineSettings(), FakeSegmenter(90), supersedes=plain.SeriesInstanceUID).seg
+    assert same.SeriesDescription == plain.SeriesDescription, "the same content replaces nothing but itself"
+
+
+def _parsed_parameters(seg: pydicom.Dataset) -> dict[str, str]:
+    sequence = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    return hd.AlgorithmIdentificationSequence.from_sequence(sequence).parameters
+
+
+def test_every_shared_series_reason_reads_back_from_the_seg(volume, mri_dir):
+    """The classifier's reasons (commas, parentheses, '=') survive highdicom's parser, and the
+    exact text is in ImageComments."""
+    labels = _labels(volume)
+    folders = sorted(p for p in mri_dir.iterdir() if p.is_dir())
+    assert len(folders) >= 9
+    made_safe = 0
+    for folder in folders:
+        classification = classify_series(read_image_headers(sorted(folder.glob("*.dcm"))))
+        made_safe += parameter_value(classification.reason) != classification.reason
+        algorithm = dataclasses.replace(_algorithm(), classification=classification.reason)
+        buffer = io.BytesIO()
+        encode_seg(labels, algorithm).save_as(buffer, enforce_file_format=True)
+        seg = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+        parameters = _parsed_parameters(seg)
+        assert parameters["classification"] == parameter_value(classification.reason), folder.name
+        assert parameters["preprocessing"] == "invert_black_background"
+        assert (parameters["clip_min"], parameters["clip_max"], parameters["background_percentile"]) == (
+            "0.0", "3000.0", "1.0")
+        assert f"Classification: {classification.reason}" in seg.ImageComments.splitlines(), folder.name
+    assert made_safe, "some reasons hold commas: the ImageComments path is exercised"
+
+
+_text = st.text(max_size=200)
+_number = st.none() | st.floats()
+
+
+@settings(max_examples=300, deadline=None)
+@given(reason=_text, task=_text, preprocessing=_text, sequence_class=_text,
+       clip_min=_number, clip_max=_number, percentile=_number)
+def test_any_parameter_values_round_trip_through_highdicom(
+    reason, task, preprocessing, sequence_class, clip_min, clip_max, percentile
+):
+    algorithm = Algorithm("model", "1", task, preprocessing, sequence_class, reason, "Auto SEG test", "test",
+                          clip_min, clip_max, percentile)
+    parameters = algorithm_parameters(algorithm)
+    sequence = hd.AlgorithmIdentificationSequence(
+        name="model", family=codes.cid7162.ArtificialIntelligence, version="1", parameters=parameters
+    )
+    assert hd.AlgorithmIdentificationSequence.from_sequence(sequence).parameters == parameters
+    assert parameters["classification"] == _expected_value(reason)
+    assert parameters["task"] == _expected_value(task)
+    for key, value in (("clip_min", clip_min), ("clip_max", clip_max), ("background_percentile", percentile)):
+        assert parameters.get(key) == (None if value is None else str(value))
+
+
+def _expected_value(text: str) -> str:
+    """The value readers get: the text with ',' ';', '=' ':', backslash '/', control characters ' '."""
+    out = []
+    for char in text:
+        if char in ",=\\":
+            out.append({",": ";", "=": ":", "\\": "/"}[char])
+        elif ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
+            out.append(" ")
+        else:
+            out.append(char)
+    return "".join(out).strip(" ")
