@@ -258,3 +258,52 @@ def _expected_value(text: str) -> str:
         else:
             out.append(char)
     return "".join(out).strip(" ")
+
+
+_DESCRIPTIONS = st.sampled_from(["t1_mprage_sag", "T2 TSE, fat sat", "FLAIR=3D", "DWI b=1000", "ep2d, PERF", "", "Ωμέγα"])
+
+
+@st.composite
+def _mr_headers(draw) -> list[pydicom.Dataset]:
+    """A small series of MR headers with whatever the classifier reads, in any combination."""
+    headers = []
+    orientation = draw(st.sampled_from([[1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, -1]]))
+    fields = {
+        "RepetitionTime": draw(st.none() | st.floats(1, 20000)),
+        "EchoTime": draw(st.none() | st.floats(0.5, 300)),
+        "InversionTime": draw(st.none() | st.floats(0, 3000)),
+        "FlipAngle": draw(st.none() | st.floats(1, 180)),
+        "ScanningSequence": draw(st.none() | st.sampled_from(["GR", "SE", "IR", "EP", ["GR", "IR"], ["SE", "IR"]])),
+        "SequenceVariant": draw(st.none() | st.sampled_from(["SP", "MP", "SK", ["SK", "SP", "MP"], "NONE"])),
+        "SeriesDescription": draw(st.none() | _DESCRIPTIONS),
+        "ImageType": draw(st.sampled_from([["ORIGINAL", "PRIMARY", "M", "ND"], ["DERIVED", "SECONDARY", "MPR"],
+                                           ["ORIGINAL", "PRIMARY", "PHASE"], ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                                           ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]])),
+        "MRAcquisitionType": draw(st.none() | st.sampled_from(["2D", "3D"])),
+    }
+    for index in range(draw(st.integers(1, 4))):
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.ImageOrientationPatient = orientation
+        ds.ImagePositionPatient = [0, 0, float(index)]
+        for key, value in fields.items():
+            if value is not None:
+                setattr(ds, key, value)
+        headers.append(ds)
+    return headers
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=_mr_headers())
+def test_every_reason_the_classifier_gives_reads_back_through_highdicom(headers):
+    from pipeline.classify import classify_series
+
+    reason = classify_series(headers).reason
+    algorithm = Algorithm("model", "1", "total (fast)", "invert_black_background", "T1", reason, "Auto SEG test",
+                          "test", 0.0, 3000.0, 1.0)
+    sequence = hd.AlgorithmIdentificationSequence(
+        name="model", family=codes.cid7162.ArtificialIntelligence, version="1",
+        parameters=algorithm_parameters(algorithm),
+    )
+    read_back = hd.AlgorithmIdentificationSequence.from_sequence(sequence).parameters
+    assert read_back["classification"] == _expected_value(reason)
