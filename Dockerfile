@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/dicom-node
 COPY pyproject.toml README.md ./
+# the product only: demo/ (synthetic phantom model and studies) stays out of the image
 COPY dicom_node ./dicom_node
 COPY pipeline ./pipeline
 

@@ -6,7 +6,8 @@ Usage::
 
 Reads each DICOM series with SimpleITK, applies the preprint's inversion
 (``invert_black_background``), hands TotalSegmentator a nibabel image with a RAS affine
-(task ``total``, ``fast=True``, CPU) and prints the labels found with their voxel counts
+(task ``total``, ``fast=True``, CPU, in a spawned process: this one's environment is
+left alone) and prints the labels found with their voxel counts
 and the inference time. Exit code 1 if any series gives an empty label map.
 """
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.phantom_model import use_totalseg_weights  # noqa: E402
+from demo.phantom_model import segment_with_totalseg  # noqa: E402
 from pipeline.preprocess import preprocess  # noqa: E402
 
 DEFAULT_WEIGHTS = ROOT / "models" / "phantom_total_fast"
@@ -60,9 +61,7 @@ def main(argv: list[str]) -> int:
     weights = Path(argv[0]) if argv else DEFAULT_WEIGHTS
     series = [Path(a) for a in argv[1:]] or DEFAULT_SERIES
     home = Path(tempfile.mkdtemp(prefix="totalseg_home_"))
-    use_totalseg_weights(weights, home)
     from totalsegmentator.map_to_binary import class_map
-    from totalsegmentator.python_api import totalsegmentator
 
     names = class_map["total"]
     ok = True
@@ -71,8 +70,7 @@ def main(argv: list[str]) -> int:
         voxels = preprocess(sitk.GetArrayFromImage(image), "invert_black_background")
         nifti = sitk_to_nifti(image, voxels)
         t0 = time.time()
-        seg = totalsegmentator(input=nifti, output=None, task="total", fast=True, ml=True, device="cpu",
-                               quiet=True, skip_saving=True, nr_thr_resamp=1, nr_thr_saving=1)
+        seg = segment_with_totalseg(nifti, weights, home)
         dt = time.time() - t0
         data = np.asarray(seg.dataobj)
         ids, counts = np.unique(data[data > 0], return_counts=True)

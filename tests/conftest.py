@@ -73,7 +73,7 @@ def phantom_weights() -> Path:
         return PHANTOM_MODEL
     cache = REPO / ".cache" / "phantom_total_fast"
     if not (cache / CHECKPOINT).is_file():
-        from pipeline.phantom_model import train_phantom_model
+        from demo.phantom_model import train_phantom_model
 
         train_phantom_model(cache)
     return cache

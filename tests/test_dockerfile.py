@@ -46,3 +46,11 @@ def test_entry_command_is_a_real_subcommand_with_a_valid_config():
 def test_runs_as_non_root():
     user = re.findall(r"^USER (\S+)$", DOCKERFILE, re.M)
     assert user and not user[-1].startswith(("root", "0"))
+
+
+def test_demo_tooling_stays_out_of_the_image():
+    sources = [src for line in re.findall(r"^(?:COPY|ADD) (.+)$", DOCKERFILE, re.M) for src in line.split()[:-1]]
+    assert sources
+    for source in sources:
+        top = (Path(source).parts or (".",))[0]
+        assert top not in {".", "demo", "tests", "bench", "models"}, f"COPY {source}: not the product"

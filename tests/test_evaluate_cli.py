@@ -5,7 +5,7 @@ import csv
 import subprocess
 import sys
 
-from pipeline.phantom_study import write_phantom_study
+from demo.phantom_study import write_phantom_study
 from tests.peers import REPO
 
 

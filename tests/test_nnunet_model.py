@@ -17,14 +17,16 @@ import numpy as np
 import pydantic
 import pytest
 
+from demo.phantom_model import make_custom_model
 from pipeline.classify import Classification, SequenceClass
 from pipeline.errors import WeightsMissingError
 from pipeline.labels import read_label_table
-from pipeline.phantom_model import make_custom_model
+from pipeline.model_identity import describe_model
+from pipeline.nnunet import NnUNet
 from pipeline.preprocess import PreprocessingMode
 from pipeline.run import algorithm_for
 from pipeline.seg_writer import encode_seg
-from pipeline.segment import NnUNet, describe_model, make_segmenter
+from pipeline.segment import make_segmenter
 from pipeline.series import load_series
 from pipeline.settings import ModelSettings, PipelineSettings
 from pipeline.volume import LabelMap, read_volume

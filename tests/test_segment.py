@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SegmentationError, WeightsMissingError
-from pipeline.segment import TotalSegmentator, expected_weights, nifti_to_array, volume_to_nifti
+from pipeline.nifti import nifti_to_array, volume_to_nifti
 from pipeline.series import load_series
 from pipeline.settings import ModelSettings
+from pipeline.totalseg import TotalSegmentator, expected_weights
 from pipeline.volume import read_volume
 
 

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from pipeline.phantom_model import (
+from demo.phantom_model import (
     AIR, AIR_IN, BLOOD, BOWEL, CORD, CORTICAL, CSF, EYE, FAT, GM, KIDNEY, LIVER, LUNG, MARROW, SOFT,
     SPACING_MM, SPLEEN, WM, _T1_REL, make_phantom_anatomy, total_class_map,
 )
@@ -90,7 +90,7 @@ def write_phantom_study(
     Each phantom is rendered once as T1 and once as T2 (the same anatomy, so the two
     sequence classes are comparable). Returns (images, references).
     """
-    from pipeline.segment import volume_to_nifti
+    from pipeline.nifti import volume_to_nifti
     from pipeline.series import load_series
     from pipeline.volume import read_volume
 

@@ -32,8 +32,13 @@ How it works (see :func:`train_phantom_model`):
 
 Steps 1-5 run in a child Python process (``subprocess``, not ``multiprocessing``), so
 calling :func:`train_phantom_model` from a plain script without an
-``if __name__ == "__main__"`` guard is safe, and nnU-Net's import-time path globals and
-environment variables of the calling process are left untouched.
+``if __name__ == "__main__"`` guard is safe. nnU-Net's paths (``nnUNet_raw``,
+``nnUNet_preprocessed``, ``nnUNet_results``) go to that child in its own environment,
+so the environment and nnU-Net's import-time path globals of the calling process are
+left untouched; :func:`segment_with_totalseg` likewise runs TotalSegmentator on the
+trained model in a spawned process.
+
+This package is demo tooling, not the product: it is not installed in the image.
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 __all__ = [
     "TOTAL_FAST_DATASET",
@@ -65,7 +73,7 @@ __all__ = [
     "render_phantom",
     "make_phantom",
     "model_folder",
-    "use_totalseg_weights",
+    "segment_with_totalseg",
     "train_phantom_model",
 ]
 
@@ -493,28 +501,21 @@ def model_folder(weights_dir: Path) -> Path:
     return Path(weights_dir) / TOTAL_FAST_DATASET / TOTAL_FAST_TRAINER_DIR
 
 
-def use_totalseg_weights(weights_dir: Path, home_dir: Path) -> None:
-    """Point TotalSegmentator (and nnU-Net) of *this* process at ``weights_dir``.
+def segment_with_totalseg(image: "nib.Nifti1Image", weights_dir: Path, home_dir: Path, *,
+                          device: Literal["cpu", "gpu"] = "cpu") -> "nib.Nifti1Image":
+    """TotalSegmentator's ``total`` fast task on ``image`` with the weights under ``weights_dir``.
 
-    Sets ``TOTALSEG_WEIGHTS_PATH`` / ``TOTALSEG_HOME_DIR``, writes the config.json and,
-    because nnU-Net binds ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` as
-    module globals at import time, also rewrites those globals in already imported
-    ``nnunetv2`` modules (otherwise a second weights folder in the same process would be
-    ignored).
+    The node's own call (:func:`pipeline.totalseg.run_in_child`) in a spawned process:
+    the variables TotalSegmentator and nnU-Net read are set there, never in this process.
+    Returns the label image on ``image``'s grid.
     """
-    from pipeline.segment import write_totalseg_config
+    from pipeline.runner import run_model_on_nifti
+    from pipeline.settings import ModelSettings
+    from pipeline.totalseg import run_in_child
 
-    weights_dir = str(Path(weights_dir).resolve())
-    write_totalseg_config(Path(home_dir))
-    os.environ["TOTALSEG_WEIGHTS_PATH"] = weights_dir
-    os.environ["TOTALSEG_HOME_DIR"] = str(Path(home_dir).resolve())
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[var] = weights_dir
-    for name, module in list(sys.modules.items()):
-        if name.startswith("nnunetv2") and module is not None:
-            for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-                if hasattr(module, var):
-                    setattr(module, var, weights_dir)
+    settings = ModelSettings(kind="totalsegmentator", task="total", fast=True, device=device,
+                             weights_dir=Path(weights_dir).resolve(), home_dir=Path(home_dir).resolve())
+    return run_model_on_nifti(image, run_in_child, settings, "TotalSegmentator")
 
 
 CUSTOM_DATASET = "Dataset501_PhantomCustom"
@@ -609,7 +610,7 @@ def train_phantom_model(weights_dir: Path, *, epochs: int = DEFAULT_EPOCHS,
         env["nnUNet_compile"] = "false"
         env["PYTHONHASHSEED"] = str(seed)
         env.setdefault("MPLBACKEND", "Agg")
-        code = "import sys; from pipeline.phantom_model import _training_job; _training_job(sys.argv[1])"
+        code = "import sys; from demo.phantom_model import _training_job; _training_job(sys.argv[1])"
         log_path = work / "train.log"
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-c", code, str(job_file)], env=env, cwd=str(work),
