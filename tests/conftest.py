@@ -80,6 +80,14 @@ def phantom_weights() -> Path:
 
 
 @pytest.fixture
+def pacs(tmp_path: Path):
+    """A counting storage SCP (dcmtk storescp), not started: a test starts it when the PACS is to be up."""
+    server = StoreSCP(tmp_path / "pacs")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def storescp(tmp_path: Path):
     server = StoreSCP(tmp_path / "pacs").start()
     yield server

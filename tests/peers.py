@@ -13,7 +13,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import pydicom
 import requests
 import yaml
 
@@ -82,13 +84,24 @@ def storescu(port: int, paths: list[Path] | Path, *, called: str = "DICOMNODE", 
         raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
 
 
-class StoreSCP:
-    """dcmtk storescp writing every received object into ``folder``.
+def series_uid_of(path: Path) -> str:
+    """The SeriesInstanceUID of a DICOM file, or of the first file in a folder."""
+    if path.is_dir():
+        path = sorted(path.glob("*.dcm"))[0]
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
 
-    storescp writes each object under its final name as it arrives, so a file in the
-    folder may still be half written. After each object is complete, storescp runs a
-    command that leaves a marker of the same name in ``folder.done``; ``received()``
-    lists only objects with a marker.
+
+class StoreSCP:
+    """dcmtk storescp that keeps every C-STORE it answers as a file of its own in ``folder``.
+
+    ``+uf`` names each file after a UID that dcmtk generates on arrival
+    (``<modality>.X.<root>.<host>.<pid>.<seconds>.<counter>``), so a second delivery of
+    the same SOP instance is a second file and tests can count deliveries, not instances.
+    storescp writes the file under that final name, so it may still be half written; after
+    each object is complete, storescp runs a command that leaves a marker of the same name
+    in ``folder.done``, and only objects with a marker are listed. ``--exec-sync`` makes
+    storescp wait for that command before it serves the next request, so markers are
+    created in arrival order.
     """
 
     def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None) -> None:
@@ -102,8 +115,8 @@ class StoreSCP:
 
     def start(self) -> "StoreSCP":
         self.process = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder),
-             "--exec-on-reception", f"touch '{self.done}/#f'", str(self.port)],
+            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+uf",
+             "--exec-on-reception", f"touch '{self.done}/#f'", "--exec-sync", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=loopback_env(),
         )
         wait_for_port(self.port, process=self.process)
@@ -111,13 +124,113 @@ class StoreSCP:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.settle()
             self.process.terminate()
             self.process.wait(timeout=10)
             self.process = None
 
-    def received(self) -> list[Path]:
-        """The objects received completely, by name."""
-        return sorted(self.folder / marker.name for marker in self.done.iterdir())
+    def settle(self, timeout: float = 2.0) -> None:
+        """storescp answers a C-STORE before it runs the marker command: give an object
+        that was just answered the moment it needs for its marker (before a count or a stop)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if {p.name for p in self.folder.iterdir()} <= {m.name for m in self.done.iterdir()}:
+                return
+            time.sleep(0.05)
+
+    def receptions(self) -> list[Path]:
+        """One file per C-STORE received completely, in arrival order.
+
+        Ordered by the marker's mtime; markers touched within one tick of the file
+        system's clock are ordered by the counter that ends storescp's unique names.
+        """
+        markers = [(marker.stat().st_mtime_ns, _unique_name_counter(marker.name), marker.name)
+                   for marker in self.done.iterdir()]
+        return [self.folder / name for _, _, name in sorted(markers)]
+
+    received = receptions  # the name older tests use
+
+
+def _unique_name_counter(name: str) -> int:
+    """The counter of a name written by storescp +uf; it grows by one per object received."""
+    counter = name.rsplit(".", 1)[-1]
+    if not counter.isdigit():
+        raise ValueError(f"{name!r} is not a name storescp +uf writes")
+    return int(counter)
+
+
+class Reception(NamedTuple):
+    """One C-STORE received by a StoreSCP: its file and its header (read without pixels)."""
+
+    path: Path
+    dataset: pydicom.Dataset
+
+
+def _describe(receptions: list[Reception]) -> str:
+    lines = []
+    for number, (path, ds) in enumerate(receptions, start=1):
+        referenced = ds.get("ReferencedSeriesSequence")
+        source = str(referenced[0].SeriesInstanceUID) if referenced else "-"
+        lines.append(f"  {number}. {path.name}: Modality {ds.get('Modality')}, SOPInstanceUID"
+                     f" {ds.get('SOPInstanceUID')}, source series {source}, {path.stat().st_size} bytes")
+    return "\n".join(lines) or "  (none)"
+
+
+def seg_receptions(scp: StoreSCP, series_instance_uid: str | None = None) -> list[Reception]:
+    """The SEGs ``scp`` received, one per C-STORE in arrival order, optionally only those
+    whose source series (ReferencedSeriesSequence[0]) is ``series_instance_uid``."""
+    found = []
+    for path in scp.receptions():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.get("Modality") != "SEG":
+            continue
+        if series_instance_uid is not None:
+            referenced = ds.get("ReferencedSeriesSequence")
+            if not referenced or str(referenced[0].SeriesInstanceUID) != series_instance_uid:
+                continue
+        found.append(Reception(path, ds))
+    return found
+
+
+def assert_exactly_one_seg(scp: StoreSCP, series_instance_uid: str | None = None) -> Reception:
+    """The one SEG ``scp`` received (for ``series_instance_uid``, if given); a duplicate
+    delivery of the same SOP instance counts as a second SEG."""
+    scp.settle()
+    segs = seg_receptions(scp, series_instance_uid)
+    if len(segs) != 1:
+        scope = f" for series {series_instance_uid}" if series_instance_uid else ""
+        everything = [Reception(p, pydicom.dcmread(p, stop_before_pixels=True)) for p in scp.receptions()]
+        raise AssertionError(
+            f"expected exactly one SEG{scope} at {scp.ae_title}, got {len(segs)};"
+            f" every C-STORE it received, in arrival order:\n{_describe(everything)}"
+        )
+    return segs[0]
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The bytes after the file meta information, which storescp fills in per association
+    (the sender's AE title in SourceApplicationEntityTitle) rather than per object."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError(f"{path.name}: no file meta group length where storescp writes it")
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+def assert_no_conflicting_duplicates(scp: StoreSCP) -> None:
+    """Fail if one SOPInstanceUID arrived more than once with different content."""
+    scp.settle()
+    by_uid: dict[str, list[Path]] = {}
+    for path in scp.receptions():
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        by_uid.setdefault(uid, []).append(path)
+    conflicts = [
+        f"  SOPInstanceUID {uid}: " + ", ".join(f"{p.name} ({p.stat().st_size} bytes)" for p in paths)
+        for uid, paths in by_uid.items()
+        if len({_dataset_bytes(p) for p in paths}) > 1
+    ]
+    if conflicts:
+        raise AssertionError(f"{scp.ae_title} received different objects under the same SOPInstanceUID:\n"
+                             + "\n".join(conflicts))
 
 
 class Orthanc:

@@ -15,9 +15,25 @@ import requests
 
 from dicom_node.state import JobState
 from tests.conftest import patient_strings
-from tests.peers import REPO, NodeProcess, free_port, node_config, storescu, wait_until
+from tests.peers import (
+    series_uid_of,
+    REPO,
+    NodeProcess,
+    assert_exactly_one_seg,
+    free_port,
+    node_config,
+    storescu,
+    wait_until,
+)
 from tests.segcheck import check_seg_against_source
 
+
+
+
+
+def _all_sent(node: NodeProcess) -> bool:
+    jobs = node.jobs()
+    return bool(jobs) and all(job.state is JobState.SENT for job in jobs)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -94,10 +110,11 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
 def test_storescu_to_node_to_storescp(storescp, make_node, phantom_weights, t1_dir, mri_dir):
     node = make_node((storescp.ae_title, storescp.port), phantom_weights).start()
     storescu(node.port, t1_dir)
-    received = wait_until(storescp.received, 300, 1, "the SEG at storescp")
-    assert len(received) == 1
-    check_seg_against_source(received[0], t1_dir)
-    assert dciodvfy_errors(received[0]) == []
+    wait_until(lambda: _all_sent(node), 300, 1, "the SEG at storescp")
+    seg = assert_exactly_one_seg(storescp, series_uid_of(t1_dir)).path
+    assert len(storescp.receptions()) == 1
+    check_seg_against_source(seg, t1_dir)
+    assert dciodvfy_errors(seg) == []
     assert_log_is_private(node, mri_dir)
 
 
@@ -111,8 +128,9 @@ def test_sigterm_before_completion_then_restart_still_sends_the_seg(storescp, ma
     assert node.stop(signal.SIGTERM) == 0
     assert node.jobs() == [], "the series must not have completed before the stop"
     node.start()
-    received = wait_until(storescp.received, 300, 1, "the SEG after the restart")
-    check_seg_against_source(received[0], t1_dir)
+    wait_until(lambda: _all_sent(node), 300, 1, "the SEG after the restart")
+    check_seg_against_source(assert_exactly_one_seg(storescp, series_uid_of(t1_dir)).path, t1_dir)
+    assert len(storescp.receptions()) == 1
     assert [job.state for job in node.jobs()] == [JobState.SENT]
 
 
@@ -130,8 +148,9 @@ def test_missing_weights_fail_with_the_path_then_retry_succeeds(storescp, make_n
     shutil.copytree(phantom_weights, weights, dirs_exist_ok=True)
     retry = node.cli("retry", str(jobs[0].id))
     assert retry.returncode == 0, retry.stderr
-    received = wait_until(storescp.received, 300, 1, "the SEG after the retry")
-    check_seg_against_source(received[0], t1_dir)
+    wait_until(lambda: _all_sent(node), 300, 1, "the SEG after the retry")
+    check_seg_against_source(assert_exactly_one_seg(storescp, series_uid_of(t1_dir)).path, t1_dir)
+    assert len(storescp.receptions()) == 1
 
 
 def test_process_command_writes_a_valid_seg(phantom_weights, t1_dir, tmp_path):
@@ -165,9 +184,13 @@ def test_multi_frame_and_4d_series_over_dicom_get_segs_on_the_right_frames(store
     node = make_node((storescp.ae_title, storescp.port), phantom_weights, pipeline={"four_d": "first"}).start()
     storescu(node.port, [converted])
     storescu(node.port, echo1 + echo2)
-    received = wait_until(lambda: storescp.received() if len(storescp.received()) == 2 else None,
-                          600, 1, "two SEGs at storescp")
-    by_series = {str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID): p for p in received}
+    wait_until(lambda: len(node.jobs()) == 2 and _all_sent(node), 600, 1, "two SEGs at storescp")
+    received = storescp.receptions()
+    assert len(received) == 2
+    by_series = {uid: assert_exactly_one_seg(storescp, uid).path for uid in (
+        str(pydicom.dcmread(converted, stop_before_pixels=True).SeriesInstanceUID),
+        str(pydicom.dcmread(echo1[0], stop_before_pixels=True).SeriesInstanceUID),
+    )}
     converted_seg = check_seg_against_source(
         by_series[str(pydicom.dcmread(converted, stop_before_pixels=True).SeriesInstanceUID)],
         converted.parent,
@@ -221,12 +244,10 @@ def test_every_shared_series_over_dicom_gets_its_manifest_outcome(storescp, make
     sent = [outcomes[f] for f, (state, _) in OUTCOMES.items() if state is JobState.SENT]
     assert all(job.preprocessing == "invert_black_background" for job in sent)
 
-    received = storescp.received()
-    assert len(received) == len(sent)
-    by_series = {str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID): p for p in received}
+    assert len(storescp.receptions()) == len(sent)
     for uid, folder in series_of.items():
         if OUTCOMES[folder][0] is JobState.SENT:
-            check_seg_against_source(by_series[uid], mri_dir / folder)
+            check_seg_against_source(assert_exactly_one_seg(storescp, uid).path, mri_dir / folder)
     echo = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], timeout=30)
     assert echo.returncode == 0, "the node must still be serving"
     status = node.cli("status")

@@ -15,7 +15,7 @@ from dicom_node.retention import expired, purge
 from dicom_node.service import Node
 from dicom_node.state import JobState
 from pipeline.volume import LabelMap
-from tests.peers import free_port, storescu, wait_until
+from tests.peers import assert_exactly_one_seg, free_port, storescu, wait_until
 
 
 class FakeSegmenter:
@@ -72,8 +72,10 @@ def test_metrics_rise_after_a_series(node, t1_dir, storescp):
 
     before = value("dicom_node_instances_received_total")
     storescu(node.config.node.port, t1_dir)
-    wait_until(lambda: storescp.received(), 60, 0.5, "the SEG")
+    wait_until(lambda: storescp.receptions(), 60, 0.5, "the SEG")
     wait_until(lambda: value("dicom_node_jobs", '{state="sent"}') == 1, 10, 0.2, "the sent job")
+    assert_exactly_one_seg(storescp)
+    assert len(storescp.receptions()) == 1
     assert value("dicom_node_instances_received_total") == before + 35
     assert value("dicom_node_series_total", '{outcome="seg"}') == 1
     assert value("dicom_node_send_attempts_total") == 1

@@ -1,6 +1,7 @@
 """Unattended operation with real processes: crashes (kill -9), a PACS that is down,
 concurrent senders, a full disk, malformed input. Each series must end with exactly
-one SEG at the destination (counted by SOPInstanceUID), none lost, none duplicated."""
+one SEG at the destination (counted per C-STORE received, so that a second delivery of
+the same SOP instance counts), none lost, none duplicated."""
 
 from __future__ import annotations
 
@@ -21,20 +22,21 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from dicom_node.state import JobState
-from tests.peers import LOCALHOST, NodeProcess, StoreSCP, node_config, storescu, wait_until
+from tests.peers import (
+    series_uid_of,
+    LOCALHOST,
+    NodeProcess,
+    assert_exactly_one_seg,
+    assert_no_conflicting_duplicates,
+    node_config,
+    seg_receptions,
+    storescu,
+    wait_until,
+)
 from tests.segcheck import check_seg_against_source
 
 
 
-def _seg_uids(pacs: StoreSCP) -> list[str]:
-    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in pacs.received()]
-
-
-@pytest.fixture
-def pacs(tmp_path):
-    server = StoreSCP(tmp_path / "pacs")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -61,10 +63,11 @@ def test_kill_9_while_receiving_then_the_pacs_resends(node, pacs, t1_dir):
     sender.wait(timeout=60)
     node.start()
     storescu(node.port, files)  # the sender retries the whole series, as a PACS does
-    wait_until(lambda: _seg_uids(pacs) and all(j.state is JobState.SENT for j in node.jobs()), 300, 1, "the SEG")
+    wait_until(lambda: seg_receptions(pacs) and all(j.state is JobState.SENT for j in node.jobs()), 300, 1,
+               "the SEG")
     time.sleep(3)  # a duplicate would arrive within the completion window
-    assert len(set(_seg_uids(pacs))) == 1
-    check_seg_against_source(pacs.received()[-1], t1_dir)
+    check_seg_against_source(assert_exactly_one_seg(pacs, series_uid_of(t1_dir)).path, t1_dir)
+    assert len(pacs.receptions()) == 1
 
 
 def test_kill_9_while_processing(node, pacs, t1_dir):
@@ -76,7 +79,8 @@ def test_kill_9_while_processing(node, pacs, t1_dir):
     assert node.jobs()[0].state is JobState.PROCESSING
     node.start()
     wait_until(lambda: node.jobs()[0].state is JobState.SENT, 300, 1, "the resumed job to be sent")
-    assert len(set(_seg_uids(pacs))) == 1
+    assert_exactly_one_seg(pacs, series_uid_of(t1_dir))
+    assert len(pacs.receptions()) == 1
 
 
 def test_kill_9_while_sending_then_the_pacs_comes_back(node, pacs, t1_dir):
@@ -89,7 +93,8 @@ def test_kill_9_while_sending_then_the_pacs_comes_back(node, pacs, t1_dir):
     pacs.start()
     node.start()
     wait_until(lambda: node.jobs()[0].state is JobState.SENT, 120, 0.5, "the SEG after the restart")
-    assert len(_seg_uids(pacs)) == 1
+    assert_exactly_one_seg(pacs, series_uid_of(t1_dir))
+    assert len(pacs.receptions()) == 1
 
 
 def test_pacs_never_back_fails_the_job_and_retry_delivers(node, pacs, t1_dir):
@@ -101,7 +106,8 @@ def test_pacs_never_back_fails_the_job_and_retry_delivers(node, pacs, t1_dir):
     pacs.start()
     assert node.cli("retry", str(job.id)).returncode == 0
     wait_until(lambda: node.jobs()[0].state is JobState.SENT, 60, 0.5, "the retried send")
-    assert len(_seg_uids(pacs)) == 1
+    assert_exactly_one_seg(pacs, series_uid_of(t1_dir))
+    assert len(pacs.receptions()) == 1
 
 
 def _copy_with_new_uids(source: Path, target: Path, index: int) -> None:
@@ -133,10 +139,12 @@ def test_eight_concurrent_associations_each_get_one_seg(node, pacs, t1_dir, tmp_
     assert [s.wait(timeout=300) for s in senders] == [0] * 8
     wait_until(lambda: len(node.jobs()) == 8 and all(j.state is JobState.SENT for j in node.jobs()), 900, 2,
                "eight SEGs")
-    segs = pacs.received()
-    assert len(set(_seg_uids(pacs))) == 8
-    referenced = {str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID) for p in segs}
-    assert referenced == {str(pydicom.dcmread(next(f.glob("*.dcm"))).SeriesInstanceUID) for f in folders}
+    segs = seg_receptions(pacs)
+    assert len(pacs.receptions()) == len(segs) == 8
+    assert len({str(ds.SOPInstanceUID) for _, ds in segs}) == 8
+    for folder in folders:
+        assert_exactly_one_seg(pacs, series_uid_of(folder))
+    assert_no_conflicting_duplicates(pacs)
 
 
 def test_full_disk_answers_out_of_resources_then_the_series_completes(node, pacs, t1_dir):
@@ -152,8 +160,8 @@ def test_full_disk_answers_out_of_resources_then_the_series_completes(node, pacs
     node.config["storage"]["min_free_bytes"] = 10_000_000  # space is back
     node.start()
     storescu(node.port, t1_dir)
-    wait_until(lambda: _seg_uids(pacs), 300, 1, "the SEG")
-    check_seg_against_source(pacs.received()[0], t1_dir)
+    wait_until(lambda: node.jobs() and all(j.state is JobState.SENT for j in node.jobs()), 300, 1, "the SEG")
+    check_seg_against_source(assert_exactly_one_seg(pacs, series_uid_of(t1_dir)).path, t1_dir)
 
 
 # -- malformed input -------------------------------------------------------------------
@@ -235,6 +243,6 @@ def test_fuzzing_then_a_normal_series_still_gets_its_seg(node, pacs, t1_dir, tmp
 
     assert node.process.poll() is None, "the node must survive"
     storescu(node.port, t1_dir)
-    wait_until(lambda: any(
-        str(pydicom.dcmread(p).ReferencedSeriesSequence[0].SeriesInstanceUID) == series_uid
-        for p in pacs.received()), 300, 1, "the SEG of the normal series")
+    wait_until(lambda: any(j.series.series_instance_uid == series_uid and j.state is JobState.SENT
+                           for j in node.jobs()), 300, 1, "the SEG of the normal series")
+    assert_exactly_one_seg(pacs, series_uid)

@@ -13,7 +13,7 @@ from dicom_node.spool import Spool
 from dicom_node.state import JobState, SeriesRef, StateStore
 from dicom_node.worker import Worker, retry_delay
 from pipeline.volume import LabelMap
-from tests.peers import StoreSCP, free_port
+from tests.peers import StoreSCP, assert_exactly_one_seg, free_port
 
 
 class FakeSegmenter:
@@ -75,13 +75,15 @@ def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
     worker, state, job_id = setup(90, pacs.port, max_attempts=5)
     assert worker.run(state.claim_next_job()) is JobState.SENDING
     job = state.job(job_id)
-    assert job.attempts == 1 and "send attempt 1 failed" in job.reason and job.result_path.exists()
+    assert job.attempts == 1 and "send attempt 1 failed" in job.last_error and job.result_path.exists()
+    assert "segment(s)" in job.reason  # the outcome's reason is kept apart from the failure
     pacs.start()
     try:
         assert worker.run(state.claim_next_job()) is JobState.SENT
     finally:
         pacs.stop()
-    assert len(pacs.received()) == 1
+    assert_exactly_one_seg(pacs, state.job(job_id).series.series_instance_uid)
+    assert len(pacs.receptions()) == 1
 
 
 def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup, tmp_path):
@@ -97,6 +99,8 @@ def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup
         assert worker.run(state.claim_next_job()) is JobState.SENT
     finally:
         pacs.stop()
+    assert_exactly_one_seg(pacs, state.job(job_id).series.series_instance_uid)
+    assert len(pacs.receptions()) == 1
 
 
 def test_pipeline_error_fails_the_job_and_keeps_the_series(setup, tmp_path):
@@ -118,7 +122,7 @@ def test_seg_off_its_source_grid_fails_the_job_and_nothing_is_sent(setup, tmp_pa
         pacs.stop()
     job = state.job(job_id)
     assert "SEG frame 1 lies at" in job.reason and job.result_path is None
-    assert pacs.received() == []
+    assert pacs.receptions() == []
     assert len(list(job.series.folder.glob("*.dcm"))) == 35, "the series stays on disk"
 
 
