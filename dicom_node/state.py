@@ -99,6 +99,7 @@ CREATE TABLE IF NOT EXISTS instances (
     placement           TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_by_seq ON instances(seq);
 CREATE TABLE IF NOT EXISTS jobs (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
