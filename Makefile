@@ -1,4 +1,4 @@
-# make run   - create the environment and start the node with config.yaml
+# make run   - create the environment and start the node with config.yaml (or CONFIG=FILE)
 # make test  - create the environment, install the test peers, run the whole suite
 
 PYTHON ?= python3.11
@@ -39,8 +39,8 @@ tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.js
 	cd tests/js && npm ci --no-audit --no-fund
 	touch $@
 
-run: venv
-	$(VENV)/bin/dicom-node serve --config config.yaml
+run: venv  # make run CONFIG=FILE: another config file
+	$(VENV)/bin/dicom-node serve --config $(or $(CONFIG),config.yaml)
 
 test: venv peers js
 	$(PY) -m pytest

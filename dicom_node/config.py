@@ -90,9 +90,12 @@ class Caller(_Frozen):
 
 
 class SecuritySettings(_Frozen):
-    """Who may associate. An unknown caller is rejected (A-ASSOCIATE-RJ) and logged."""
+    """Who may associate. An unknown caller is rejected (A-ASSOCIATE-RJ) and logged, and
+    so is a request addressed to another called AE title than ``node.ae_title``, unless
+    ``accept_any_called_ae_title`` (for senders that cannot be configured)."""
 
     allowed_callers: tuple[Caller, ...] = ()
+    accept_any_called_ae_title: bool = False
 
     def admits(self, ae_title: str, address: str) -> bool:
         return any(caller.admits(ae_title, address) for caller in self.allowed_callers)

@@ -48,12 +48,14 @@ class HttpEndpoint:
             def log_message(self, format: str, *args) -> None:
                 log.debug("http: " + format, *args)
 
-        self._server = ThreadingHTTPServer((bind_address, port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self.bind_address = bind_address
+        self._port = port
+        self._handler = Handler
+        self._server: ThreadingHTTPServer | None = None
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._server.server_address[1] if self._server is not None else self._port
 
     def health(self) -> tuple[int, bytes, str]:
         failing = {}
@@ -69,12 +71,18 @@ class HttpEndpoint:
         return (200 if not failing else 503), (json.dumps(body) + "\n").encode(), "application/json"
 
     def start(self) -> None:
-        self._thread.start()
+        """Bind and serve. The port is taken here, not at construction, so that the node
+        opens its ports in one place and in order; a bind's ``OSError`` propagates."""
+        self._server = ThreadingHTTPServer((self.bind_address, self._port), self._handler)
+        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
         log.info("HTTP health and metrics on %s:%d", *self._server.server_address[:2])
 
     def stop(self) -> None:
+        if self._server is None:
+            return
         self._server.shutdown()
         self._server.server_close()
+        self._server = None
 
 
 def disk_check(path, min_free_bytes: int) -> HealthCheck:

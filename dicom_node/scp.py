@@ -5,8 +5,9 @@ into the spool, record the instance in the state store, return a status. Pixels 
 never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
 disk is below its free-space threshold, the series exceeds its size bound or the write
 fails; 0xC210 (cannot understand) for invalid identifiers; 0xC211 for anything else.
-Only callers listed in the security settings may associate; any other is rejected
-with A-ASSOCIATE-RJ (calling AE title not recognised) and logged. MR images (classic,
+Only callers listed in the security settings may associate, and only to the node's own
+AE title (unless ``security.accept_any_called_ae_title``); any other association is
+rejected with A-ASSOCIATE-RJ (calling, or called, AE title not recognised) and logged. MR images (classic,
 Enhanced and Legacy Converted) are processed later; every other storage class of the
 study is accepted and kept but never processed.
 """
@@ -132,13 +133,26 @@ class StorageSCP:
 
     # -- handlers ---------------------------------------------------------------------
     def _handle_requested(self, event: evt.Event) -> None:
+        """Reject (A-ASSOCIATE-RJ, rejected-permanent, service-user) an unknown calling AE
+        title (reason 0x03), then a called AE title other than ours (reason 0x07) unless
+        ``security.accept_any_called_ae_title``."""
         requestor = event.assoc.requestor
-        calling = requestor.primitive.calling_ae_title if requestor.primitive else ""
-        if self.security.admits(calling, requestor.address):
-            return
-        log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
+        primitive = requestor.primitive
+        calling = primitive.calling_ae_title if primitive else ""
+        called = primitive.called_ae_title if primitive else ""
+        if not self.security.admits(calling, requestor.address):
+            log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
+            self._reject(event, 0x03)  # calling AE title not recognised
+        elif not self.security.accept_any_called_ae_title and called.strip() != self.settings.ae_title.strip():
+            log.warning("association rejected: %r from %s called AE %r, this node is %r",
+                        calling, requestor.address, called, self.settings.ae_title)
+            self._reject(event, 0x07)  # called AE title not recognised
+
+    @staticmethod
+    def _reject(event: evt.Event, reason: int) -> None:
+        """Send A-ASSOCIATE-RJ (rejected-permanent, service-user, ``reason``) and close."""
         try:
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, user, calling AE not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, reason)
         except Exception as exc:  # the peer already broke the protocol: just drop it
             log.warning("could not send the rejection (%s); dropping the connection", type(exc).__name__)
         finally:

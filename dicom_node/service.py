@@ -1,13 +1,27 @@
-"""The running node: wires spool, state, completion, worker, SCP and HTTP together, in one place."""
+"""The running node: wires spool, state, completion, worker, SCP and HTTP together, in one place.
+
+Start-up checks what the configuration names before anything runs or any job is
+touched: the ports must be free to listen on (a second copy of the node on the same
+state store stops here), the TLS files readable and the storage folders writable. A
+failure is a ``StartupError`` naming the config key and its value. The SCP opens last,
+so a node whose DICOM port accepts is whole; a part that fails later stops the parts
+already started again.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
+import socket
 import threading
+from enum import Enum
+from pathlib import Path
 
 from dicom_node.completion import Completion
-from dicom_node.config import Config
+from dicom_node.config import Config, TlsSettings
+from dicom_node.errors import NodeError
 from dicom_node.handoff import InProcessQueue
 from dicom_node.http import HttpEndpoint, disk_check
 from dicom_node.metrics import Metrics
@@ -19,15 +33,122 @@ from dicom_node.worker import Worker
 from pipeline.errors import WeightsMissingError
 from pipeline.segment import Segmenter, make_segmenter
 
-__all__ = ["Node", "serve"]
+__all__ = ["StartupProblem", "StartupError", "check_startup", "Node", "serve"]
 
 log = logging.getLogger(__name__)
 
 _RETENTION_INTERVAL = 3600.0
 
 
+class StartupProblem(Enum):
+    """Why the node could not start; the CLI gives each its own exit status."""
+
+    PORT_IN_USE = "port in use"
+    PORT_NOT_PERMITTED = "port not permitted"
+    CANNOT_LISTEN = "cannot listen"
+    FILE_UNREADABLE = "file unreadable"
+    FOLDER_UNWRITABLE = "folder unwritable"
+
+
+class StartupError(NodeError):
+    """A port, file or folder that the configuration names cannot be used.
+
+    The message is one line that starts with the config key and its value, for example
+    ``node.port 11112 on 127.0.0.1 is already in use``.
+    """
+
+    def __init__(self, message: str, *, key: str, value: object, problem: StartupProblem) -> None:
+        super().__init__(message)
+        self.key = key
+        self.value = value
+        self.problem = problem
+
+
+def _listen_error(exc: OSError, section: str, address: str, port: int) -> StartupError:
+    key = f"{section}.port"
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"{section}.bind_address {address} is not an address of this host ({exc.strerror})",
+                            key=f"{section}.bind_address", value=address, problem=StartupProblem.CANNOT_LISTEN)
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{key} {port} on {address} is already in use",
+                            key=key, value=port, problem=StartupProblem.PORT_IN_USE)
+    if exc.errno == errno.EACCES:
+        hint = (" (a port below 1024 needs root or CAP_NET_BIND_SERVICE; or choose a port above 1023)"
+                if port < 1024 else f" ({exc.strerror})")
+        return StartupError(f"{key} {port} on {address} is not permitted{hint}",
+                            key=key, value=port, problem=StartupProblem.PORT_NOT_PERMITTED)
+    return StartupError(f"{key} {port} on {address}: cannot listen ({exc.strerror or exc})",
+                        key=key, value=port, problem=StartupProblem.CANNOT_LISTEN)
+
+
+def _check_port(section: str, address: str, port: int) -> None:
+    """Bind and close at once, as the server will bind (SO_REUSEADDR), so that a port
+    that cannot be opened is found before anything starts."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise _listen_error(exc, section, address, port) from exc
+
+
+def _check_readable(key: str, path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise StartupError(f"{key} {path} cannot be read ({exc.strerror})",
+                           key=key, value=path, problem=StartupProblem.FILE_UNREADABLE) from exc
+
+
+def _check_writable_folder(key: str, folder: Path, shown: Path | None = None) -> None:
+    """``folder`` exists and is writable, or can be created (its nearest existing
+    ancestor is writable). Nothing is written."""
+    shown = shown or folder
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"is not a folder ({existing} is a file)" if existing != folder else "is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == folder else f"cannot be created ({existing} is not writable)"
+    if problem:
+        raise StartupError(f"{key} {shown} {problem}", key=key, value=shown, problem=StartupProblem.FOLDER_UNWRITABLE)
+
+
+def check_startup(config: Config) -> None:
+    """Raise ``StartupError`` for the first port that cannot be listened on, TLS file
+    that cannot be read or storage folder that cannot be written."""
+    _check_port("node", config.node.bind_address, config.node.port)
+    if config.http.port:
+        _check_port("http", config.http.bind_address, config.http.port)
+    tls_sections: tuple[tuple[str, TlsSettings | None], ...] = (
+        ("node.tls", config.node.tls), ("destination.tls", config.destination.tls))
+    for section, tls in tls_sections:
+        if tls is None:
+            continue
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(tls, name)
+            if path is not None:
+                _check_readable(f"{section}.{name}", path)
+    spool = config.storage.spool_dir
+    _check_writable_folder("storage.spool_dir", spool)
+    for sub in ("incoming", "results", "tmp"):
+        if (spool / sub).exists():
+            _check_writable_folder("storage.spool_dir", spool / sub, shown=spool)
+    db = config.storage.state_db
+    _check_writable_folder("storage.state_db", db.parent, shown=db)
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise StartupError(f"storage.state_db {db} is not writable",
+                           key="storage.state_db", value=db, problem=StartupProblem.FOLDER_UNWRITABLE)
+
+
 class Node:
     def __init__(self, config: Config, segmenter: Segmenter | None = None) -> None:
+        check_startup(config)
         self.config = config
         self.spool = Spool(config.storage.spool_dir)
         self.state = StateStore(config.storage.state_db)
@@ -52,6 +173,7 @@ class Node:
                 },
                 self.metrics.exposition,
             )
+        self._started: list[object] = []  # the parts running, stopped again by stop()
         self._stop = threading.Event()
         self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
 
@@ -60,29 +182,48 @@ class Node:
         return None
 
     def start(self) -> None:
-        resumed = self.state.resume_interrupted()
-        restarted = self.state.restart_completion_timers()
-        if resumed or restarted:
-            log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
-        self._report_weights()
-        if not self.config.security.allowed_callers:
-            log.warning("security.allowed_callers is empty: every association will be rejected")
-        self.queue.start()
-        self.completion.start()
-        self.scp.start()
-        if self.http is not None:
-            self.http.start()
+        """Resume, run the worker and completion, then open HTTP and, last, the SCP. On
+        any failure the parts already started are stopped again and the error
+        propagates (a ``StartupError`` for a port taken since ``check_startup``)."""
+        try:
+            resumed = self.state.resume_interrupted()
+            restarted = self.state.restart_completion_timers()
+            if resumed or restarted:
+                log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
+            self._report_weights()
+            if not self.config.security.allowed_callers:
+                log.warning("security.allowed_callers is empty: every association will be rejected")
+            self.queue.start()
+            self._started.append(self.queue)
+            self.completion.start()
+            self._started.append(self.completion)
+            if self.http is not None:
+                self._listen(self.http, "http", self.config.http.bind_address, self.config.http.port)
+            self._listen(self.scp, "node", self.config.node.bind_address, self.config.node.port)
+        except BaseException:
+            self._stop_started()
+            raise
         if self.config.retention.days > 0:
             self._retention.start()
+
+    def _listen(self, part: StorageSCP | HttpEndpoint, section: str, address: str, port: int) -> None:
+        try:
+            part.start()
+        except OSError as exc:
+            raise _listen_error(exc, section, address, port) from exc
+        self._started.append(part)
+
+    def _stop_started(self) -> None:
+        """Stop what runs: the network first, so nothing new arrives while the rest stops."""
+        for part in (self.http, self.scp, self.completion, self.queue):
+            if part is not None and any(part is running for running in self._started):
+                part.stop()
+        self._started = []
 
     def stop(self) -> None:
         log.info("stopping")
         self._stop.set()
-        if self.http is not None:
-            self.http.stop()
-        self.scp.stop()
-        self.completion.stop()
-        self.queue.stop()
+        self._stop_started()
         self.state.close()
 
     def _retention_loop(self) -> None:
@@ -105,13 +246,13 @@ class Node:
 
 
 def serve(config: Config) -> None:
-    """Run the node until SIGTERM or SIGINT."""
+    """Run the node until SIGTERM or SIGINT; a ``StartupError`` if it cannot start."""
     node = Node(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node.start()
     try:
+        node.start()
         stop.wait()
     finally:
         node.stop()
