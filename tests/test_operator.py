@@ -202,7 +202,10 @@ def test_every_option_of_every_command_has_help():
 
 def test_make_run_takes_the_config_file():
     def command(*args: str) -> str:
-        result = subprocess.run(["make", "-n", "run", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # under `make test` the environment says we are a sub-make, which adds directory lines
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        result = subprocess.run(["make", "--no-print-directory", "-n", "run", *args], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout.strip().splitlines()[-1]
 
