@@ -30,6 +30,18 @@ How it works (see :func:`train_phantom_model`):
    and ``dataset.json``, to the folder TotalSegmentator loads for ``task="total",
    fast=True``.
 
+TotalSegmentator's *full* ``total`` task (``fast=False``) runs five part-models
+(organs, vertebrae, cardiac, muscles, ribs) at 1.5 mm and merges their labels.
+:func:`make_full_total_weights` derives an equally **synthetic** stand-in for those five
+from the fast phantom, without training: each part gets the fast checkpoint with its
+output rows re-sliced into the part's own label space (the phantom classes of that part
+keep their learned rows, all others are never predicted), the part's ``dataset.json``,
+and plans at the full task's spacing (with head-sized tiles, cheaper on a CPU). Folder
+names, trainer, plans, task ids and part label ids come from TotalSegmentator's own
+tables. The network was trained at 3 mm and sees 1.5 mm voxels there, so its labels
+differ from the fast phantom's; it exists to run the full task's code path (five
+predictors, label merging), not to segment anything.
+
 Steps 1-5 run in a child Python process (``subprocess``, not ``multiprocessing``), so
 calling :func:`train_phantom_model` from a plain script without an
 ``if __name__ == "__main__"`` guard is safe. nnU-Net's paths (``nnUNet_raw``,
@@ -67,6 +79,7 @@ __all__ = [
     "SPACING_MM",
     "phantom_class_names",
     "make_custom_model",
+    "make_full_total_weights",
     "CUSTOM_MODEL",
     "total_class_map",
     "make_phantom_anatomy",
@@ -96,6 +109,10 @@ DEFAULT_NUM_CASES = 36
 _PATCH_SIZE = (48, 48, 48)
 _FEATURES = (8, 16, 32, 64, 64)
 _UNUSED_CLASS_BIAS = -100.0
+# The full task's part-models are never trained, so their tiles need not match training.
+# One tile holds a head at 1.5 mm (264 mm up-down and front-back, 192 mm left-right; nnU-Net
+# order z, y, x); on the shared T1 series that is 3-5 times faster on a CPU than 48^3 tiles.
+_FULL_PATCH_SIZE = (176, 176, 128)
 
 # ----------------------------------------------------------------------------------
 # Tissues (intensity classes) and labels
@@ -502,20 +519,118 @@ def model_folder(weights_dir: Path) -> Path:
 
 
 def segment_with_totalseg(image: "nib.Nifti1Image", weights_dir: Path, home_dir: Path, *,
-                          device: Literal["cpu", "gpu"] = "cpu") -> "nib.Nifti1Image":
-    """TotalSegmentator's ``total`` fast task on ``image`` with the weights under ``weights_dir``.
+                          device: Literal["cpu", "gpu"] = "cpu", fast: bool = True) -> "nib.Nifti1Image":
+    """TotalSegmentator's ``total`` task on ``image`` with the weights under ``weights_dir``.
 
-    The node's own call (:func:`pipeline.totalseg.run_in_child`) in a spawned process:
-    the variables TotalSegmentator and nnU-Net read are set there, never in this process.
-    Returns the label image on ``image``'s grid.
+    ``fast`` picks the 3 mm model (task 297), otherwise the full task's five part-models
+    (as :func:`make_full_total_weights` writes them). The node's own call
+    (:func:`pipeline.totalseg.run_in_child`, i.e. ``totalsegmentator()``) in a spawned
+    process: the variables TotalSegmentator and nnU-Net read are set there, never in this
+    process. Returns the label image on ``image``'s grid.
     """
     from pipeline.runner import run_model_on_nifti
     from pipeline.settings import ModelSettings
     from pipeline.totalseg import run_in_child
 
-    settings = ModelSettings(kind="totalsegmentator", task="total", fast=True, device=device,
+    settings = ModelSettings(kind="totalsegmentator", task="total", fast=fast, device=device,
                              weights_dir=Path(weights_dir).resolve(), home_dir=Path(home_dir).resolve())
     return run_model_on_nifti(image, run_in_child, settings, "TotalSegmentator")
+
+
+def _totalseg_model_folders(weights_dir: Path, *, fast: bool) -> list[tuple[int, Path, dict[str, Any]]]:
+    """``(task id, model folder, task config)`` of TotalSegmentator's ``total`` task, from its own tables."""
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.python_api import get_task_config
+
+    config = get_task_config("total", fast=fast, quiet=True)
+    task_ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
+    trainer_dir = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config.get('model') or '3d_fullres'}"
+    folders = []
+    for task_id in task_ids:
+        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
+        folder = Path(weights_dir) / (info.get("rel_path") or ".") / info["foldername"] / trainer_dir
+        folders.append((task_id, Path(os.path.normpath(folder)), config))
+    return folders
+
+
+def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Path]:
+    """The five part-models of TotalSegmentator's full ``total`` task, derived from the fast phantom.
+
+    **Synthetic, no training**: every part is the fast phantom checkpoint (under
+    ``fast_weights_dir``) with its ``seg_layers`` rows re-sliced from the 118 ``total``
+    channels into the part's label space (``class_map_5_parts``: background + the part's
+    classes); a phantom class of that part keeps its learned row, every other class keeps
+    the fast model's "never predicted" row (bias -100). ``plans.json`` is the fast one with
+    the full task's spacing (TotalSegmentator resamples to it before nnU-Net runs) and
+    larger tiles (inference only, the network is fully convolutional), and the checkpoint
+    names the full task's trainer. Writes (replacing) the five model folders
+    under ``weights_dir`` (a ``TOTALSEG_WEIGHTS_PATH``) and returns them in task-id order.
+    """
+    import torch
+    from totalsegmentator.map_to_binary import class_map_5_parts, map_taskid_to_partname_ct
+
+    [(_, fast_folder, _)] = _totalseg_model_folders(Path(fast_weights_dir), fast=True)
+    fast_checkpoint = fast_folder / "fold_0" / "checkpoint_final.pth"
+    if not fast_checkpoint.is_file():
+        raise FileNotFoundError(f"no fast phantom model at {fast_checkpoint} (train one with `dicom-node demo-model`)")
+    ckpt = torch.load(fast_checkpoint, map_location="cpu", weights_only=False)
+    fast_plans = json.loads((fast_folder / "plans.json").read_text())
+    fast_dataset = json.loads((fast_folder / "dataset.json").read_text())
+    fast_rows = fast_dataset["labels"]  # class name -> row of the fast model's output
+    learned = set(phantom_class_names())
+
+    written = []
+    for task_id, folder, config in _totalseg_model_folders(Path(weights_dir), fast=False):
+        part_map = class_map_5_parts[map_taskid_to_partname_ct[task_id]]
+        labels = {"background": 0, **{name: idx for idx, name in sorted(part_map.items())}}
+        rows = [0] * (max(part_map) + 1)
+        for name, idx in labels.items():
+            rows[idx] = fast_rows[name]
+        weights = dict(ckpt["network_weights"])  # the same tensors: shared ones stay shared
+        for key, value in weights.items():
+            if ".seg_layers." in key:
+                weights[key] = value[rows].clone()
+
+        resample = config["resample"]  # [x, y, z] in TotalSegmentator; nnU-Net plans are [z, y, x]
+        spacing = [float(resample)] * 3 if np.isscalar(resample) else [float(v) for v in reversed(resample)]
+        model = config.get("model") or "3d_fullres"
+        plans = json.loads(json.dumps(fast_plans))
+        plans["dataset_name"] = folder.parent.name
+        plans["plans_name"] = config.get("plans") or "nnUNetPlans"
+        plans["original_median_spacing_after_transp"] = spacing
+        plans["configurations"] = {model: {**fast_plans["configurations"]["3d_fullres"], "spacing": spacing,
+                                           "patch_size": list(_FULL_PATCH_SIZE)}}
+        in_part = [name for name in labels if name in learned]
+        dataset_json = {
+            "channel_names": fast_dataset["channel_names"],
+            "labels": labels,
+            "numTraining": fast_dataset["numTraining"],
+            "file_ending": ".nii.gz",
+            "name": folder.parent.name,
+            "description": "SYNTHETIC phantom part-model (anatomically meaningless, derived from the fast "
+                           "phantom without training) standing in for TotalSegmentator 'total' full weights; "
+                           "for tests and demos only. Learned classes: " + (", ".join(in_part) or "none"),
+        }
+        slim = {
+            "network_weights": weights,
+            "optimizer_state": None,
+            "grad_scaler_state": None,
+            "logging": None,
+            "_best_ema": None,
+            "current_epoch": ckpt["current_epoch"],
+            "init_args": {**ckpt["init_args"], "plans": plans, "dataset_json": dataset_json, "fold": 0,
+                          "configuration": model, "device": "cpu"},
+            "trainer_name": config["trainer"],
+            "inference_allowed_mirroring_axes": None,
+        }
+        if folder.exists():
+            shutil.rmtree(folder)
+        (folder / "fold_0").mkdir(parents=True)
+        torch.save(slim, folder / "fold_0" / "checkpoint_final.pth")
+        (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+        (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        written.append(folder)
+    return written
 
 
 CUSTOM_DATASET = "Dataset501_PhantomCustom"
@@ -838,7 +953,6 @@ def _training_job(job_file: str) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     t0 = time.time()
 
-    work = Path(job["work_dir"])
     raw = Path(os.environ["nnUNet_raw"]) / TOTAL_FAST_DATASET
     pre = Path(os.environ["nnUNet_preprocessed"]) / TOTAL_FAST_DATASET
     res = Path(os.environ["nnUNet_results"])

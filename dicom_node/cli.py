@@ -1,4 +1,5 @@
-"""The ``dicom-node`` command: serve, process, status, retry, weights, cleanup, evaluate, demo-study, demo-model.
+"""The ``dicom-node`` command: serve, process, worker, status, retry, weights, cleanup, evaluate, demo-study,
+demo-model.
 
 Exit statuses are ``ExitStatus`` (listed in ``--help`` and the README); ``serve`` has one
 per ``StartupProblem``, with one line on stderr naming the config key and its value.
@@ -73,62 +74,108 @@ def _group_by_series(root: Path) -> dict[str, list[Path]]:
 def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
     from pipeline.run import Outcome, process_series
+    from pipeline.runner import ModelRunner
     from pipeline.segment import make_segmenter
-    from pipeline.settings import PipelineSettings
 
-    from pipeline.seg_writer import SegOptions
-
-    if args.config:
-        config = _load(args)
-        settings, seg_options = config.pipeline, config.destination.seg_options
-        setup_logging(config.logging.level, config.logging.format)
-    else:
-        settings, seg_options = PipelineSettings(), SegOptions()  # relative paths: from the current folder
-        setup_logging("WARNING")
-    segmenter = make_segmenter(settings.model)
+    config = _load(args)  # the same file and path rules as serve
+    settings, seg_options = config.pipeline, config.destination.seg_options
+    setup_logging("WARNING" if not args.verbose else config.logging.level, config.logging.format)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     groups = _group_by_series(Path(args.input))
     if not groups:
-        print(f"no DICOM series found under {args.input}")
-        return 1
+        print(f"no DICOM series found under {args.input}", file=sys.stderr)
+        return ExitStatus.FAILURE
     failures = 0
-    for series_uid, paths in groups.items():
-        try:
-            result = process_series(paths, settings, segmenter, seg_options)
-        except PipelineError as exc:
-            failures += 1
-            print(f"{series_uid}: failed: {exc}")
-            continue
-        if result.outcome is Outcome.SEG and result.seg is not None:
-            target = output / f"{series_uid}.seg.dcm"
-            result.seg.save_as(target, enforce_file_format=True)
-            print(f"{series_uid}: seg {target}: {result.reason}: {', '.join(result.segments)}")
-        else:
-            print(f"{series_uid}: {result.outcome.value}: {result.reason}")
-    return 1 if failures else 0
+    with ModelRunner(settings.model) as runner, _Progress(len(groups), enabled=not args.json) as progress:
+        segmenter = make_segmenter(settings.model, runner)
+        for series_uid, paths in groups.items():
+            progress.series(series_uid)
+            record: dict = {"series_instance_uid": series_uid, "instances": len(paths)}
+            try:
+                result = process_series(paths, settings, segmenter, seg_options, on_stage=progress.stage)
+            except PipelineError as exc:
+                failures += 1
+                record.update(outcome="failed", reason=str(exc))
+            else:
+                record.update(outcome=result.outcome.value, reason=result.reason,
+                              seconds={k: round(v, 3) for k, v in result.seconds.items()})
+                if result.outcome is Outcome.SEG and result.seg is not None:
+                    target = output / f"{series_uid}.seg.dcm"
+                    result.seg.save_as(target, enforce_file_format=True)
+                    record.update(seg=str(target), segments=list(result.segments))
+            record["model_loads"] = runner.loads
+            progress.done(record)
+            if args.json:
+                print(json.dumps(record), flush=True)
+        if not args.json:
+            print(f"{len(groups)} series, {failures} failed; the model was loaded {runner.loads} time(s)")
+    return ExitStatus.FAILURE if failures else ExitStatus.OK
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+class _Progress:
+    """A progress bar over the series, naming the stage the current one is in (stderr)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        self.bar = tqdm(total=total, unit="series", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def series(self, uid: str) -> None:
+        self.current = uid[-12:]
+        self.bar.set_postfix_str(f"...{self.current}: reading")
+
+    def stage(self, name: str) -> None:
+        self.bar.set_postfix_str(f"...{self.current}: {name}")
+
+    def done(self, record: dict) -> None:
+        if self.enabled:  # with --json the caller writes the record itself
+            line = f"{record['series_instance_uid']}: {record['outcome']}"
+            if record.get("seg"):
+                line += f" {record['seg']}"
+            self.bar.write(f"{line}: {record['reason']}", file=sys.stdout)
+        self.bar.update(1)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.celery_models import run_worker
+
+    config = _load(args)
+    setup_logging(config.logging.level, config.logging.format)
+    return run_worker(config, name=args.name)
 
 
 def _job_json(job: Job, now: float) -> str:
-    return json.dumps({
-        "id": job.id,
-        "state": job.state.value,
-        "reason": job.reason,
-        "last_error": job.last_error,
-        "attempts": job.attempts,
-        "sequence_class": job.sequence_class,
-        "preprocessing": job.preprocessing,
-        "study_instance_uid": job.series.study_instance_uid,
-        "series_instance_uid": job.series.series_instance_uid,
-        "calling_ae_title": job.series.calling_ae_title,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "age_seconds": round(now - job.created_at, 1),
-    })
+    from dicom_node.ui import job_record
+
+    return json.dumps(job_record(job, now))
+
+
+def _timeline(job: Job) -> str:
+    """When the job passed each stage, and how long each took (UTC)."""
+    def at(timestamp: float | None) -> str:
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
+
+    def took(seconds: float | None) -> str:
+        return "" if seconds is None else f" ({seconds:.1f}s)"
+
+    stages = job.stage_seconds()
+    parts = [f"received {at(job.received_at)}", f"completed {at(job.completed_at)}{took(stages['receiving'])}"]
+    if job.processing_at is not None:
+        parts.append(f"processing {at(job.processing_at)} (queued {stages['queued']:.1f}s)"
+                     if stages["queued"] is not None else f"processing {at(job.processing_at)}")
+    if job.processed_at is not None:
+        parts.append(f"processed {at(job.processed_at)}{took(stages['processing'])}")
+    if job.sent_at is not None:
+        parts.append(f"sent {at(job.sent_at)}{took(stages['sending'])}")
+    return "UTC " + ", ".join(parts)
 
 
 def _status_lines(jobs: list[Job], as_json: bool, now: float) -> list[str]:
@@ -145,16 +192,34 @@ def _status_lines(jobs: list[Job], as_json: bool, now: float) -> list[str]:
         for job in selected:
             made = f" [{job.sequence_class or '?'}, {job.preprocessing or 'not segmented'}]" if job.sequence_class else ""
             last = f" (last error: {job.last_error})" if job.last_error and job.state is not JobState.FAILED else ""
-            lines.append(f"  job {job.id} series {job.series.series_instance_uid} from {job.series.calling_ae_title}"
-                         f" attempts {job.attempts}{made}: {job.reason or ''}{last}")
+            again = f" (again from job {job.reprocess_of})" if job.reprocess_of else ""
+            lines.append(f"  job {job.id}{again} series {job.series.series_instance_uid} from"
+                         f" {job.series.calling_ae_title} attempts {job.attempts}{made}: {job.reason or ''}{last}")
+            lines.append(f"      {_timeline(job)}")
+            if job.model_run:
+                lines.append(f"      model: {job.model_run}")
     return lines
+
+
+def _workers_line(config: Config, jobs: list[Job]) -> str:
+    """Where the model runs, the series in flight and the queue in front of it."""
+    in_flight = sum(job.state is JobState.PROCESSING for job in jobs)
+    waiting = sum(job.state is JobState.RECEIVED for job in jobs)
+    if config.workers.backend == "celery":
+        from dicom_node.celery_models import queue_depth
+
+        depth = queue_depth(config.workers)
+        queued = "Redis unreachable" if depth is None else f"{depth} task(s) in the Redis queue"
+        return (f"workers: celery (queue {config.workers.queue}), {in_flight} series in flight of at most"
+                f" {config.workers.max_in_flight}, {queued}, {waiting} job(s) waiting in the node")
+    return f"workers: embedded warm runner, {in_flight} series in flight, {waiting} job(s) waiting"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     state = StateStore(config.storage.state_db)
     try:
-        jobs = state.jobs()
+        jobs = every_job = state.jobs()
     finally:
         state.close()
     now = time.time()
@@ -162,8 +227,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         jobs = [job for job in jobs if job.state.value in args.state]
     if args.since is not None:
         jobs = [job for job in jobs if job.updated_at >= now - args.since]
+    lines = _status_lines(jobs, args.json, now)
+    if not args.json:
+        lines.insert(0, _workers_line(config, every_job))
     try:
-        for line in _status_lines(jobs, args.json, now):
+        for line in lines:
             print(line)
         sys.stdout.flush()
     except BrokenPipeError:
@@ -178,12 +246,24 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
     state = StateStore(config.storage.state_db)
     try:
-        job = state.requeue(args.job_id)
+        if args.reprocess:
+            job = state.reprocess(args.job_id)
+        else:
+            old = state.job(args.job_id)
+            if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT):
+                raise ValueError(f"job {args.job_id} is {old.state.value}; `dicom-node retry --reprocess"
+                                 f" {args.job_id}` processes its series again")
+            job = state.requeue(args.job_id)
     except (KeyError, ValueError) as exc:
         print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
-        return 2
-    print(f"job {job.id} queued again as {job.state.value}; a running node picks it up")
-    return 0
+        return ExitStatus.CONFIG_ERROR
+    finally:
+        state.close()
+    if job.id != args.job_id:
+        print(f"job {args.job_id} queued again as job {job.id} ({job.state.value}); a running node picks it up")
+    else:
+        print(f"job {job.id} queued again as {job.state.value}; a running node picks it up")
+    return ExitStatus.OK
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -237,8 +317,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _load(args).pipeline if args.config else PipelineSettings()
     setup_logging("WARNING")
     modes = [mode.value for mode in PreprocessingMode]
-    scores = evaluate_cases(Path(args.images), Path(args.references), settings,
-                            make_segmenter(settings.model), modes)
+    segmenter = make_segmenter(settings.model)  # one warm model for every case and mode
+    try:
+        scores = evaluate_cases(Path(args.images), Path(args.references), settings, segmenter, modes)
+    finally:
+        segmenter.close()
     paths = write_reports(scores, modes, Path(args.output), args.title)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
@@ -256,9 +339,14 @@ def _cmd_demo_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
-    from demo.phantom_model import train_phantom_model
+    from demo.phantom_model import make_full_total_weights, train_phantom_model
 
     setup_logging("INFO")
+    if args.full_from:
+        for folder in make_full_total_weights(Path(args.full_from), Path(args.output)):
+            print(f"phantom part-model written to {folder}")
+        print("(synthetic, anatomically meaningless, TotalSegmentator 'total' full task: for tests and demos only)")
+        return 0
     options = {"epochs": args.epochs} if args.epochs else {}
     folder = train_phantom_model(Path(args.output), seed=args.seed, **options)
     print(f"phantom model written to {folder} (synthetic, anatomically meaningless: for tests and demos only)")
@@ -280,7 +368,7 @@ _EPILOG = """exit statuses:
   3  serve: node.port or http.port is already in use
   4  serve: the port is not permitted (below 1024 without privileges)
   5  serve: cannot listen on the bind address
-  6  serve: a TLS file (node.tls.*, destination.tls.*) cannot be read
+  6  serve: a TLS file (node.tls.*, destination.tls.*) or http.ui_token_file cannot be read
   7  serve: storage.spool_dir or storage.state_db cannot be written"""
 
 
@@ -300,8 +388,15 @@ def _parser() -> argparse.ArgumentParser:
     process = commands.add_parser("process", help="run the pipeline over DICOM files, without network")
     process.add_argument("input", help="folder searched recursively for DICOM series")
     process.add_argument("--output", required=True, help="folder for the SEG files")
-    process.add_argument("--config", default=None, help="config file (default: built-in defaults)")
+    process.add_argument("--config", default="config.yaml", help=_CONFIG_HELP + "; paths resolve as for serve")
+    process.add_argument("--json", action="store_true", help="one JSON object per series and line, no progress bar")
+    process.add_argument("--verbose", action="store_true", help="log at the config's level (default: warnings)")
     process.set_defaults(func=_cmd_process)
+
+    worker = commands.add_parser("worker", help="run a GPU worker for workers.backend celery (one per GPU)")
+    worker.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
+    worker.add_argument("--name", default=None, help="the worker's name (default: dicom-node-PID@HOST)")
+    worker.set_defaults(func=_cmd_worker)
 
     status = commands.add_parser("status", help="list jobs by state, with their reasons")
     status.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
@@ -312,8 +407,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="only jobs that changed in the last SECONDS seconds")
     status.set_defaults(func=_cmd_status)
 
-    retry = commands.add_parser("retry", help="queue a failed job again")
+    retry = commands.add_parser("retry", help="queue a failed job again (--reprocess: any ended job)")
     retry.add_argument("job_id", type=int, help="the job's id, as `status` shows it")
+    retry.add_argument("--reprocess", action="store_true",
+                       help="process the job's series again as a new job, whatever its outcome (sent, skipped,"
+                            " no_result, failed), for example after a policy change")
     retry.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
     retry.set_defaults(func=_cmd_retry)
 
@@ -352,6 +450,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", required=True, help="weights folder (becomes TOTALSEG_WEIGHTS_PATH)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--full-from", metavar="FAST_WEIGHTS_DIR", default=None,
+                      help="instead of training: derive the full 'total' task's five part-models from the"
+                           " fast phantom model in FAST_WEIGHTS_DIR")
     demo.set_defaults(func=_cmd_demo_model)
     return parser
 

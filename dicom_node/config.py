@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
 from pipeline.seg_writer import SegOptions
@@ -29,6 +29,7 @@ __all__ = [
     "HttpSettings",
     "LoggingSettings",
     "RetentionSettings",
+    "WorkerSettings",
     "Config",
     "load_config",
     "parse_config",
@@ -63,6 +64,7 @@ class NodeSettings(_Frozen):
     max_associations: int = Field(10, ge=1)
     max_pdu_size: int = Field(65536, ge=4096)
     network_timeout_seconds: float = Field(30.0, gt=0)
+    shutdown_seconds: float = Field(20.0, gt=0)  # SIGTERM: the job in hand finishes or is handed back by then
     tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -141,10 +143,26 @@ class SendSettings(_Frozen):
 
 
 class HttpSettings(_Frozen):
-    """The health and metrics endpoint; port 0 turns it off."""
+    """The health, readiness and metrics endpoint, and the status page; port 0 turns it off.
+
+    ``/readyz`` answers 503 once the destination has failed its last
+    ``unready_after_failed_sends`` sends (0: never for that reason). ``ui`` serves the
+    status page; its actions (retry) need the token, given in the config or in a file
+    the config names (at least 16 characters); without one the page is read-only.
+    """
 
     bind_address: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    unready_after_failed_sends: int = Field(3, ge=0)
+    ui: bool = False
+    ui_token: str | None = Field(None, min_length=16)
+    ui_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> "HttpSettings":
+        if self.ui_token is not None and self.ui_token_file is not None:
+            raise ValueError("give ui_token or ui_token_file, not both")
+        return self
 
 
 class LoggingSettings(_Frozen):
@@ -158,6 +176,29 @@ class RetentionSettings(_Frozen):
     days: float = Field(0, ge=0)
 
 
+class WorkerSettings(_Frozen):
+    """Where the model runs.
+
+    ``embedded`` (the default): one warm model process beside the node, one series at
+    a time, nothing else to install. ``celery``: segmentation tasks go over Redis
+    (``broker_url``) to ``dicom-node worker`` processes, one per GPU, with up to
+    ``max_in_flight`` series at once. A task whose worker was lost is delivered again
+    after ``visibility_timeout_seconds`` (longer than the slowest series takes).
+    """
+
+    backend: Literal["embedded", "celery"] = "embedded"
+    max_in_flight: int = Field(1, ge=1)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "dicom-node"
+    visibility_timeout_seconds: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _embedded_runs_one(self) -> "WorkerSettings":
+        if self.backend == "embedded" and self.max_in_flight != 1:
+            raise ValueError("the embedded runner processes one series at a time: max_in_flight 1, or backend celery")
+        return self
+
+
 class Config(_Frozen):
     node: NodeSettings = NodeSettings()
     security: SecuritySettings = SecuritySettings()
@@ -169,6 +210,7 @@ class Config(_Frozen):
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
+    workers: WorkerSettings = WorkerSettings()
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -202,8 +244,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     node = config.node.model_copy(update={"tls": tls(config.node.tls)})
     destination = config.destination.model_copy(update={"tls": tls(config.destination.tls)})
+    token_file = config.http.ui_token_file
+    http = config.http.model_copy(update={"ui_token_file": None if token_file is None else absolute(token_file)})
     return config.model_copy(
-        update={"node": node, "destination": destination, "storage": storage, "pipeline": pipeline}
+        update={"node": node, "destination": destination, "storage": storage, "pipeline": pipeline, "http": http}
     )
 
 

@@ -24,10 +24,17 @@ class InvalidUIDError(NodeError):
 
 
 class SendError(NodeError):
-    """A C-STORE to the destination failed."""
+    """A C-STORE to the destination failed.
 
-    def __init__(self, message: str, *, peer: str, status: int | None = None, permanent: bool = False) -> None:
+    ``kind`` tells the failures apart in reasons and metrics: ``connection refused``,
+    ``timed out``, ``aborted by peer``, ``association rejected``, ``context rejected``,
+    ``failure status``, ``local error``.
+    """
+
+    def __init__(self, message: str, *, peer: str, status: int | None = None, permanent: bool = False,
+                 kind: str = "local error") -> None:
         super().__init__(message)
         self.peer = peer
         self.status = status
         self.permanent = permanent
+        self.kind = kind

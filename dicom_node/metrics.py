@@ -7,6 +7,8 @@ read from the state store when ``/metrics`` is scraped, so they are always true.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
@@ -17,8 +19,9 @@ __all__ = ["Metrics"]
 
 
 class _JobCollector:
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: StateStore, metrics: "Metrics") -> None:
         self.state = state
+        self.metrics = metrics
 
     def collect(self):
         counts = self.state.job_counts()
@@ -28,6 +31,13 @@ class _JobCollector:
         yield jobs
         depth = counts.get(JobState.RECEIVED, 0) + counts.get(JobState.SENDING, 0)
         yield GaugeMetricFamily("dicom_node_queue_depth", "Jobs waiting for the worker or a send", value=depth)
+        yield GaugeMetricFamily("dicom_node_tasks_in_flight", "Series being segmented now",
+                                value=counts.get(JobState.PROCESSING, 0))
+        if self.metrics.worker_queue_depth is not None:
+            waiting = self.metrics.worker_queue_depth()
+            if waiting is not None:
+                yield GaugeMetricFamily("dicom_node_worker_queue_depth",
+                                        "Segmentation tasks waiting in Redis for a GPU worker", value=waiting)
 
 
 class Metrics:
@@ -43,10 +53,21 @@ class Metrics:
             "dicom_node_stage_seconds", "Time per pipeline stage", ["stage"], registry=self.registry,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
         )
+        self.model_seconds = Histogram(
+            "dicom_node_model_seconds", "Model time per series, as the model process reports it: load (0 when"
+            " warm), forward (the network), overhead (the rest: resampling, I/O)", ["part"],
+            registry=self.registry, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.model_runs = Counter(
+            "dicom_node_model_runs", "Series segmented, by model process (worker) and device", ["worker", "device"],
+            registry=self.registry,
+        )
         self.send_attempts = Counter("dicom_node_send_attempts", "C-STORE attempts of SEGs", registry=self.registry)
-        self.send_failures = Counter("dicom_node_send_failures", "Failed C-STORE attempts", registry=self.registry)
+        self.send_failures = Counter("dicom_node_send_failures", "Failed C-STORE attempts, by kind of failure",
+                                     ["kind"], registry=self.registry)
+        self.worker_queue_depth: Callable[[], int | None] | None = None  # set with Celery workers
         if state is not None:
-            self.registry.register(_JobCollector(state))
+            self.registry.register(_JobCollector(state, self))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

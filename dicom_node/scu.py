@@ -13,11 +13,17 @@ its meaning where there is one, and says whether trying again can help:
 * transient (the job is retried with back-off): no connection, an association rejected
   transiently or aborted, no answer within the timeout, out of resources (0xA7xx),
   processing failure (0x0110) or resource limitation (0x0213).
+
+``SendError.kind`` tells "connection refused", "timed out", "aborted by peer" and
+"association rejected" apart. pynetdicom reports an association that never came about
+only as aborted; the SCU then connects once more with a plain socket to tell a refused
+connection and a peer that does not answer from one that closed on us.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +89,10 @@ def send_file(
         why = _CONTEXT_RESULTS.get(refused[0], f"result {refused[0]}")
         raise SendError(
             f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
-            peer=peer, permanent=True,
+            peer=peer, permanent=True, kind="context rejected",
         )
     if not assoc.is_established:
-        raise _association_failure(assoc, peer)
+        raise _association_failure(assoc, peer, destination, timeout)
     try:
         started = time.monotonic()
         try:
@@ -95,8 +101,10 @@ def send_file(
             raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}", peer=peer) from exc
         if not status or "Status" not in status:
             if time.monotonic() - started >= timeout * 0.95:
-                raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer)
-            raise SendError(f"{peer} aborted the association during the C-STORE", peer=peer)
+                raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer,
+                                kind="timed out")
+            raise SendError(f"{peer} aborted the association during the C-STORE (aborted by peer)", peer=peer,
+                            kind="aborted by peer")
     finally:
         if assoc.is_established:
             assoc.release()
@@ -111,11 +119,11 @@ def send_file(
         return SendOutcome(code, warning)
     raise SendError(
         f"{peer} answered C-STORE with status 0x{code:04X} ({status_meaning(code)})",
-        peer=peer, status=code, permanent=not _transient_status(code),
+        peer=peer, status=code, permanent=not _transient_status(code), kind="failure status",
     )
 
 
-def _association_failure(assoc, peer: str) -> SendError:
+def _association_failure(assoc, peer: str, destination: Destination, timeout: float) -> SendError:
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         result = getattr(primitive, "result_str", None) or "rejected"
@@ -123,7 +131,24 @@ def _association_failure(assoc, peer: str) -> SendError:
         reason = getattr(primitive, "reason_str", None) or "?"
         permanent = getattr(primitive, "result", None) == 0x01
         return SendError(f"association to {peer} rejected ({result}; {source}: {reason})", peer=peer,
-                         permanent=permanent)
-    if assoc.is_aborted:
-        return SendError(f"association to {peer} aborted or refused (no connection)", peer=peer)
-    return SendError(f"no association with {peer}", peer=peer)
+                         permanent=permanent, kind="association rejected")
+    kind = _diagnose_connection(destination.host, destination.port, timeout)
+    what = {
+        "connection refused": "connection refused (nothing listens there)",
+        "timed out": f"no answer within {timeout:g} s (timed out)",
+    }.get(kind, "the peer closed the connection before the association was accepted (aborted by peer)")
+    return SendError(f"association to {peer} failed: {what}", peer=peer, kind=kind)
+
+
+def _diagnose_connection(host: str, port: int, timeout: float) -> str:
+    """Why no association came about: ``connection refused``, ``timed out`` or
+    ``aborted by peer`` (a TCP connection opens, so the peer closed the association)."""
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 5.0)):
+            return "aborted by peer"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except (socket.timeout, TimeoutError):
+        return "timed out"
+    except OSError:
+        return "connection refused"

@@ -21,19 +21,21 @@ from pathlib import Path
 
 from dicom_node.completion import Completion
 from dicom_node.config import Config, TlsSettings
-from dicom_node.errors import NodeError
+from dicom_node.errors import ConfigError, NodeError
 from dicom_node.handoff import InProcessQueue
-from dicom_node.http import HttpEndpoint, disk_check
+from dicom_node.http import HttpEndpoint, destination_check, disk_check
 from dicom_node.metrics import Metrics
 from dicom_node.retention import expired, purge
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
 from dicom_node.state import StateStore
+from dicom_node.ui import StatusPage
 from dicom_node.worker import Worker
 from pipeline.errors import WeightsMissingError
+from pipeline.runner import ModelRunner, ModelService
 from pipeline.segment import Segmenter, make_segmenter
 
-__all__ = ["StartupProblem", "StartupError", "check_startup", "Node", "serve"]
+__all__ = ["StartupProblem", "StartupError", "check_startup", "Node", "model_service", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ def check_startup(config: Config) -> None:
             path = getattr(tls, name)
             if path is not None:
                 _check_readable(f"{section}.{name}", path)
+    if config.http.port and config.http.ui and config.http.ui_token_file is not None:
+        _check_readable("http.ui_token_file", config.http.ui_token_file)
     spool = config.storage.spool_dir
     _check_writable_folder("storage.spool_dir", spool)
     for sub in ("incoming", "results", "tmp"):
@@ -153,9 +157,14 @@ class Node:
         self.spool = Spool(config.storage.spool_dir)
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
-        self.segmenter = segmenter or make_segmenter(config.pipeline.model)
+        self.models: ModelService | None = None
+        if segmenter is None:
+            self.models = model_service(config)
+            segmenter = make_segmenter(config.pipeline.model, self.models)
+            self.metrics.worker_queue_depth = getattr(self.models, "queue_depth", None)
+        self.segmenter = segmenter
         worker = Worker(config, self.state, self.spool, self.segmenter, self.metrics)
-        self.queue = InProcessQueue(self.state, worker)
+        self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight)
         self.completion = Completion(config.completion, self.state, self.queue.submit)
         self.scp = StorageSCP(
             config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics
@@ -172,6 +181,12 @@ class Node:
                     "disk": disk_check(self.spool.root, config.storage.min_free_bytes),
                 },
                 self.metrics.exposition,
+                readiness={
+                    "weights": self._weights_problem,
+                    "destination": destination_check(self.state, config.destination,
+                                                     config.http.unready_after_failed_sends),
+                },
+                pages=StatusPage(self.state, config.destination, _ui_token(config)) if config.http.ui else None,
             )
         self._started: list[object] = []  # the parts running, stopped again by stop()
         self._stop = threading.Event()
@@ -182,29 +197,38 @@ class Node:
         return None
 
     def start(self) -> None:
-        """Resume, run the worker and completion, then open HTTP and, last, the SCP. On
+        """Resume, run the worker, open HTTP, run completion and, last, open the SCP. On
         any failure the parts already started are stopped again and the error
         propagates (a ``StartupError`` for a port taken since ``check_startup``)."""
         try:
             resumed = self.state.resume_interrupted()
-            restarted = self.state.restart_completion_timers()
-            if resumed or restarted:
-                log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
             self._report_weights()
+            self._start_models()
             if not self.config.security.allowed_callers:
                 log.warning("security.allowed_callers is empty: every association will be rejected")
             self.queue.start()
             self._started.append(self.queue)
-            self.completion.start()
-            self._started.append(self.completion)
             if self.http is not None:
                 self._listen(self.http, "http", self.config.http.bind_address, self.config.http.port)
+            # the completion timers of series still receiving count from when the SCP
+            # accepts again, so that a sender resending the series is in time
+            restarted = self.state.restart_completion_timers()
+            if resumed or restarted:
+                log.info("resuming: %d interrupted job(s), %d series still receiving", resumed, restarted)
+            self.completion.start()
+            self._started.append(self.completion)
             self._listen(self.scp, "node", self.config.node.bind_address, self.config.node.port)
         except BaseException:
             self._stop_started()
             raise
         if self.config.retention.days > 0:
             self._retention.start()
+
+    def _start_models(self) -> None:
+        """Start the embedded model process now, so its imports are done before the first series."""
+        if isinstance(self.models, ModelRunner):
+            self.models.start()
+            log.info("model runner started (pid %s): %s", self.models.pid, self.segmenter.describe())
 
     def _listen(self, part: StorageSCP | HttpEndpoint, section: str, address: str, port: int) -> None:
         try:
@@ -214,17 +238,29 @@ class Node:
         self._started.append(part)
 
     def _stop_started(self) -> None:
-        """Stop what runs: the network first, so nothing new arrives while the rest stops."""
-        for part in (self.http, self.scp, self.completion, self.queue):
+        """Stop what runs: the network first, so nothing new arrives while the rest
+        stops; the job in hand gets ``node.shutdown_seconds`` to finish, else the model
+        is stopped and the job handed back; then the model process."""
+        for part in (self.http, self.scp, self.completion):
             if part is not None and any(part is running for running in self._started):
                 part.stop()
+        if any(self.queue is running for running in self._started):
+            self.queue.stop(self.config.node.shutdown_seconds, interrupt=self._stop_models)
+        self._stop_models()
         self._started = []
+
+    def _stop_models(self) -> None:
+        if self.models is not None:
+            self.models.close()
 
     def stop(self) -> None:
         log.info("stopping")
         self._stop.set()
         self._stop_started()
-        self.state.close()
+        if self.queue.stopped:
+            self.state.close()
+        else:  # a thread still holds a job; the process exits without closing under it
+            log.warning("a job did not end within node.shutdown_seconds; it runs again at the next start")
 
     def _retention_loop(self) -> None:
         while not self._stop.is_set():
@@ -234,15 +270,55 @@ class Node:
                 log.exception("retention run failed")
             self._stop.wait(_RETENTION_INTERVAL)
 
-    def _report_weights(self) -> None:
-        check = getattr(self.segmenter, "check_weights", None)
+    def _weights_check(self):
+        """The configured model's weights check: the segmenter's, or its model's; none
+        with Celery workers (each checks its own weights and fails a task without them)."""
+        if self.config.workers.backend == "celery":
+            return None
+        return (getattr(self.segmenter, "check_weights", None)
+                or getattr(getattr(self.segmenter, "model", None), "check_weights", None))
+
+    def _weights_problem(self) -> str | None:
+        """What is missing of the configured model's weights (None: all there)."""
+        check = self._weights_check()
         if check is None:
-            return
+            return None
         try:
             check()
-            log.info("model weights present for %s", self.segmenter.describe())
         except WeightsMissingError as exc:
-            log.error("%s", exc)
+            return str(exc)
+        return None
+
+    def _report_weights(self) -> None:
+        if self._weights_check() is None:
+            return
+        problem = self._weights_problem()
+        if problem is None:
+            log.info("model weights present for %s", self.segmenter.describe())
+        else:
+            log.error("%s", problem)
+
+
+def _ui_token(config: Config) -> str | None:
+    """The status page's token, from the config or the file it names (checked readable at start)."""
+    http = config.http
+    token = http.ui_token
+    if http.ui_token_file is not None:
+        token = http.ui_token_file.read_text(encoding="utf-8").strip()
+        if len(token) < 16:
+            raise ConfigError(f"http.ui_token_file {http.ui_token_file}: the token must be at least 16 characters")
+    if token is None:
+        log.warning("http.ui is on without http.ui_token or http.ui_token_file: the status page is read-only")
+    return token
+
+
+def model_service(config: Config) -> ModelService:
+    """Where the model runs: the embedded warm runner, or GPU workers over Celery."""
+    if config.workers.backend == "celery":
+        from dicom_node.celery_models import CeleryModels
+
+        return CeleryModels(config.pipeline.model, config.workers)
+    return ModelRunner(config.pipeline.model)
 
 
 def serve(config: Config) -> None:

@@ -22,10 +22,24 @@ arrives later reopens the series; when it completes again, a new job covers the 
 series and every older job of that series that has not been sent yet is ``superseded``
 (its result is never sent). A series that completes again without any new instance
 (a sender repeating itself) gets no new job unless its last job failed.
+
+An ended job (``sent``, ``skipped``, ``no_result``, ``failed``) can be processed again
+as a new job over the same instances (``reprocess``; ``Job.reprocess_of`` names the
+job it repeats), for example after a policy change.
+
+Timestamps: the database itself stamps every job as its state changes (triggers, so
+that every writer, whichever function moves the job, is covered): ``received_at`` (the
+first instance the job covers arrived), ``completed_at`` (the series completed; the job
+was created), ``processing_at`` (the worker took it), ``processed_at`` (the pipeline
+ended: a SEG to send, skipped, no result or failed) and ``sent_at``. A rise of a job's
+``attempts`` is a send attempt: it is logged in ``sends`` (success when the job became
+``sent``, else a failure with its ``last_error``), the destination's recent history that
+readiness (``/readyz``) reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -77,6 +91,27 @@ class Job:
     upto_seq: int = 0  # the job covers the series' instances received up to this sequence number
     seg_series_uid: str | None = None  # SeriesInstanceUID of the SEG it produced
     last_error: str | None = None  # the latest failed attempt, kept apart from the outcome's reason
+    received_at: float | None = None  # the first instance the job covers arrived
+    completed_at: float | None = None  # its series completed (the job was created)
+    processing_at: float | None = None  # the worker took it (the latest time)
+    processed_at: float | None = None  # the pipeline ended (SEG made, skipped, no result, failed)
+    sent_at: float | None = None  # the destination took its SEG
+    reprocess_of: int | None = None  # the ended job this one processes again
+    model_run: str | None = None  # where the model ran and what it cost: "WORKER on DEVICE, load Xs, ..."
+
+    def stage_seconds(self) -> dict[str, float | None]:
+        """Seconds per stage: receiving (first instance to completion), queued (to the
+        worker), processing (the pipeline) and sending (SEG made to sent); None for a
+        stage not reached (or from a database older than the timestamps)."""
+        def between(start: float | None, end: float | None) -> float | None:
+            return None if start is None or end is None else round(max(end - start, 0.0), 3)
+
+        return {
+            "receiving": between(self.received_at, self.completed_at),
+            "queued": between(self.created_at, self.processing_at),
+            "processing": between(self.processing_at, self.processed_at),
+            "sending": between(self.processed_at, self.sent_at),
+        }
 
 
 _SCHEMA = """
@@ -115,10 +150,62 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at          REAL NOT NULL,
     upto_seq            INTEGER NOT NULL DEFAULT 0,
     seg_series_uid      TEXT,
-    last_error          TEXT
+    last_error          TEXT,
+    received_at         REAL,
+    completed_at        REAL,
+    processing_at       REAL,
+    processed_at        REAL,
+    sent_at             REAL,
+    reprocess_of        INTEGER,
+    model_run           TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS sends (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id              INTEGER NOT NULL,
+    at                  REAL NOT NULL,
+    ok                  INTEGER NOT NULL,
+    error               TEXT
+);
 """
+
+# The timestamps and the send log, kept by the database on every write (see the module
+# docstring). Dropped and created again on open, so that a change here reaches old
+# databases too.
+_TRIGGERS = {
+    "jobs_stamp_created": """AFTER INSERT ON jobs BEGIN
+        UPDATE jobs SET
+            completed_at = COALESCE(NEW.completed_at, NEW.created_at),
+            received_at = COALESCE(NEW.received_at,
+                (SELECT MIN(i.received_at) FROM instances i
+                 WHERE i.series_instance_uid = NEW.series_instance_uid AND i.seq <= NEW.upto_seq
+                   AND i.seq > (SELECT COALESCE(MAX(o.upto_seq), 0) FROM jobs o
+                                WHERE o.series_instance_uid = NEW.series_instance_uid AND o.id < NEW.id)),
+                (SELECT first_received_at FROM series WHERE series_instance_uid = NEW.series_instance_uid))
+        WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_processing": """AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'processing' AND OLD.state IS NOT 'processing' BEGIN
+        UPDATE jobs SET processing_at = NEW.updated_at, processed_at = NULL, sent_at = NULL WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_processed": """AFTER UPDATE OF state ON jobs
+        WHEN OLD.state = 'processing' AND NEW.state IN ('sending', 'sent', 'no_result', 'skipped', 'failed') BEGIN
+        UPDATE jobs SET processed_at = NEW.updated_at WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_sent": """AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'sent' AND OLD.state IS NOT 'sent' BEGIN
+        UPDATE jobs SET sent_at = NEW.updated_at WHERE id = NEW.id;
+    END""",
+    "jobs_log_send": """AFTER UPDATE OF attempts ON jobs
+        WHEN NEW.attempts > OLD.attempts BEGIN
+        INSERT INTO sends (job_id, at, ok, error)
+        VALUES (NEW.id, NEW.updated_at, NEW.state = 'sent', CASE WHEN NEW.state = 'sent' THEN NULL ELSE NEW.last_error END);
+        DELETE FROM sends WHERE id <= (SELECT MAX(id) FROM sends) - 1000;
+    END""",
+}
+
+_REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED})
+
 
 # Columns added since the first release: (table, column, declaration). A database from
 # an earlier release gets them on open; old rows get the defaults (an old job's
@@ -129,11 +216,19 @@ _ADDED_COLUMNS = (
     ("jobs", "upto_seq", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "seg_series_uid", "TEXT"),
     ("jobs", "last_error", "TEXT"),
+    ("jobs", "received_at", "REAL"),
+    ("jobs", "completed_at", "REAL"),
+    ("jobs", "processing_at", "REAL"),
+    ("jobs", "processed_at", "REAL"),
+    ("jobs", "sent_at", "REAL"),
+    ("jobs", "reprocess_of", "INTEGER"),
+    ("jobs", "model_run", "TEXT"),
 )
 
 _JOB_COLUMNS = """
     j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
     j.created_at, j.updated_at, j.upto_seq, j.seg_series_uid, j.last_error,
+    j.received_at, j.completed_at, j.processing_at, j.processed_at, j.sent_at, j.reprocess_of, j.model_run,
     s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
 """
 
@@ -160,6 +255,9 @@ class StateStore:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._db.executescript(_SCHEMA)
         with self._transaction() as db:
+            for name, body in _TRIGGERS.items():
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                db.execute(f"CREATE TRIGGER {name} {body}")
             # rows of an earlier release: number the instances, give old jobs their whole series
             unnumbered = db.execute("SELECT rowid FROM instances WHERE seq = 0 ORDER BY received_at, rowid").fetchall()
             if unnumbered:
@@ -307,12 +405,15 @@ class StateStore:
             return job_id
 
     def sent_seg_series(self, series_instance_uid: str, before_job: int) -> str | None:
-        """The SEG series of the latest earlier job of this series that was sent, if any."""
+        """The SEG series of the latest earlier job of this series that was sent, if any,
+        and that covered fewer instances: a job that processes the same instances again
+        (``reprocess``) makes the same SEG under the same UIDs unless its content changed."""
         with self._lock:
             row = self._db.execute(
                 """SELECT seg_series_uid FROM jobs WHERE series_instance_uid = ? AND id < ? AND state = ?
-                   AND seg_series_uid IS NOT NULL ORDER BY id DESC LIMIT 1""",
-                (series_instance_uid, before_job, JobState.SENT.value),
+                   AND seg_series_uid IS NOT NULL
+                   AND upto_seq < (SELECT upto_seq FROM jobs WHERE id = ?) ORDER BY id DESC LIMIT 1""",
+                (series_instance_uid, before_job, JobState.SENT.value, before_job),
             ).fetchone()
         return row[0] if row else None
 
@@ -369,27 +470,35 @@ class StateStore:
                 (job_id,),
             )
 
-    def claim_next_job(self, now: float | None = None) -> Job | None:
-        """The oldest runnable job, moved to ``processing`` if it was ``received``.
-
-        Sending jobs whose retry time has come are returned as they are.
-        """
+    def claim_next_processing(self, now: float | None = None) -> Job | None:
+        """The oldest ``received`` job, moved to ``processing``; None when there is none.
+        Read and moved in one transaction, so several processing slots never take the
+        same job and a failed read leaves it ``received``."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             row = db.execute(
-                """SELECT id, state FROM jobs
-                   WHERE state = ? OR (state = ? AND next_attempt_at <= ?)
-                   ORDER BY id LIMIT 1""",
-                (JobState.RECEIVED.value, JobState.SENDING.value, now),
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
+                " WHERE j.state = ? ORDER BY j.id LIMIT 1",
+                (JobState.RECEIVED.value,),
             ).fetchone()
             if row is None:
                 return None
-            if row[1] == JobState.RECEIVED.value:
-                db.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-                    (JobState.PROCESSING.value, now, row[0]),
-                )
-        return self.job(row[0])
+            job = _job(row)
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.PROCESSING.value, now, job.id, JobState.RECEIVED.value),
+            )
+        return dataclasses.replace(job, state=JobState.PROCESSING, updated_at=now, processing_at=now)
+
+    def claim_next_send(self, now: float | None = None) -> Job | None:
+        """The oldest ``sending`` job whose next attempt is due (it stays ``sending``)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1",
+                (JobState.SENDING.value, now),
+            ).fetchone()
+        return self.job(row[0]) if row else None
 
     def next_wakeup(self) -> float | None:
         """When the earliest waiting send attempt is due, if any."""
@@ -410,6 +519,7 @@ class StateStore:
         result_path: Path | None = None,
         seg_series_uid: str | None = None,
         last_error: str | None = None,
+        model_run: str | None = None,
         attempts: int | None = None,
         next_attempt_at: float | None = None,
         expect: JobState | None = None,
@@ -426,6 +536,7 @@ class StateStore:
             ("result_path", None if result_path is None else str(result_path)),
             ("seg_series_uid", seg_series_uid),
             ("last_error", last_error),
+            ("model_run", model_run),
         ):
             if value is not None:
                 sets.append(f"{column} = ?")
@@ -469,6 +580,48 @@ class StateStore:
         self.update_job(job_id, state, reason=None, attempts=0, next_attempt_at=now, now=now)
         return self.job(job_id)  # type: ignore[return-value]
 
+    def reprocess(self, job_id: int, now: float | None = None) -> Job:
+        """Queue the instances of an ended job for a new processing run: a new job
+        (``received``, ``reprocess_of`` the old one) over the same instances; the old job
+        keeps its outcome. ``KeyError`` for an unknown job, ``ValueError`` (with the
+        reason) for one that has not ended, whose series grew since or was deleted."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT series_instance_uid, state, upto_seq, purged, received_at, completed_at FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            uid, state, upto, purged, received_at, completed_at = row
+            if JobState(state) not in _REPROCESSABLE:
+                raise ValueError(f"job {job_id} is {state}; only ended jobs (sent, skipped, no_result, failed)"
+                                 " can be processed again")
+            newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
+                               (uid, job_id)).fetchone()[0]
+            if newer is not None:
+                raise ValueError(f"job {job_id} is not the latest job of its series; process job {newer} again"
+                                 " instead")
+            if purged:
+                raise ValueError(f"job {job_id}: its series was deleted by retention (retention.days)")
+            cursor = db.execute(
+                """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at, upto_seq, received_at,
+                                     completed_at, reprocess_of, reason)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (uid, JobState.RECEIVED.value, now, now, upto, received_at, completed_at, job_id,
+                 f"queued again from job {job_id} (reprocess)"),
+            )
+            new_id = int(cursor.lastrowid)
+        return self.job(new_id)  # type: ignore[return-value]
+
+    def recent_sends(self, limit: int) -> list[tuple[float, bool, str | None]]:
+        """The last ``limit`` send attempts, newest first: (time, succeeded, error)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, ok, error FROM sends ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(at, bool(ok), error) for at, ok, error in rows]
+
 
 class _Transaction:
     def __init__(self, store: StateStore) -> None:
@@ -492,7 +645,8 @@ class _Transaction:
 
 def _job(row: tuple) -> Job:
     (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
-     created, updated, upto_seq, seg_series_uid, last_error, study, series, calling_ae, folder) = row
+     created, updated, upto_seq, seg_series_uid, last_error, received_at, completed_at, processing_at,
+     processed_at, sent_at, reprocess_of, model_run, study, series, calling_ae, folder) = row
     return Job(
         id=job_id,
         series=SeriesRef(study, series, calling_ae, Path(folder)),
@@ -508,6 +662,13 @@ def _job(row: tuple) -> Job:
         upto_seq=upto_seq,
         seg_series_uid=seg_series_uid,
         last_error=last_error,
+        received_at=received_at,
+        completed_at=completed_at,
+        processing_at=processing_at,
+        processed_at=processed_at,
+        sent_at=sent_at,
+        reprocess_of=reprocess_of,
+        model_run=model_run,
     )
 
 

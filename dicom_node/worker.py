@@ -1,10 +1,14 @@
-"""The worker: runs one job at a time, from series to sent SEG, recording every step.
+"""The worker: processes and sends jobs, recording every step.
 
-``Worker.run(job)`` is the unit of work: for a ``received`` job it runs the pipeline
-over the instances the job covers, saves the SEG into the spool (state ``sending``),
-then sends it; for a ``sending`` job it tries the send again. ``run`` is the job
+``Worker.process(job)`` runs the pipeline over the instances a claimed job covers and
+saves the SEG into the spool (state ``sending``); ``Worker.send(job)`` makes one send
+attempt. The two run on their own threads (``dicom_node.handoff``), so a due send
+never waits behind a segmentation; ``run(job)`` does both in turn. Each is a job
 boundary: whatever goes wrong inside one job ends that job with a reason naming the
 cause, and never escapes to the loop that runs the next job.
+
+* A model stopped because the node is stopping (``RunnerStopped``) hands the job back:
+  it stays ``processing`` and the next start runs it again.
 
 * A pipeline error fails the job with its reason; the received series is never touched.
 * A SEG that cannot be saved (a full disk, an unwritable results folder) fails the job.
@@ -29,6 +33,7 @@ from dicom_node.spool import Spool
 from dicom_node.state import Job, JobState, StateStore
 from pipeline.errors import PipelineError
 from pipeline.run import Outcome, process_series
+from pipeline.runner import RunnerStopped
 from pipeline.segment import Segmenter
 
 __all__ = ["Worker", "retry_delay"]
@@ -55,21 +60,34 @@ class Worker:
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now; return its new state."""
+        state = self.process(job) if job.state is JobState.PROCESSING else job.state
+        if state is JobState.SENDING:
+            state = self.send(self.state.job(job.id))  # type: ignore[arg-type]
+        return state
+
+    def process(self, job: Job) -> JobState:
+        """Run the pipeline for a ``processing`` job; its new state."""
         try:
-            if job.state is JobState.PROCESSING:
-                state = self._process(job)
-                if state is not JobState.SENDING:
-                    return state
-                job = self.state.job(job.id)  # type: ignore[assignment]
-            if job.state is JobState.SENDING:
-                return self._send(job)
-            return job.state
+            return self._process(job)
+        except RunnerStopped:
+            log.info("job %d: handed back (the node is stopping); it runs again at the next start", job.id)
+            return JobState.PROCESSING
         except Exception as exc:  # the job boundary: one job fails, the worker goes on
-            log.exception("job %d: unexpected error", job.id)
-            reason = f"internal error: {type(exc).__name__}: {exc}"
-            self.metrics.series_outcomes.labels("failed").inc()
-            self.state.update_job(job.id, JobState.FAILED, reason=reason)
-            return JobState.FAILED
+            return self._unexpected(job, exc)
+
+    def send(self, job: Job) -> JobState:
+        """One send attempt for a ``sending`` job; its new state."""
+        try:
+            return self._send(job)
+        except Exception as exc:
+            return self._unexpected(job, exc)
+
+    def _unexpected(self, job: Job, exc: Exception) -> JobState:
+        log.exception("job %d: unexpected error", job.id)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        self.metrics.series_outcomes.labels("failed").inc()
+        self.state.update_job(job.id, JobState.FAILED, reason=reason)
+        return JobState.FAILED
 
     def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING) -> JobState:
         log.warning("job %d: failed: %s", job.id, reason)
@@ -101,6 +119,7 @@ class Worker:
             "reason": result.reason,
             "sequence_class": result.classification.sequence_class.value,
             "preprocessing": result.preprocessing.value if result.preprocessing else None,
+            "model_run": self._model_report() if "segment" in result.seconds else None,
         }
         if result.outcome is not Outcome.SEG or result.seg is None:
             state = JobState.SKIPPED if result.outcome is Outcome.SKIPPED else JobState.NO_RESULT
@@ -124,6 +143,18 @@ class Worker:
         log.info("job %d: SEG %s with %s (%s)", job.id, result.seg.SOPInstanceUID, result.reason, timing)
         return JobState.SENDING
 
+    def _model_report(self) -> str | None:
+        """The model process's report of this thread's last run, into the metrics and a line."""
+        report = getattr(self.segmenter, "last_report", None)
+        if report is None:
+            return None
+        self.metrics.model_runs.labels(report.worker, report.device).inc()
+        for part, seconds in (("load", report.load_seconds), ("forward", report.forward_seconds),
+                              ("overhead", report.overhead_seconds)):
+            self.metrics.model_seconds.labels(part).observe(seconds)
+        return (f"{report.worker} on {report.device}: load {report.load_seconds:.1f}s, forward"
+                f" {report.forward_seconds:.1f}s, overhead {report.overhead_seconds:.1f}s (model loads: {report.loads})")
+
     def _send(self, job: Job) -> JobState:
         assert job.result_path is not None
         settings = self.config.send
@@ -137,7 +168,7 @@ class Worker:
                 timeout=settings.timeout_seconds,
             )
         except (SendError, OSError) as exc:
-            self.metrics.send_failures.inc()
+            self.metrics.send_failures.labels(exc.kind if isinstance(exc, SendError) else "local error").inc()
             permanent = isinstance(exc, SendError) and exc.permanent
             if permanent or attempts >= settings.max_attempts:
                 reason = (f"send refused, not retried: {exc}" if permanent

@@ -3,7 +3,9 @@
 ``PipelineError`` is the root; every failure a job can end with is one of these, and
 its message is the reason recorded in the job:
 
-* ``SeriesError`` - the instances do not form a volume we can segment (with the reason).
+* ``SeriesError`` - the instances do not form a volume we can segment (with the reason);
+  ``TooFewSlicesError``, fewer slices than a volume needs, ends the job ``skipped``
+  (a single-slice series is not a failure of the node).
 * ``WeightsMissingError`` - the model's weights are not where the config says.
 * ``SegmentationError`` - the segmentation model itself failed.
 * ``SegEncodingError`` - the DICOM SEG could not be built or failed its geometry check.
@@ -14,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "PipelineError",
     "SeriesError",
+    "TooFewSlicesError",
     "WeightsMissingError",
     "SegmentationError",
     "SegEncodingError",
@@ -26,6 +29,10 @@ class PipelineError(Exception):
 
 class SeriesError(PipelineError):
     """The series cannot be assembled into a single 3D volume."""
+
+
+class TooFewSlicesError(SeriesError):
+    """Fewer slices than ``pipeline.min_slices``: not a volume (the job is skipped, not failed)."""
 
 
 class WeightsMissingError(PipelineError):

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import version
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pydicom
 
 from pipeline.classify import Classification, classify_series
+from pipeline.errors import TooFewSlicesError
 from pipeline.preprocess import PreprocessingMode, preprocess
 from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
-from pipeline.segment import Segmenter, describe_model
+from pipeline.segment import ModelIdentity, Segmenter, describe_model
 from pipeline.series import MR_IMAGE_CLASSES, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
@@ -57,11 +58,13 @@ class SegResult:
 
 
 def algorithm_for(
-    settings: PipelineSettings, mode: PreprocessingMode, classification: Classification
+    settings: PipelineSettings, mode: PreprocessingMode, classification: Classification,
+    model: ModelIdentity | None = None,
 ) -> Algorithm:
-    """The algorithm as the SEG records it: the model with its weights' digest, and the
-    preprocessing parameters the mode uses (none for ``none``, no percentile for ``invert``)."""
-    model = describe_model(settings.model)
+    """The algorithm as the SEG records it: the model with its weights' digest (as the
+    model process identified it, else from the settings), and the preprocessing
+    parameters the mode uses (none for ``none``, no percentile for ``invert``)."""
+    model = model or describe_model(settings.model)
     cls = classification.sequence_class.value
     options = settings.preprocessing
     clipped = mode is not PreprocessingMode.NONE
@@ -99,11 +102,14 @@ def process_series(
     seg_options: SegOptions = SegOptions(),
     *,
     supersedes: str | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> SegResult:
     """Run the whole pipeline over the instance files of one series.
 
     ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
-    to the PACS; the new SEG then says it replaces that one (see ``encode_seg``)."""
+    to the PACS; the new SEG then says it replaces that one (see ``encode_seg``).
+    ``on_stage`` is told the name of each stage as it starts (for progress bars)."""
+    stage = on_stage or (lambda name: None)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     headers = read_headers(paths)
@@ -115,15 +121,19 @@ def process_series(
         what = classification.sequence_class.value if classification.anatomical else "non-anatomical"
         return SegResult(
             Outcome.SKIPPED,
-            f"skipped: {what} series, not segmented by policy: {classification.reason}",
+            f"{what} series, not segmented by policy: {classification.reason}",
             classification,
         )
 
-    series = assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d)
+    try:
+        series = assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d)
+    except TooFewSlicesError as exc:
+        return SegResult(Outcome.SKIPPED, f"not a volume: {exc}", classification)
     volume = read_volume(series)
     seconds["read"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    stage("preprocess")
     options = settings.preprocessing
     prepared = volume.with_array(
         preprocess(
@@ -137,11 +147,14 @@ def process_series(
     seconds["preprocess"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    stage("segment")
     label_map = segmenter.segment(prepared)
     seconds["segment"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    seg = encode_seg(label_map, algorithm_for(settings, mode, classification), seg_options, supersedes=supersedes)
+    stage("encode")
+    seg = encode_seg(label_map, algorithm_for(settings, mode, classification, label_map.model), seg_options,
+                     supersedes=supersedes)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if series.selection:

@@ -1,32 +1,38 @@
 """Segmentation: the model boundary the rest of the node sees.
 
-``Segmenter`` is what the worker calls; ``make_segmenter`` picks the implementation the
-settings name: TotalSegmentator's Python API (``pipeline.totalseg``) or any nnU-Net v2
-model through nnU-Net's predictor (``pipeline.nnunet``). Both check their weights and
-run the model in a spawned process (``pipeline.runner``) on the volume as RAS NIfTI
-(``pipeline.nifti``); ``pipeline.model_identity`` names the model for the SEG. Every
-failure becomes a ``PipelineError``.
+``Segmenter`` is what the pipeline calls: a preprocessed ``Volume`` in, a ``LabelMap``
+on the same grid out. ``ModelSegmenter`` is the one implementation for real models: it
+sends the volume as RAS NIfTI (``pipeline.nifti``) to a ``ModelService`` and checks the
+label image it gets back against the volume's grid. The service is the embedded warm
+runner (``pipeline.runner.ModelRunner``, the default) or GPU workers over Celery
+(``dicom_node.celery_models.CeleryModels``); nothing above this module knows which.
 
-The names those modules define are re-exported here, so callers keep one import.
+``model_of(settings)`` describes the configured model on this side (its weights check
+and name): TotalSegmentator's API (``pipeline.totalseg``) or any nnU-Net v2 model
+(``pipeline.nnunet``). Every failure is a ``PipelineError``.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 from pipeline.model_identity import ModelIdentity, describe_model
 from pipeline.nifti import nifti_to_array, volume_to_nifti
 from pipeline.nnunet import NnUNet, nnunet_label_names
+from pipeline.runner import ModelReply, ModelRunner, ModelService, RunReport
 from pipeline.settings import ModelSettings
 from pipeline.totalseg import TotalSegmentator, expected_weights, write_totalseg_config
 from pipeline.volume import LabelMap, Volume
 
 __all__ = [
     "Segmenter",
+    "ModelSegmenter",
     "TotalSegmentator",
     "NnUNet",
     "ModelIdentity",
     "make_segmenter",
+    "model_of",
     "describe_model",
     "nnunet_label_names",
     "expected_weights",
@@ -44,6 +50,40 @@ class Segmenter(Protocol):
     def segment(self, volume: Volume) -> LabelMap: ...
 
 
-def make_segmenter(settings: ModelSettings) -> Segmenter:
-    """The segmenter the settings name."""
+def model_of(settings: ModelSettings) -> TotalSegmentator | NnUNet:
+    """The configured model as this side sees it: its description and weights check."""
     return NnUNet(settings) if settings.kind == "nnunet" else TotalSegmentator(settings)
+
+
+class ModelSegmenter:
+    """A ``Segmenter`` over a ``ModelService``; ``last_report`` is the report of the
+    calling thread's last run (several threads may segment at once)."""
+
+    def __init__(self, settings: ModelSettings, service: ModelService) -> None:
+        self.settings = settings
+        self.service = service
+        self.model = model_of(settings)
+        self._local = threading.local()
+
+    @property
+    def last_report(self) -> RunReport | None:
+        return getattr(self._local, "report", None)
+
+    def describe(self) -> str:
+        return self.model.describe()
+
+    def segment(self, volume: Volume) -> LabelMap:
+        reply: ModelReply = self.service.run(volume_to_nifti(volume))
+        self._local.report = reply.report
+        return LabelMap(
+            array=nifti_to_array(reply.labels, volume), names=reply.names, volume=volume, codes=reply.codes,
+            model=reply.model,
+        )
+
+    def close(self) -> None:
+        self.service.close()
+
+
+def make_segmenter(settings: ModelSettings, service: ModelService | None = None) -> ModelSegmenter:
+    """The segmenter for the settings, on ``service`` or on a new embedded warm runner."""
+    return ModelSegmenter(settings, service or ModelRunner(settings))

@@ -25,7 +25,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from pipeline.errors import SeriesError
+from pipeline.errors import SeriesError, TooFewSlicesError
 
 __all__ = [
     "MR_IMAGE_STORAGE",
@@ -367,7 +367,7 @@ def assemble_series(
     ignored = tuple(p for p, _ in headers if p not in used)
 
     if len(slices) < min_slices:
-        raise SeriesError(f"only {len(slices)} slice(s); at least {min_slices} are needed for a volume")
+        raise TooFewSlicesError(f"only {len(slices)} slice(s); at least {min_slices} are needed for a volume")
     steps = np.diff([s.distance for s in slices])
     spacing = float(np.median(steps))
     off = np.abs(steps - spacing) > _SPACING_TOLERANCE * spacing

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from pipeline.errors import SeriesError
 from pipeline.labels import SegmentInfo
+from pipeline.model_identity import ModelIdentity
 from pipeline.series import Series
 
 __all__ = ["Volume", "LabelMap", "read_volume"]
@@ -50,6 +51,7 @@ class LabelMap:
     names: dict[int, str]  # label id -> structure name, for every id the model knows
     volume: Volume
     codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
+    model: ModelIdentity | None = None  # the model that made it, as its process identified it
 
     def __post_init__(self) -> None:
         expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)

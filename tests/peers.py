@@ -373,6 +373,18 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def node_settled(node: NodeProcess, count: int) -> bool:
+    """``count`` jobs, all ended, and no series still receiving (no job still to come)."""
+    from dicom_node.state import TERMINAL_STATES, StateStore
+
+    state = StateStore(Path(node.config["storage"]["state_db"]))
+    try:
+        jobs = state.jobs()
+        return len(jobs) >= count and all(j.state in TERMINAL_STATES for j in jobs) and not state.receiving_series()
+    finally:
+        state.close()
+
+
 def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path, **overrides) -> dict:
     config = {
         "node": {"ae_title": "DICOMNODE", "bind_address": LOCALHOST, "port": free_port()},
@@ -392,3 +404,105 @@ def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path
         else:
             config[section] = values
     return config
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _log_has(path: Path, marker: str) -> bool:
+    return path.exists() and marker in path.read_text(errors="replace")
+
+
+class RedisServer:
+    """Debian's redis-server on 127.0.0.1 and a free port, without persistence (a
+    restart comes back empty, as a Redis without disk does)."""
+
+    def __init__(self, folder: Path, port: int | None = None) -> None:
+        self.folder = folder
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.starts += 1
+        log_path = self.folder / f"redis-{self.starts}.log"
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--bind", LOCALHOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--dir", str(self.folder), "--protected-mode", "yes"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(lambda: _log_has(log_path, "Ready to accept connections") or self.process.poll() is not None,
+                   30, 0.05, "redis-server to be ready")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {log_path.read_text()[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+class CeleryWorker:
+    """``dicom-node worker`` as a subprocess; ``ready`` once Celery says so in its log."""
+
+    def __init__(self, folder: Path, config: dict, name: str) -> None:
+        self.folder = folder
+        self.config = config
+        self.name = name
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / f"{self.name}-{self.starts}.log"
+
+    def start(self) -> "CeleryWorker":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config_path = self.folder / f"{self.name}.yaml"
+        config_path.write_text(yaml.safe_dump(self.config))
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "worker", "--config", str(config_path),
+                 "--name", f"{self.name}@localhost"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
+            )
+        NODE_LOGS.append(self.log_path)
+        wait_until(lambda: _log_has(self.log_path, f"{self.name}@localhost ready.") or self.process.poll() is not None,
+                   120, 0.1, f"worker {self.name} to be ready")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited: {self.log()[-2000:]}")
+        return self
+
+    def tasks_received(self) -> int:
+        """Tasks Celery handed this worker (its log line per task)."""
+        return sum(1 for line in self.log().splitlines()
+                   if "Task dicom_node.segment[" in line and line.rstrip().endswith("received"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(sig)
+            self.process.wait(timeout=timeout)
+            self.process = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,34 @@ def test_process_command_writes_a_valid_seg(phantom_weights, t1_dir, tmp_path):
     assert ": seg " in result.stdout
     check_seg_against_source(segs[0], t1_dir)
     assert dciodvfy_errors(segs[0]) == []
+
+
+def test_process_keeps_one_warm_model_for_the_batch_and_writes_json_lines(phantom_weights, mri_dir, tmp_path):
+    from tests.derived import copy_series
+
+    batch = tmp_path / "batch"
+    shutil.copytree(mri_dir / "t1_siemens_3t_fl2d_sag_hfs", batch / "a")
+    copy_series(mri_dir / "t1_siemens_3t_fl2d_sag_hfs", batch / "b", seed="process-batch")
+    shutil.copytree(mri_dir / "t2_siemens_3t_tse_ax_adi", batch / "t2")
+    config = tmp_path / "elsewhere" / "config.yaml"  # relative paths resolve from the config's folder, as for serve
+    config.parent.mkdir()
+    config.write_text(
+        "destination: {ae_title: PACS, host: 127.0.0.1, port: 104}\n"
+        f"pipeline: {{model: {{weights_dir: '{phantom_weights}', home_dir: home}}}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "process", str(batch), "--output", str(tmp_path / "out"),
+         "--config", str(config), "--json"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(r["outcome"] for r in records) == ["seg", "seg", "skipped"]
+    assert records[-1]["model_loads"] == 1, "one model load for the whole batch"
+    skipped = next(r for r in records if r["outcome"] == "skipped")
+    assert skipped["reason"].startswith("T2 series, not segmented by policy")
+    assert (config.parent / "home" / "config.json").exists(), "home_dir resolved from the config's folder"
+    assert len(list((tmp_path / "out").glob("*.seg.dcm"))) == 2
 
 
 def test_multi_frame_and_4d_series_over_dicom_get_segs_on_the_right_frames(storescp, make_node, phantom_weights,

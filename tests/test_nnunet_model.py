@@ -100,8 +100,10 @@ def test_an_incomplete_model_names_the_missing_file(custom, tmp_path, t1_dir):
     shutil.copytree(custom.nnunet_folder, broken.nnunet_folder)
     (broken.nnunet_folder / "fold_0" / "checkpoint_final.pth").unlink()
     volume = read_volume(load_series(sorted(t1_dir.glob("*.dcm"))))
+    segmenter = make_segmenter(broken)
     with pytest.raises(WeightsMissingError, match=r"fold_0/checkpoint_final\.pth.*weights import"):
-        make_segmenter(broken).segment(volume)
+        segmenter.segment(volume)
+    segmenter.close()
 
 
 def test_another_training_of_the_model_is_another_identity(custom, tmp_path):
@@ -111,7 +113,7 @@ def test_another_training_of_the_model_is_another_identity(custom, tmp_path):
     with (retrained.nnunet_folder / "fold_0" / "checkpoint_final.pth").open("ab") as handle:
         handle.write(b"\0")
     assert describe_model(retrained).version != describe_model(custom).version
-    assert isinstance(make_segmenter(custom), NnUNet)
+    assert isinstance(make_segmenter(custom).model, NnUNet)
 
 
 def test_nnunet_kind_needs_a_model_folder():

@@ -339,3 +339,65 @@ def test_status_into_a_closed_pipe_exits_0_quietly(jobs_config, form):
     process.stderr.close()
     assert first.strip()
     assert code == 0 and stderr == ""
+
+
+# -- retry --reprocess --------------------------------------------------------------------------
+
+def test_retry_reprocess_segments_a_t2_series_after_the_policy_changed(tmp_path, phantom_weights, mri_dir, pacs):
+    """A T2 series skipped by policy; the policy changes to `T2: unprocessed`, the node
+    restarts, `retry --reprocess` queues the series again and its SEG reaches the PACS."""
+    from tests.peers import assert_exactly_one_seg, series_uid_of, storescu, wait_until
+
+    t2 = mri_dir / "t2_siemens_3t_tse_ax_adi"
+    pacs.start()
+    config = node_config(tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=phantom_weights)
+    node = NodeProcess(tmp_path / "node", config).start()
+    try:
+        storescu(node.port, t2)
+        [skipped] = wait_until(lambda: [j for j in node.jobs() if j.state is JobState.SKIPPED], 120, 0.5,
+                               "the T2 series skipped")
+        assert skipped.sequence_class == "T2" and "policy" in skipped.reason
+        refused = node.cli("retry", str(skipped.id))  # a plain retry is for failed jobs
+        assert refused.returncode == ExitStatus.CONFIG_ERROR
+        assert f"retry --reprocess {skipped.id}" in refused.stderr
+        assert node.stop() == 0
+
+        config["pipeline"] = {**config["pipeline"], "policy": {"T2": "unprocessed"}}
+        node.config = config
+        node.start()
+        queued = node.cli("retry", "--reprocess", str(skipped.id))
+        assert queued.returncode == 0, queued.stderr
+        jobs = wait_until(lambda: [j for j in node.jobs() if j.reprocess_of == skipped.id and j.state in
+                                   (JobState.SENT, JobState.FAILED, JobState.NO_RESULT)], 300, 1, "the new job")
+        again = jobs[0]
+        assert again.state is JobState.SENT, again.reason
+        assert (again.sequence_class, again.preprocessing) == ("T2", "none")
+        assert {job.id: job.state for job in node.jobs()}[skipped.id] is JobState.SKIPPED  # keeps its outcome
+        seg = assert_exactly_one_seg(pacs, series_uid_of(t2))
+        assert str(seg.dataset.SeriesInstanceUID) == again.seg_series_uid
+        # the old job is no longer the latest of its series: the new one is what to process again
+        again_refused = node.cli("retry", "--reprocess", str(skipped.id))
+        assert again_refused.returncode == ExitStatus.CONFIG_ERROR
+        assert f"process job {again.id} again instead" in again_refused.stderr
+    finally:
+        node.stop()
+
+
+def test_retry_reprocess_refuses_a_job_that_has_not_ended(tmp_path):
+    state = StateStore(tmp_path / "state.sqlite3")
+    ref = SeriesRef("1.2.3", "1.2.3.4", "MODALITY", tmp_path)
+    state.record_instance(ref, "1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.4", tmp_path / "a.dcm")
+    job = state.complete_series(ref.series_instance_uid)
+    state.close()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"destination": {"ae_title": "PACS", "host": LOCALHOST, "port": 104},
+                                      "storage": {"state_db": str(tmp_path / "state.sqlite3"),
+                                                  "spool_dir": str(tmp_path / "spool")}}))
+    for args in (["--reprocess", str(job)], ["--reprocess", "99"], [str(job)]):
+        result = subprocess.run([sys.executable, "-m", "dicom_node", "retry", *args, "--config", str(config)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == ExitStatus.CONFIG_ERROR, args
+        assert "Traceback" not in result.stderr and result.stderr.strip(), args
+    assert "is received; only ended jobs" in subprocess.run(
+        [sys.executable, "-m", "dicom_node", "retry", "--reprocess", str(job), "--config", str(config)],
+        capture_output=True, text=True, timeout=60).stderr

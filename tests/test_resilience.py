@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.state import JobState
 from tests.peers import (
+    node_settled,
     series_uid_of,
     LOCALHOST,
     NodeProcess,
@@ -63,9 +64,10 @@ def test_kill_9_while_receiving_then_the_pacs_resends(node, pacs, t1_dir):
     sender.wait(timeout=60)
     node.start()
     storescu(node.port, files)  # the sender retries the whole series, as a PACS does
-    wait_until(lambda: seg_receptions(pacs) and all(j.state is JobState.SENT for j in node.jobs()), 300, 1,
-               "the SEG")
-    time.sleep(3)  # a duplicate would arrive within the completion window
+    # settled: every job ended and no series still receiving, so no further SEG can come
+    wait_until(lambda: seg_receptions(pacs) and node_settled(node, 1), 300, 0.5, "the SEG")
+    assert any(j.state is JobState.SENT for j in node.jobs())
+    pacs.settle()
     check_seg_against_source(assert_exactly_one_seg(pacs, series_uid_of(t1_dir)).path, t1_dir)
     assert len(pacs.receptions()) == 1
 

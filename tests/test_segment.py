@@ -10,7 +10,8 @@ from pipeline.errors import SegmentationError, WeightsMissingError
 from pipeline.nifti import nifti_to_array, volume_to_nifti
 from pipeline.series import load_series
 from pipeline.settings import ModelSettings
-from pipeline.totalseg import TotalSegmentator, expected_weights
+from pipeline.segment import make_segmenter
+from pipeline.totalseg import expected_weights
 from pipeline.volume import read_volume
 
 
@@ -42,8 +43,10 @@ def test_label_image_round_trips_to_slice_row_column_order(volume):
 
 def test_missing_weights_name_the_path_and_the_remedy(tmp_path, volume):
     settings = ModelSettings(weights_dir=tmp_path / "weights", home_dir=tmp_path / "home")
+    segmenter = make_segmenter(settings)
     with pytest.raises(WeightsMissingError) as info:
-        TotalSegmentator(settings).segment(volume)
+        segmenter.segment(volume)  # raised in the model process, the same kind here
+    segmenter.close()
     message = str(info.value)
     assert str(expected_weights(settings)[0]) in message
     assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in message
@@ -55,6 +58,8 @@ def test_usage_statistics_are_off_after_a_real_run(tmp_path, phantom_weights, vo
     home.mkdir()
     (home / "config.json").write_text(json.dumps({"totalseg_id": "x", "send_usage_stats": True, "prediction_counter": 3}))
     settings = ModelSettings(weights_dir=phantom_weights, home_dir=home)
-    label_map = TotalSegmentator(settings).segment(volume)
+    segmenter = make_segmenter(settings)
+    label_map = segmenter.segment(volume)
+    segmenter.close()
     assert label_map.array.shape == (170, 256, 256)
     assert json.loads((home / "config.json").read_text())["send_usage_stats"] is False

@@ -16,17 +16,17 @@ def test_series_becomes_one_job_and_jobs_run_in_arrival_order(tmp_path):
     assert state.complete_series("1.2.3.2", now=2) == 1
     assert state.complete_series("1.2.3.1", now=3) == 2
     assert state.complete_series("1.2.3.1", now=4) is None  # already complete
-    first = state.claim_next_job(now=5)
+    first = state.claim_next_processing(now=5)
     assert (first.id, first.state) == (1, JobState.PROCESSING)
-    assert state.claim_next_job(now=5).id == 2
-    assert state.claim_next_job(now=5) is None
+    assert state.claim_next_processing(now=5).id == 2
+    assert state.claim_next_processing(now=5) is None
 
 
 def test_state_survives_reopening_and_interrupted_jobs_resume(tmp_path):
     state = StateStore(tmp_path / "s.db")
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.1", "1.2", Path("/x/a"), now=1)
     job_id = state.complete_series("1.2.3.1", now=2)
-    state.claim_next_job(now=3)
+    state.claim_next_processing(now=3)
     state.close()
     reopened = StateStore(tmp_path / "s.db")
     assert reopened.job(job_id).state is JobState.PROCESSING
@@ -58,7 +58,7 @@ def test_a_grown_series_gets_a_new_job_that_supersedes_the_unsent_one(tmp_path):
     state = StateStore(tmp_path / "s.db")
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.1", "1.2", Path("/x/a"), now=1)
     first = state.complete_series("1.2.3.1", now=2)
-    state.claim_next_job(now=3)  # the worker is processing it
+    state.claim_next_processing(now=3)  # the worker is processing it
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.2", "1.2", Path("/x/b"), now=4)  # a late instance
     second = state.complete_series("1.2.3.1", now=5)
     assert second == first + 1

@@ -16,6 +16,7 @@ import pytest
 from dicom_node.state import TERMINAL_STATES, JobState, StateStore
 from tests.derived import copy_series
 from tests.peers import (
+    node_settled,
     series_uid_of,
     NodeProcess,
     StoreSCP,
@@ -56,16 +57,6 @@ def _referenced_instances(seg: pydicom.Dataset) -> set[str]:
     return {str(item.ReferencedSOPInstanceUID) for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
 
 
-def _settled(node: NodeProcess, count: int) -> bool:
-    """``count`` jobs, all ended, and no series still receiving (no job still to come)."""
-    state = StateStore(Path(node.config["storage"]["state_db"]))
-    try:
-        jobs = state.jobs()
-        return len(jobs) >= count and all(j.state in TERMINAL_STATES for j in jobs) and not state.receiving_series()
-    finally:
-        state.close()
-
-
 def _storescu_async(port: int, files: list[Path]) -> subprocess.Popen:
     return subprocess.Popen(
         ["storescu", "-aet", "MODALITY", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
@@ -99,7 +90,7 @@ def test_five_ways_of_sending_a_series_each_give_one_job_and_one_seg(
     a, b = copies["interleaved_a"], copies["interleaved_b"]
     storescu(node.port, [path for pair in zip(a, b) for path in pair])  # one association, two series
 
-    wait_until(lambda: _settled(node, len(copies)), 900, 1, "every series to end")
+    wait_until(lambda: node_settled(node, len(copies)), 900, 1, "every series to end")
     jobs = node.jobs()
     for name, files in copies.items():
         series_uid = series_uid_of(files[0])
@@ -121,7 +112,7 @@ def test_late_instances_never_leave_a_partial_result_alone(tmp_path, pacs, nodes
     storescu(node.port, files[:-3])
     first = wait_until(lambda: seg_receptions(pacs, series_uid), 300, 0.5, "the SEG of the partial series")[0]
     storescu(node.port, files[-3:])
-    wait_until(lambda: len(seg_receptions(pacs, series_uid)) >= 2 and _settled(node, 2), 300, 0.5, "the second SEG")
+    wait_until(lambda: len(seg_receptions(pacs, series_uid)) >= 2 and node_settled(node, 2), 300, 0.5, "the second SEG")
     partial, full = (pydicom.dcmread(r.path) for r in seg_receptions(pacs, series_uid))
     assert len(seg_receptions(pacs, series_uid)) == 2
     assert _referenced_instances(partial) == _sop_uids(files[:-3])
@@ -142,7 +133,7 @@ def test_late_instances_never_leave_a_partial_result_alone(tmp_path, pacs, nodes
     wait_until(lambda: [j.state for j in node.jobs() if j.series.series_instance_uid == series_uid]
                == [JobState.SUPERSEDED, JobState.SENDING], 300, 0.5, "the grown series' SEG waiting to be sent")
     pacs.start()
-    wait_until(lambda: _settled(node, 4), 300, 0.5, "the grown series' SEG")
+    wait_until(lambda: node_settled(node, 4), 300, 0.5, "the grown series' SEG")
     only = pydicom.dcmread(assert_exactly_one_seg(pacs, series_uid).path)
     assert _referenced_instances(only) == _sop_uids(files)
     assert not only.SeriesDescription.startswith("Replaces earlier")  # nothing was sent before it
@@ -165,7 +156,7 @@ def test_sigterm_while_receiving_then_the_whole_series_again(tmp_path, pacs, nod
     assert received_before < len(files), "the stop must interrupt the transfer"
     node.start()
     storescu(node.port, files)  # the PACS sends the whole series again
-    wait_until(lambda: _settled(node, 1) and seg_receptions(pacs, series_uid), 600, 1, "the SEG of the whole series")
+    wait_until(lambda: node_settled(node, 1) and seg_receptions(pacs, series_uid), 600, 1, "the SEG of the whole series")
     segs = [pydicom.dcmread(r.path) for r in seg_receptions(pacs, series_uid)]
     assert _referenced_instances(segs[-1]) == _sop_uids(files)  # the newest covers all 170 slices
     assert len({s.SOPInstanceUID for s in segs}) == len(segs)  # a partial SEG, if any, has UIDs of its own

@@ -63,9 +63,14 @@ def setup(tmp_path, t1_dir):
     return make
 
 
+def _next(state):
+    """What the node's threads would take next: a job to process, else a due send."""
+    return state.claim_next_processing() or state.claim_next_send()
+
+
 def test_empty_prediction_ends_without_a_seg(setup):
     worker, state, job_id = setup(None, free_port())
-    assert worker.run(state.claim_next_job()) is JobState.NO_RESULT
+    assert worker.run(_next(state)) is JobState.NO_RESULT
     job = state.job(job_id)
     assert job.result_path is None and "found no structure" in job.reason
 
@@ -73,13 +78,13 @@ def test_empty_prediction_ends_without_a_seg(setup):
 def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
     pacs = StoreSCP(tmp_path / "pacs")
     worker, state, job_id = setup(90, pacs.port, max_attempts=5)
-    assert worker.run(state.claim_next_job()) is JobState.SENDING
+    assert worker.run(_next(state)) is JobState.SENDING
     job = state.job(job_id)
     assert job.attempts == 1 and "send attempt 1 failed" in job.last_error and job.result_path.exists()
     assert "segment(s)" in job.reason  # the outcome's reason is kept apart from the failure
     pacs.start()
     try:
-        assert worker.run(state.claim_next_job()) is JobState.SENT
+        assert worker.run(_next(state)) is JobState.SENT
     finally:
         pacs.stop()
     assert_exactly_one_seg(pacs, state.job(job_id).series.series_instance_uid)
@@ -89,14 +94,14 @@ def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
 def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup, tmp_path):
     pacs = StoreSCP(tmp_path / "pacs")
     worker, state, job_id = setup(90, pacs.port, max_attempts=2)
-    worker.run(state.claim_next_job())
-    assert worker.run(state.claim_next_job()) is JobState.FAILED
+    worker.run(_next(state))
+    assert worker.run(_next(state)) is JobState.FAILED
     job = state.job(job_id)
     assert job.reason.startswith("send failed after 2 attempt(s)") and job.result_path.exists()
     assert state.requeue(job_id).state is JobState.SENDING
     pacs.start()
     try:
-        assert worker.run(state.claim_next_job()) is JobState.SENT
+        assert worker.run(_next(state)) is JobState.SENT
     finally:
         pacs.stop()
     assert_exactly_one_seg(pacs, state.job(job_id).series.series_instance_uid)
@@ -105,7 +110,7 @@ def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup
 
 def test_pipeline_error_fails_the_job_and_keeps_the_series(setup, tmp_path):
     worker, state, job_id = setup(90, free_port())
-    job = state.claim_next_job()
+    job = _next(state)
     victim = state.instance_paths(job.series.series_instance_uid)[17]
     shutil.move(victim, tmp_path / "aside.dcm")  # a recorded instance lost on disk
     assert worker.run(job) is JobState.FAILED
@@ -117,7 +122,7 @@ def test_seg_off_its_source_grid_fails_the_job_and_nothing_is_sent(setup, tmp_pa
     pacs = StoreSCP(tmp_path / "pacs").start()
     try:
         worker, state, job_id = setup(90, pacs.port, shift_mm=0.05)
-        assert worker.run(state.claim_next_job()) is JobState.FAILED
+        assert worker.run(_next(state)) is JobState.FAILED
     finally:
         pacs.stop()
     job = state.job(job_id)

@@ -1,0 +1,122 @@
+"""The warm model runner: one load for many series, a dead runner restarted once, no
+model process left behind by a node that is killed."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.errors import SegmentationError
+from pipeline.nifti import volume_to_nifti
+from pipeline.preprocess import PreprocessingMode, preprocess
+from pipeline.runner import ModelRunner
+from pipeline.series import load_series
+from pipeline.settings import ModelSettings
+from pipeline.volume import read_volume
+from tests.peers import process_alive
+
+SERIES = ("t1_philips_3t_mprage_sag", "t1_siemens_3t_fl2d_sag_hfs")
+
+
+@pytest.fixture(scope="module")
+def settings(phantom_weights, tmp_path_factory):
+    return ModelSettings(weights_dir=phantom_weights, home_dir=tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture(scope="module")
+def images(mri_dir):
+    result = []
+    for name in SERIES:
+        volume = read_volume(load_series(sorted((mri_dir / name).glob("*.dcm"))))
+        inverted = preprocess(volume.array, PreprocessingMode.INVERT_BLACK_BACKGROUND,
+                              clip_min=0, clip_max=3000, background_percentile=1)
+        result.append(volume_to_nifti(volume.with_array(inverted)))
+    return result
+
+
+def test_five_series_in_a_row_load_the_model_once(settings, images):
+    with ModelRunner(settings) as runner:
+        reports = []
+        for n in range(5):
+            reply = runner.run(images[n % 2])
+            assert np.asanyarray(reply.labels.dataobj).any(), "the phantom model finds structures"
+            reports.append(reply.report)
+        assert runner.loads == 1, "the runner's own load counter"
+        assert [r.loads for r in reports] == [1] * 5
+        assert reports[0].load_seconds > 0 and all(r.load_seconds == 0 for r in reports[1:])
+        assert runner.starts == 1
+        assert len({r.worker for r in reports}) == 1
+
+
+def test_a_runner_that_dies_is_started_again_and_the_request_retried_once(settings, images):
+    with ModelRunner(settings) as runner:
+        runner.run(images[1])
+        first = runner.pid
+        killer = threading.Timer(0.5, os.kill, (first, signal.SIGKILL))  # dies during the next request
+        killer.start()
+        reply = runner.run(images[1])
+        killer.join()
+        assert runner.starts == 2 and runner.pid != first
+        assert np.asanyarray(reply.labels.dataobj).any()
+        assert runner.loads == 2, "the new process loaded the model again"
+
+
+def test_a_second_death_fails_the_request_with_the_reason(settings, images):
+    with ModelRunner(settings) as runner:
+        runner.start()
+        stop = threading.Event()
+
+        def keep_killing():  # every runner process dies as soon as it appears
+            seen = set()
+            while not stop.is_set():
+                pid = runner.pid
+                if pid is not None and pid not in seen:
+                    seen.add(pid)
+                    os.kill(pid, signal.SIGKILL)
+                stop.wait(0.05)
+
+        killer = threading.Thread(target=keep_killing)
+        killer.start()
+        try:
+            with pytest.raises(SegmentationError, match=r"died twice.*exit code -9"):
+                runner.run(images[0])
+        finally:
+            stop.set()
+            killer.join()
+
+
+def test_the_model_process_dies_with_a_killed_parent(settings, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from pipeline.runner import ModelRunner
+        from pipeline.settings import ModelSettings
+        if __name__ == "__main__":
+            runner = ModelRunner(ModelSettings(weights_dir=Path({str(settings.weights_dir)!r}),
+                                               home_dir=Path({str(settings.home_dir)!r})))
+            runner.start()
+            print(runner.pid, flush=True)
+            sys.stdin.read()  # until killed
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=os.getcwd())
+    child = int(parent.stdout.readline())
+    assert process_alive(child)
+    parent.kill()
+    parent.wait()
+    _wait_until_gone(child, seconds=5)
+
+
+def _wait_until_gone(pid: int, seconds: float) -> None:
+    gone = threading.Event()
+    for _ in range(int(seconds / 0.1)):
+        if not process_alive(pid):
+            return
+        gone.wait(0.1)
+    raise AssertionError(f"the model process {pid} is still alive {seconds}s after its parent was killed")

@@ -1,0 +1,192 @@
+"""Scale-out over Celery and a real redis-server: two ``dicom-node worker`` processes
+segment while the node stays the one DICOM endpoint and owns the state. Every series
+ends with exactly one SEG at the destination (counted per C-STORE received), through a
+lost worker, a Redis restart and a node restart."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import requests
+
+from dicom_node.state import JobState
+from tests.derived import copy_series
+from tests.peers import (
+    CeleryWorker,
+    NodeProcess,
+    RedisServer,
+    assert_exactly_one_seg,
+    free_port,
+    node_config,
+    storescu,
+    wait_until,
+)
+
+SOURCE = "t1_siemens_3t_fl2d_sag_hfs"  # 35 slices: a few seconds per series on the phantom model
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def _worker_config(folder, redis_server, weights_dir) -> dict:
+    return {
+        "destination": {"ae_title": "UNUSED", "host": "127.0.0.1", "port": 1},  # workers never send
+        "pipeline": {"model": {"weights_dir": str(weights_dir), "home_dir": str(folder / "totalseg")}},
+        "workers": {"backend": "celery", "broker_url": redis_server.url, "max_in_flight": 2,
+                    "visibility_timeout_seconds": 10},
+        "http": {"port": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory, redis_server, phantom_weights):
+    folder = tmp_path_factory.mktemp("workers")
+    pool = [CeleryWorker(folder, _worker_config(folder, redis_server, phantom_weights), name) for name in ("w1", "w2")]
+    yield pool
+    for worker in pool:
+        worker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def two_workers(workers):
+    """Both workers running (a test before may have killed one)."""
+    for worker in workers:
+        if not worker.alive:
+            worker.start()
+    return workers
+
+
+@pytest.fixture
+def node(tmp_path, pacs, redis_server, phantom_weights):
+    process = NodeProcess(tmp_path / "node", node_config(
+        tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=tmp_path / "no-weights-on-the-node",
+        workers={"backend": "celery", "broker_url": redis_server.url, "max_in_flight": 2,
+                 "visibility_timeout_seconds": 10},
+    ))
+    pacs.start()
+    yield process
+    if process.process is not None:
+        process.stop(signal.SIGKILL)
+
+
+def _series(mri_dir, tmp_path, count: int) -> list[str]:
+    """``count`` copies of a shared T1 series with new UIDs; their SeriesInstanceUIDs."""
+    uids = []
+    for n in range(count):
+        files = copy_series(mri_dir / SOURCE, tmp_path / f"series{n}", seed=f"scale-out-{tmp_path.name}-{n}")
+        uids.append(_uid(files[0]))
+    return uids
+
+
+def _uid(path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _send_all(node, tmp_path, count: int) -> None:
+    for n in range(count):
+        storescu(node.port, tmp_path / f"series{n}")
+
+
+def _all_sent(node, count: int):
+    jobs = node.jobs()
+    failed = [j for j in jobs if j.state is JobState.FAILED]
+    assert not failed, f"failed: {[(j.id, j.reason) for j in failed]}"
+    return len(jobs) == count and all(j.state is JobState.SENT for j in jobs)
+
+
+def _exactly_one_seg_each(pacs, uids) -> None:
+    pacs.settle()
+    for uid in uids:
+        assert_exactly_one_seg(pacs, uid)
+    assert len(pacs.receptions()) == len(uids), "nothing else arrived"
+
+
+def test_six_series_each_get_exactly_one_seg_from_two_workers(node, pacs, two_workers, mri_dir, tmp_path):
+    before = [worker.tasks_received() for worker in two_workers]
+    uids = _series(mri_dir, tmp_path, 6)
+    node.config["http"] = {"bind_address": "127.0.0.1", "port": free_port()}
+    node.start()
+    _send_all(node, tmp_path, 6)
+    wait_until(lambda: _all_sent(node, 6), 600, 0.5, "six SEGs sent")
+    _exactly_one_seg_each(pacs, uids)
+    took = [worker.tasks_received() - b for worker, b in zip(two_workers, before)]
+    assert sum(took) >= 6 and all(took), f"both workers took tasks: {took}"
+    # the workers' reports: which model process ran each series, in the job and the metrics
+    runs = [job.model_run for job in node.jobs()]
+    assert all(run and " on cpu: load " in run for run in runs), runs
+    assert len({run.split(" on ")[0] for run in runs}) == 2, f"two model processes: {runs}"
+    metrics = requests.get(f"http://127.0.0.1:{node.config['http']['port']}/metrics", timeout=10).text
+    assert metrics.count("dicom_node_model_runs_total{") == 2
+    assert "dicom_node_worker_queue_depth 0.0" in metrics and "dicom_node_tasks_in_flight 0.0" in metrics
+    status = node.cli("status").stdout
+    assert status.splitlines()[0].startswith("workers: celery (queue dicom-node), 0 series in flight of at most 2")
+
+
+def test_a_worker_killed_mid_task_still_gives_exactly_one_seg(node, pacs, two_workers, mri_dir, tmp_path):
+    uids = _series(mri_dir, tmp_path, 1)
+    node.start()
+    before = [worker.tasks_received() for worker in two_workers]
+    _send_all(node, tmp_path, 1)
+    taker = wait_until(lambda: next((w for w, b in zip(two_workers, before) if w.tasks_received() > b), None),
+                       120, 0.05, "a worker to take the task")
+    taker.stop(signal.SIGKILL)  # mid-task: the task is unacknowledged
+    wait_until(lambda: _all_sent(node, 1), 300, 0.5, "the SEG after the worker was lost")
+    _exactly_one_seg_each(pacs, uids)
+
+
+def test_redis_stopped_and_restarted_mid_run_loses_nothing(node, pacs, two_workers, redis_server, mri_dir,
+                                                            tmp_path):
+    uids = _series(mri_dir, tmp_path, 2)
+    node.start()
+    before = sum(worker.tasks_received() for worker in two_workers)
+    _send_all(node, tmp_path, 2)
+    wait_until(lambda: sum(w.tasks_received() for w in two_workers) > before, 120, 0.05, "a task taken")
+    redis_server.stop()
+    redis_server.start()  # the same port, empty
+    wait_until(lambda: _all_sent(node, 2), 600, 0.5, "both SEGs after the Redis restart")
+    _exactly_one_seg_each(pacs, uids)
+
+
+def test_the_node_restarted_with_tasks_in_flight_loses_and_duplicates_nothing(node, pacs, two_workers, mri_dir,
+                                                                               tmp_path):
+    uids = _series(mri_dir, tmp_path, 3)
+    node.start()
+    before = sum(worker.tasks_received() for worker in two_workers)
+    _send_all(node, tmp_path, 3)
+    wait_until(lambda: sum(w.tasks_received() for w in two_workers) > before, 120, 0.05, "a task taken")
+    node.stop(signal.SIGKILL)
+    node.start()
+    wait_until(lambda: _all_sent(node, 3), 600, 0.5, "three SEGs after the node restart")
+    _exactly_one_seg_each(pacs, uids)
+
+
+def test_a_worker_without_weights_fails_the_task_with_the_weights_message(tmp_path, pacs, redis_server, mri_dir):
+    empty = tmp_path / "empty-weights"
+    empty.mkdir()
+    config = _worker_config(tmp_path, redis_server, empty)
+    config["workers"]["queue"] = "no-weights"  # only this worker listens here
+    worker = CeleryWorker(tmp_path / "worker", config, "bare").start()
+    node = NodeProcess(tmp_path / "node", node_config(
+        tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=empty,
+        workers={**config["workers"]},
+    ))
+    try:
+        pacs.start()
+        copy_series(mri_dir / SOURCE, tmp_path / "series0", seed=f"bare-{tmp_path.name}")
+        node.start()
+        storescu(node.port, tmp_path / "series0")
+        job = wait_until(lambda: next((j for j in node.jobs() if j.state is JobState.FAILED), None), 300, 0.5,
+                         "the job to fail")
+        assert "model weights for TotalSegmentator task 'total'" in job.reason
+        assert str(empty) in job.reason, "the worker's own weights folder is named"
+        assert pacs.receptions() == []
+    finally:
+        node.stop(signal.SIGKILL)
+        worker.stop(signal.SIGKILL)
