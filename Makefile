@@ -5,7 +5,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PEERS  := storescu storescp echoscu dciodvfy Orthanc chromium chromedriver redis-server
+PEERS  := storescu storescp echoscu dciodvfy Orthanc chromium chromedriver redis-server plastimatch
 
 .PHONY: run test venv peers js demo-model clean
 
@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # dcmtk (storescu/storescp/echoscu), dicom3tools (dciodvfy), Orthanc, Chromium with its
-# driver (the status page test) and Redis, from Debian.
+# driver (the status page test), Redis (the workers) and plastimatch (RTSTRUCT read-back), from Debian.
 peers:
 	@missing=""; for tool in $(PEERS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools orthanc chromium chromium-driver redis-server; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools orthanc chromium chromium-driver redis-server plastimatch; \
 	  $$SUDO systemctl disable --now orthanc redis-server >/dev/null 2>&1 || true; \
 	fi
 

@@ -195,11 +195,15 @@ class ModelRunner:
         process, conn = self._process, self._conn
         if process is None:
             return
-        try:
-            conn.send_bytes(b"")  # the stop request; ignored while a request runs
-        except (OSError, ValueError):
-            pass
-        process.join(timeout=0 if process.exitcode is not None else min(timeout, 2.0))
+        idle = self._lock.acquire(blocking=False)  # else a request is in flight: terminate it
+        if idle:
+            try:
+                conn.send_bytes(b"")  # the stop request
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._lock.release()
+            process.join(timeout=min(timeout, 2.0))
         if process.is_alive():
             process.terminate()
             process.join(timeout)

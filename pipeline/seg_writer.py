@@ -36,6 +36,11 @@ from pipeline.labels import segment_info
 from pipeline.series import Series
 from pipeline.volume import LabelMap
 
+# highdicom warns about an unusual PatientName with the name in the message, which would put
+# it into the node's log. Installed once, for every thread (``warnings.catch_warnings``
+# changes the process-wide filters and is not safe while several threads encode).
+warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name")
+
 __all__ = [
     "Algorithm",
     "SegOptions",
@@ -254,32 +259,29 @@ def encode_seg(
     replaces = supersedes if supersedes is not None and supersedes != series_uid else None
     source_number = series.header.get("SeriesNumber")
     try:
-        with warnings.catch_warnings():
-            # highdicom's warning about an odd PatientName would print the name into the log.
-            warnings.filterwarnings("ignore", message=".*intended person name")
-            seg = hd.seg.Segmentation(
-                source_images=sources,
-                pixel_array=segments,
-                segmentation_type=hd.seg.SegmentationTypeValues(options.segmentation_type),
-                segment_descriptions=_describe_segments(label_map, algorithm),
-                series_instance_uid=series_uid,
-                series_number=int(source_number) + 1000 if source_number is not None else 1000,
-                sop_instance_uid=generate_uid(entropy_srcs=["instance", identity]),
-                instance_number=1,
-                manufacturer="dicom-node",
-                manufacturer_model_name=algorithm.name,
-                software_versions=algorithm.software_version,
-                device_serial_number="0",
-                content_label="AUTOSEG",
-                content_description=_content_description(algorithm, replaces is not None),
-                content_creator_name="dicom-node^automatic",
-                series_description=(REPLACES if replaces else "") + algorithm.series_description,
-                omit_empty_frames=options.omit_empty_frames,
-                transfer_syntax_uid=options.transfer_syntax,
-                # set below: highdicom refuses some valid values, such as "\ISO 2022 IR 87"
-                specific_character_set=None,
-                **geometry,
-            )
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=segments,
+            segmentation_type=hd.seg.SegmentationTypeValues(options.segmentation_type),
+            segment_descriptions=_describe_segments(label_map, algorithm),
+            series_instance_uid=series_uid,
+            series_number=int(source_number) + 1000 if source_number is not None else 1000,
+            sop_instance_uid=generate_uid(entropy_srcs=["instance", identity]),
+            instance_number=1,
+            manufacturer="dicom-node",
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.software_version,
+            device_serial_number="0",
+            content_label="AUTOSEG",
+            content_description=_content_description(algorithm, replaces is not None),
+            content_creator_name="dicom-node^automatic",
+            series_description=(REPLACES if replaces else "") + algorithm.series_description,
+            omit_empty_frames=options.omit_empty_frames,
+            transfer_syntax_uid=options.transfer_syntax,
+            # set below: highdicom refuses some valid values, such as "\ISO 2022 IR 87"
+            specific_character_set=None,
+            **geometry,
+        )
     except (ValueError, TypeError, AttributeError) as exc:
         raise SegEncodingError(f"highdicom could not encode the SEG: {exc}") from exc
     if "SpecificCharacterSet" in sources[0]:
