@@ -69,6 +69,14 @@ _TYPE_2_FROM_SOURCE = (
     "StudyTime",
 )
 
+# Type 3 sequences of the patient and study modules highdicom copies from the first source.
+_OPTIONAL_SEQUENCES_FROM_SOURCE = (
+    "ProcedureCodeSequence",
+    "ReferencedStudySequence",
+    "ReferencedPatientSequence",
+    "OtherPatientIDsSequence",
+)
+
 
 @dataclass(frozen=True)
 class SegOptions:
@@ -295,15 +303,21 @@ def encode_seg(
 
 
 def _with_type_2(source: pydicom.Dataset) -> pydicom.Dataset:
-    """``source``, or a copy of it with the Type 2 attributes it lacks present and empty.
+    """``source``, or a copy of it fit to be copied from: the Type 2 attributes it lacks
+    present and empty, and the optional (Type 3) patient and study sequences that it
+    has empty left out (an empty Type 3 sequence is invalid, and highdicom would copy it).
 
     A copy, so the caller's header stays as it was read."""
     missing = [keyword for keyword in _TYPE_2_FROM_SOURCE if keyword not in source]
-    if not missing:
+    empty = [keyword for keyword in _OPTIONAL_SEQUENCES_FROM_SOURCE
+             if keyword in source and not source[keyword].value]
+    if not missing and not empty:
         return source
     patched = copy.deepcopy(source)
     for keyword in missing:
         setattr(patched, keyword, None)
+    for keyword in empty:
+        delattr(patched, keyword)
     return patched
 
 

@@ -85,6 +85,18 @@ def test_missing_type_2_attributes_give_a_valid_seg_with_them_empty(t1_dir, tmp_
     assert errors == []
 
 
+def test_an_empty_optional_study_sequence_is_not_copied_into_the_seg(t1_dir, tmp_path):
+    """As the Philips MPRAGE sends it: ProcedureCodeSequence present with no item."""
+    def empty_procedure(ds: pydicom.Dataset) -> None:
+        ds.ProcedureCodeSequence = pydicom.Sequence()
+
+    paths = derive(t1_dir, tmp_path / "empty", empty_procedure)
+    seg = seg_of(paths)
+    assert "ProcedureCodeSequence" not in seg
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    assert _dciodvfy_errors(tmp_path / "seg.dcm") == []
+
+
 def test_the_callers_headers_are_not_changed(t1_dir, tmp_path):
     series = assemble_series(read_headers(derive(t1_dir, tmp_path / "bare", _drop_type_2)))
     labels = np.zeros((len(series.slices), series.rows, series.columns), np.uint16)
