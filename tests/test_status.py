@@ -176,7 +176,7 @@ def test_a_sent_job_whose_first_send_failed_shows_sent_and_its_last_error_apart(
     assert job["last_error"].startswith("send attempt 1 failed")
     assert "fail" not in job["reason"] and "segment(s)" in job["reason"]
     text = _status(node.config_path).stdout
-    assert text.splitlines()[0] == "sent: 1"
+    assert text.splitlines()[:2] == ["workers: embedded warm runner, 0 series in flight, 0 job(s) waiting", "sent: 1"]
     assert f"(last error: {job['last_error']})" in text
     assert "received " in text and "processed " in text and "sent " in text
 
@@ -186,4 +186,5 @@ def test_status_into_head_exits_0_quietly(round_trip):
     result = subprocess.run(["bash", "-o", "pipefail", "-c",
                              f"'{sys.executable}' -m dicom_node status --config '{node.config_path}' | head -n 1"],
                             capture_output=True, text=True, timeout=120)
-    assert (result.returncode, result.stdout, result.stderr) == (0, "sent: 1\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "workers: embedded warm runner, 0 series in flight, 0 job(s) waiting\n", "")
