@@ -35,8 +35,7 @@ from typing import Any
 import nibabel as nib
 
 from dicom_node.config import Config, WorkerSettings
-from pipeline import errors
-from pipeline.errors import PipelineError, SegmentationError
+from pipeline.errors import PipelineError, SegmentationError, error_of_kind
 from pipeline.labels import Code, SegmentInfo
 from pipeline.model_identity import ModelIdentity
 from pipeline.runner import ModelReply, ModelRunner, RunnerStopped, RunReport
@@ -115,7 +114,7 @@ def encode_reply(reply: ModelReply) -> dict[str, Any]:
 def decode_reply(data: dict[str, Any]) -> ModelReply:
     if "error" in data:
         kind, message = data["error"]
-        raise getattr(errors, kind, SegmentationError)(message)
+        raise error_of_kind(str(kind), str(message))
     return ModelReply(
         labels=_unpack(data["labels"]),
         names={int(k): v for k, v in data["names"].items()},

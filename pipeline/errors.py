@@ -20,6 +20,7 @@ __all__ = [
     "WeightsMissingError",
     "SegmentationError",
     "SegEncodingError",
+    "error_of_kind",
 ]
 
 
@@ -45,3 +46,12 @@ class SegmentationError(PipelineError):
 
 class SegEncodingError(PipelineError):
     """The DICOM SEG could not be encoded or does not match its source."""
+
+
+def error_of_kind(kind: str, message: str) -> PipelineError:
+    """The ``PipelineError`` named ``kind`` (as another process reported it), else a
+    ``SegmentationError``: only this module's error classes are ever made."""
+    cls = globals().get(kind) if kind in __all__ else None
+    if not (isinstance(cls, type) and issubclass(cls, PipelineError)):
+        cls = SegmentationError
+    return cls(message)

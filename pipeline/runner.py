@@ -42,8 +42,7 @@ from typing import Callable, Mapping, Protocol
 import nibabel as nib
 import numpy as np
 
-from pipeline import errors
-from pipeline.errors import PipelineError, SegmentationError
+from pipeline.errors import PipelineError, SegmentationError, error_of_kind
 from pipeline.labels import SegmentInfo
 from pipeline.model_identity import ModelIdentity
 from pipeline.settings import ModelSettings
@@ -182,7 +181,7 @@ class ModelRunner:
                     self._loads_now = value.report.loads
                     return value
                 kind, message = value
-                raise getattr(errors, kind, SegmentationError)(message)
+                raise error_of_kind(kind, message)
         raise AssertionError("unreachable")
 
     def segment_nifti(self, image: nib.Nifti1Image) -> nib.Nifti1Image:

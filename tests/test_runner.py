@@ -120,3 +120,12 @@ def _wait_until_gone(pid: int, seconds: float) -> None:
             return
         gone.wait(0.1)
     raise AssertionError(f"the model process {pid} is still alive {seconds}s after its parent was killed")
+
+
+def test_an_error_from_the_model_process_becomes_only_a_pipeline_error():
+    from pipeline.errors import SegmentationError, WeightsMissingError, error_of_kind
+
+    assert type(error_of_kind("WeightsMissingError", "gone")) is WeightsMissingError
+    for kind in ("annotations", "__all__", "error_of_kind", "SystemExit", "os"):
+        error = error_of_kind(kind, "odd")
+        assert type(error) is SegmentationError and str(error) == "odd"
