@@ -611,24 +611,7 @@ def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[P
                            "phantom without training) standing in for TotalSegmentator 'total' full weights; "
                            "for tests and demos only. Learned classes: " + (", ".join(in_part) or "none"),
         }
-        slim = {
-            "network_weights": weights,
-            "optimizer_state": None,
-            "grad_scaler_state": None,
-            "logging": None,
-            "_best_ema": None,
-            "current_epoch": ckpt["current_epoch"],
-            "init_args": {**ckpt["init_args"], "plans": plans, "dataset_json": dataset_json, "fold": 0,
-                          "configuration": model, "device": "cpu"},
-            "trainer_name": config["trainer"],
-            "inference_allowed_mirroring_axes": None,
-        }
-        if folder.exists():
-            shutil.rmtree(folder)
-        (folder / "fold_0").mkdir(parents=True)
-        torch.save(slim, folder / "fold_0" / "checkpoint_final.pth")
-        (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-        (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=model, trainer=config["trainer"])
         written.append(folder)
     return written
 
@@ -919,6 +902,16 @@ def _export_model(trained_dir: Path, out_dir: Path, names: list[str], plans: dic
         "description": "SYNTHETIC phantom model (anatomically meaningless) standing in for TotalSegmentator "
                        "'total' fast weights; for tests and demos only. Learned classes: " + ", ".join(names),
     }
+    _install_model(out_dir, ckpt, weights, plans, dataset_json, configuration="3d_fullres",
+                   trainer=TOTAL_FAST_TRAINER)
+
+
+def _install_model(folder: Path, ckpt: dict, weights: dict, plans: dict, dataset_json: dict, *,
+                   configuration: str, trainer: str) -> None:
+    """Write (replacing) a model folder nnU-Net's predictor loads: a slim ``fold_0``
+    checkpoint (no optimizer state) with ``weights``, ``plans.json`` and ``dataset.json``."""
+    import torch
+
     slim = {
         "network_weights": weights,
         "optimizer_state": None,
@@ -927,16 +920,16 @@ def _export_model(trained_dir: Path, out_dir: Path, names: list[str], plans: dic
         "_best_ema": None,
         "current_epoch": ckpt["current_epoch"],
         "init_args": {**ckpt["init_args"], "plans": plans, "dataset_json": dataset_json, "fold": 0,
-                      "configuration": "3d_fullres", "device": "cpu"},
-        "trainer_name": TOTAL_FAST_TRAINER,
+                      "configuration": configuration, "device": "cpu"},
+        "trainer_name": trainer,
         "inference_allowed_mirroring_axes": None,
     }
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    (out_dir / "fold_0").mkdir(parents=True)
-    torch.save(slim, out_dir / "fold_0" / "checkpoint_final.pth")
-    (out_dir / "plans.json").write_text(json.dumps(plans, indent=2))
-    (out_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "fold_0").mkdir(parents=True)
+    torch.save(slim, folder / "fold_0" / "checkpoint_final.pth")
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
 
 
 def _training_job(job_file: str) -> None:
