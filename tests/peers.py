@@ -373,6 +373,14 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def status_of(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """``dicom-node status`` with ``config``; it must exit 0 with nothing on stderr."""
+    result = subprocess.run([sys.executable, "-m", "dicom_node", "status", "--config", str(config), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return result
+
+
 def node_settled(node: NodeProcess, count: int) -> bool:
     """``count`` jobs, all ended, and no series still receiving (no job still to come)."""
     from dicom_node.state import TERMINAL_STATES, StateStore

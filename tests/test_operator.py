@@ -26,7 +26,7 @@ from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.service import Node, StartupError, StartupProblem
 from dicom_node.state import JobState, SeriesRef, StateStore
-from tests.peers import LOCALHOST, REPO, NodeProcess, free_port, node_config
+from tests.peers import LOCALHOST, REPO, NodeProcess, free_port, node_config, status_of
 
 
 # -- start-up failures ------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _busy(port: int) -> socket.socket:
     return sock
 
 
-def test_a_busy_dicom_port_is_one_line_and_its_own_exit_status(tmp_path, phantom_weights):
+def test_a_busy_dicom_port_is_one_line_and_its_own_exitstatus_of(tmp_path, phantom_weights):
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights)
     port = config["node"]["port"]
     with _busy(port):
@@ -72,7 +72,7 @@ def test_a_busy_dicom_port_is_one_line_and_its_own_exit_status(tmp_path, phantom
     assert line == f"dicom-node: node.port {port} on 127.0.0.1 is already in use"
 
 
-def test_a_busy_http_port_is_one_line_and_its_own_exit_status(tmp_path, phantom_weights):
+def test_a_busy_http_port_is_one_line_and_its_own_exitstatus_of(tmp_path, phantom_weights):
     http_port = free_port()
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights,
                          http={"port": http_port})
@@ -288,15 +288,8 @@ def jobs_config(tmp_path_factory) -> Path:
     return path
 
 
-def _status(config: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dicom_node", "status", "--config", str(config), *args],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    return result
-
-
 def test_status_json_one_object_per_job(jobs_config):
-    lines = _status(jobs_config, "--json").stdout.splitlines()
+    lines = status_of(jobs_config, "--json").stdout.splitlines()
     assert len(lines) == _JOBS
     jobs = [json.loads(line) for line in lines]
     failed = jobs[-1]
@@ -316,14 +309,14 @@ def test_status_json_one_object_per_job(jobs_config):
 
 
 def test_status_filters_by_state_and_age(jobs_config):
-    failed = _status(jobs_config, "--json", "--state", "failed").stdout.splitlines()
+    failed = status_of(jobs_config, "--json", "--state", "failed").stdout.splitlines()
     assert [json.loads(line)["state"] for line in failed] == ["failed"]
-    recent = [json.loads(line) for line in _status(jobs_config, "--json", "--since", str(_HOUR)).stdout.splitlines()]
+    recent = [json.loads(line) for line in status_of(jobs_config, "--json", "--since", str(_HOUR)).stdout.splitlines()]
     assert [job["state"] for job in recent] == ["sent", "failed"]
-    text = _status(jobs_config, "--state", "failed", "--state", "sent", "--since", str(_HOUR)).stdout
+    text = status_of(jobs_config, "--state", "failed", "--state", "sent", "--since", str(_HOUR)).stdout
     lines = text.splitlines()
     assert lines[0].startswith("workers: embedded warm runner, ") and lines[1] == "sent: 1" and "failed: 1" in text
-    assert _status(jobs_config, "--state", "received").stdout.splitlines()[1:] == ["no jobs"]
+    assert status_of(jobs_config, "--state", "received").stdout.splitlines()[1:] == ["no jobs"]
 
 
 @pytest.mark.parametrize("form", [[], ["--json"]])

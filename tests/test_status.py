@@ -11,14 +11,13 @@ import sqlite3
 import subprocess
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from dicom_node.state import JobState, StateStore
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, series_uid_of, wait_until
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, series_uid_of, status_of, wait_until
 
 # The schema of the release before the timestamps (commit 04995b0), as its databases are on disk.
 _PREVIOUS_SCHEMA = """
@@ -40,13 +39,6 @@ CREATE TABLE jobs (
     last_error TEXT);
 CREATE INDEX jobs_by_state ON jobs(state, id);
 """
-
-
-def _status(config: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dicom_node", "status", "--config", str(config), *args],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    return result
 
 
 def test_a_database_of_the_previous_release_gets_the_timestamps_on_open(tmp_path):
@@ -78,11 +70,11 @@ def test_a_database_of_the_previous_release_gets_the_timestamps_on_open(tmp_path
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
                                       "storage": {"state_db": str(db), "spool_dir": str(tmp_path / "spool")}}))
-    old_job, new_job = (json.loads(line) for line in _status(config, "--json").stdout.splitlines())
+    old_job, new_job = (json.loads(line) for line in status_of(config, "--json").stdout.splitlines())
     assert (old_job["sent_at"], old_job["durations"]["sending"]) == (None, None)
     assert old_job["last_error"] == "send attempt 1 failed" and old_job["state"] == "sent"
     assert new_job["reprocess_of"] == 1 and new_job["durations"]["processing"] == 2.0
-    text = _status(config).stdout
+    text = status_of(config).stdout
     assert "received -" in text and "processed 1970-01-01 00:03:23 (2.0s)" in text
 
 
@@ -153,7 +145,7 @@ def test_readiness_names_the_destination_while_its_sends_fail(round_trip):
 
 def test_status_json_gives_the_timestamps_and_durations_of_a_round_trip(round_trip, t1_dir):
     node, orthanc, seen = round_trip
-    [job] = [json.loads(line) for line in _status(node.config_path, "--json").stdout.splitlines()]
+    [job] = [json.loads(line) for line in status_of(node.config_path, "--json").stdout.splitlines()]
     assert job["series_instance_uid"] == series_uid_of(t1_dir)
     stamps = [datetime.fromisoformat(job[key]) for key in
               ("received_at", "completed_at", "processing_at", "processed_at", "sent_at")]
@@ -171,11 +163,11 @@ def test_status_json_gives_the_timestamps_and_durations_of_a_round_trip(round_tr
 
 def test_a_sent_job_whose_first_send_failed_shows_sent_and_its_last_error_apart(round_trip):
     node, _, _ = round_trip
-    [job] = [json.loads(line) for line in _status(node.config_path, "--json").stdout.splitlines()]
+    [job] = [json.loads(line) for line in status_of(node.config_path, "--json").stdout.splitlines()]
     assert job["state"] == "sent" and job["attempts"] == 2
     assert job["last_error"].startswith("send attempt 1 failed")
     assert "fail" not in job["reason"] and "segment(s)" in job["reason"]
-    text = _status(node.config_path).stdout
+    text = status_of(node.config_path).stdout
     assert text.splitlines()[:2] == ["workers: embedded warm runner, 0 series in flight, 0 job(s) waiting", "sent: 1"]
     assert f"(last error: {job['last_error']})" in text
     assert "received " in text and "processed " in text and "sent " in text
