@@ -19,14 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# dcmtk (storescu/storescp/echoscu), dicom3tools (dciodvfy), Orthanc, Chromium with its
-# driver (the status page test), Redis (the workers) and plastimatch (RTSTRUCT read-back), from Debian.
+# dcmtk (storescu/storescp/echoscu), dicom3tools (dciodvfy), Orthanc with its DICOMweb plugin
+# (STOW-RS), Chromium with its driver (the status page test), Redis (the workers) and
+# plastimatch (RTSTRUCT read-back), from Debian. The plugin is a file, not a command.
 peers:
 	@missing=""; for tool in $(PEERS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing libOrthancDicomWeb.so"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers (missing:$$missing)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools orthanc chromium chromium-driver redis-server plastimatch; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools orthanc orthanc-dicomweb chromium chromium-driver redis-server plastimatch; \
 	  $$SUDO systemctl disable --now orthanc redis-server >/dev/null 2>&1 || true; \
 	fi
 

@@ -234,15 +234,25 @@ def assert_no_conflicting_duplicates(scp: StoreSCP) -> None:
 
 
 class Orthanc:
-    """A real Orthanc (Debian package) with storage in a temporary folder."""
+    """A real Orthanc (Debian package) with storage in a temporary folder.
 
-    def __init__(self, folder: Path, node_port: int, node_ae: str = "DICOMNODE") -> None:
+    ``dicomweb`` loads the DICOMweb plugin (package orthanc-dicomweb) under
+    ``dicomweb_url``. ``users`` (name -> password) turns HTTP basic authentication on;
+    the class's own REST calls then log in as the first of them. ``lua`` is a Lua script
+    Orthanc runs, e.g. a ``ReceivedInstanceFilter`` that refuses some instances.
+    """
+
+    DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+    def __init__(self, folder: Path, node_port: int, node_ae: str = "DICOMNODE", *, dicomweb: bool = False,
+                 users: dict[str, str] | None = None, lua: str | None = None) -> None:
         self.folder = folder
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.ae_title = "ORTHANC"
         self.url = f"http://{LOCALHOST}:{self.http_port}"
         self.process: subprocess.Popen | None = None
+        self.auth: tuple[str, str] | None = next(iter(users.items())) if users else None
         self.config = {
             "Name": "test-pacs",
             "StorageDirectory": str(folder / "storage"),
@@ -259,9 +269,29 @@ class Orthanc:
             "Plugins": [],
             "HttpsVerifyPeers": False,
         }
+        if dicomweb:
+            if not self.DICOMWEB_PLUGIN.exists():
+                raise RuntimeError(f"{self.DICOMWEB_PLUGIN} is missing: install orthanc-dicomweb (make peers)")
+            self.config["Plugins"] = [str(self.DICOMWEB_PLUGIN)]
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if users:
+            self.config["AuthenticationEnabled"] = True
+            self.config["RegisteredUsers"] = dict(users)
+        self.lua = lua
+        if lua is not None:
+            self.config["LuaScripts"] = [str(folder / "script.lua")]
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (STOW-RS posts to ``{dicomweb_url}/studies``)."""
+        if "DicomWeb" not in self.config:
+            raise RuntimeError("this Orthanc was started without dicomweb=True")
+        return f"{self.url}/dicom-web"
 
     def start(self) -> "Orthanc":
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.lua is not None:
+            (self.folder / "script.lua").write_text(self.lua)
         config_path = self.folder / "orthanc.json"
         config_path.write_text(json.dumps(self.config, indent=2))
         self.log = open(self.folder / "orthanc.log", "wb")
@@ -270,27 +300,29 @@ class Orthanc:
         )
         wait_for_port(self.http_port, process=self.process)
         wait_until(lambda: self._ok("/system"), 30, what="Orthanc's REST API")
+        if "DicomWeb" in self.config:
+            wait_until(lambda: self._ok("/dicom-web/studies"), 30, what="Orthanc's DICOMweb plugin")
         return self
 
     def _ok(self, path: str) -> bool:
         try:
-            return requests.get(self.url + path, timeout=2).ok
+            return requests.get(self.url + path, auth=self.auth, timeout=2).ok
         except requests.RequestException:
             return False
 
     def get(self, path: str):
-        response = requests.get(self.url + path, timeout=30)
+        response = requests.get(self.url + path, auth=self.auth, timeout=30)
         response.raise_for_status()
         return response.json()
 
     def get_bytes(self, path: str) -> bytes:
-        response = requests.get(self.url + path, timeout=30)
+        response = requests.get(self.url + path, auth=self.auth, timeout=30)
         response.raise_for_status()
         return response.content
 
     def post(self, path: str, data) -> dict:
         body = data if isinstance(data, (bytes, str)) else json.dumps(data)
-        response = requests.post(self.url + path, data=body, timeout=300)
+        response = requests.post(self.url + path, data=body, auth=self.auth, timeout=300)
         response.raise_for_status()
         return response.json()
 
@@ -300,12 +332,29 @@ class Orthanc:
             ids.append(self.post("/instances", path.read_bytes())["ParentSeries"])
         return sorted(set(ids))
 
+    def receptions(self) -> list[tuple[str, str]]:
+        """(SOPClassUID, SOPInstanceUID) of every instance Orthanc received, duplicates
+        included, in order: logged by ``RECEPTION_LOG`` (start it with ``lua=RECEPTION_LOG``)."""
+        text = (self.folder / "orthanc.log").read_text(errors="replace")
+        return [tuple(line.split("RECEIVED ", 1)[1].split()[:2]) for line in text.splitlines()  # type: ignore[misc]
+                if "Lua says: RECEIVED " in line]
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=30)
             self.process = None
             self.log.close()
+
+
+# An Orthanc Lua script that logs every instance it receives (DIMSE, REST or DICOMweb),
+# a duplicate too, for ``Orthanc.receptions``; it accepts every instance.
+RECEPTION_LOG = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  print("RECEIVED " .. dicom.SOPClassUID .. " " .. dicom.SOPInstanceUID)
+  return true
+end
+"""
 
 
 NODE_LOGS: list[Path] = []  # every node log of the session, scanned for patient data at the end
