@@ -23,7 +23,7 @@ import pydicom
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
-from dicom_node.state import Job, JobState, StateStore
+from dicom_node.state import Job, JobState, OutboxCounts, OutboxItem, OutboxState, StateStore
 
 __all__ = ["ExitStatus", "main"]
 
@@ -78,7 +78,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.segment import make_segmenter
 
     config = _load(args)  # the same file and path rules as serve
-    settings, seg_options = config.pipeline, config.destination.seg_options
+    settings, outputs = config.pipeline, config.output_requests
     setup_logging("WARNING" if not args.verbose else config.logging.level, config.logging.format)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -93,17 +93,15 @@ def _cmd_process(args: argparse.Namespace) -> int:
             progress.series(series_uid)
             record: dict = {"series_instance_uid": series_uid, "instances": len(paths)}
             try:
-                result = process_series(paths, settings, segmenter, seg_options, on_stage=progress.stage)
+                result = process_series(paths, settings, segmenter, outputs, on_stage=progress.stage)
             except PipelineError as exc:
                 failures += 1
                 record.update(outcome="failed", reason=str(exc))
             else:
                 record.update(outcome=result.outcome.value, reason=result.reason,
                               seconds={k: round(v, 3) for k, v in result.seconds.items()})
-                if result.outcome is Outcome.SEG and result.seg is not None:
-                    target = output / f"{series_uid}.seg.dcm"
-                    result.seg.save_as(target, enforce_file_format=True)
-                    record.update(seg=str(target), segments=list(result.segments))
+                if result.outcome is Outcome.SEG:
+                    record.update(_save_objects(result.objects, output, series_uid), segments=list(result.segments))
             record["model_loads"] = runner.loads
             progress.done(record)
             if args.json:
@@ -111,6 +109,23 @@ def _cmd_process(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{len(groups)} series, {failures} failed; the model was loaded {runner.loads} time(s)")
     return ExitStatus.FAILURE if failures else ExitStatus.OK
+
+
+def _save_objects(objects, output: Path, series_uid: str) -> dict[str, str]:
+    """Each result object as ``SERIES.KEY.dcm`` (``SERIES.overlay/`` for the overlay's
+    images); the paths by object key."""
+    saved = {}
+    for obj in objects:
+        if len(obj.datasets) == 1:
+            target = output / f"{series_uid}.{obj.key}.dcm"
+            obj.datasets[0].save_as(target, enforce_file_format=True)
+        else:
+            target = output / f"{series_uid}.{obj.key}"
+            target.mkdir(exist_ok=True)
+            for ds in obj.datasets:
+                ds.save_as(target / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        saved[obj.key] = str(target)
+    return saved
 
 
 class _Progress:
@@ -152,10 +167,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(config, name=args.name)
 
 
-def _job_json(job: Job, now: float) -> str:
+def _job_json(job: Job, now: float, outbox=()) -> str:
     from dicom_node.ui import job_record
 
-    return json.dumps(job_record(job, now))
+    return json.dumps(job_record(job, now, outbox))
 
 
 def _timeline(job: Job) -> str:
@@ -178,9 +193,11 @@ def _timeline(job: Job) -> str:
     return "UTC " + ", ".join(parts)
 
 
-def _status_lines(jobs: list[Job], as_json: bool, now: float) -> list[str]:
+def _status_lines(jobs: list[Job], as_json: bool, now: float,
+                  outboxes: dict[int, list[OutboxItem]] | None = None) -> list[str]:
+    outboxes = outboxes or {}
     if as_json:
-        return [_job_json(job, now) for job in jobs]
+        return [_job_json(job, now, outboxes.get(job.id, ())) for job in jobs]
     if not jobs:
         return ["no jobs"]
     lines = []
@@ -198,6 +215,29 @@ def _status_lines(jobs: list[Job], as_json: bool, now: float) -> list[str]:
             lines.append(f"      {_timeline(job)}")
             if job.model_run:
                 lines.append(f"      model: {job.model_run}")
+            if job.state in (JobState.SENDING, JobState.FAILED) and outboxes.get(job.id):
+                lines.append("      sends: " + ", ".join(_send_text(item, now) for item in outboxes[job.id]))
+    return lines
+
+
+def _send_text(item: OutboxItem, now: float) -> str:
+    text = f"{item.object} to {item.destination} {item.state.value}"
+    if item.state is OutboxState.PENDING and item.attempts:
+        text += f" (attempt {item.attempts} failed, next in {max(item.next_attempt_at - now, 0):.0f}s)"
+    return text
+
+
+def _destination_lines(config: Config, counts: dict[str, OutboxCounts]) -> list[str]:
+    """The outbox of each configured destination (and of any the config no longer names)."""
+    lines = []
+    for destination in config.destinations:
+        row = counts.get(destination.name, OutboxCounts())
+        lines.append(f"destination {destination.name} ({destination.peer}; {', '.join(destination.outputs)}):"
+                     f" {row.pending} pending, {row.sent} sent, {row.failed} failed")
+    for name in sorted(set(counts) - {d.name for d in config.destinations}):
+        row = counts[name]
+        lines.append(f"destination {name} (no longer configured): {row.pending} pending, {row.sent} sent,"
+                     f" {row.failed} failed")
     return lines
 
 
@@ -220,6 +260,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     state = StateStore(config.storage.state_db)
     try:
         jobs = every_job = state.jobs()
+        outboxes = state.outboxes()
+        counts = state.outbox_counts()
     finally:
         state.close()
     now = time.time()
@@ -227,9 +269,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         jobs = [job for job in jobs if job.state.value in args.state]
     if args.since is not None:
         jobs = [job for job in jobs if job.updated_at >= now - args.since]
-    lines = _status_lines(jobs, args.json, now)
+    lines = _status_lines(jobs, args.json, now, outboxes)
     if not args.json:
-        lines.insert(0, _workers_line(config, every_job))
+        lines[:0] = [_workers_line(config, every_job), *_destination_lines(config, counts)]
     try:
         for line in lines:
             print(line)
@@ -246,14 +288,18 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     config = _load(args)
     state = StateStore(config.storage.state_db)
     try:
+        if args.destination is not None and args.destination not in {d.name for d in config.destinations}:
+            _unknown_destination(config, args.destination)
         if args.reprocess:
+            if args.destination is not None:
+                raise ValueError("--reprocess makes every result again for every destination; leave out --destination")
             job = state.reprocess(args.job_id)
         else:
             old = state.job(args.job_id)
             if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT):
                 raise ValueError(f"job {args.job_id} is {old.state.value}; `dicom-node retry --reprocess"
                                  f" {args.job_id}` processes its series again")
-            job = state.requeue(args.job_id)
+            job = state.requeue(args.job_id, destination=args.destination)
     except (KeyError, ValueError) as exc:
         print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
         return ExitStatus.CONFIG_ERROR
@@ -264,6 +310,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     else:
         print(f"job {job.id} queued again as {job.state.value}; a running node picks it up")
     return ExitStatus.OK
+
+
+def _unknown_destination(config, name: str) -> None:
+    names = ", ".join(d.name for d in config.destinations)
+    raise ValueError(f"no destination {name!r} in the configuration; it has {names}")
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -412,6 +463,8 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--reprocess", action="store_true",
                        help="process the job's series again as a new job, whatever its outcome (sent, skipped,"
                             " no_result, failed), for example after a policy change")
+    retry.add_argument("--destination", default=None, metavar="NAME",
+                       help="only the sends to this destination (as the config names it)")
     retry.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
     retry.set_defaults(func=_cmd_retry)
 

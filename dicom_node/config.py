@@ -7,6 +7,7 @@ taken relative to the config file's folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
+from pipeline.results import OUTPUT_KINDS, OutputRequest, distinct
 from pipeline.seg_writer import SegOptions
 from pipeline.settings import PipelineSettings
 
@@ -23,6 +25,8 @@ __all__ = [
     "Caller",
     "SecuritySettings",
     "Destination",
+    "HttpAuth",
+    "OUTPUTS",
     "StorageSettings",
     "CompletionSettings",
     "SendSettings",
@@ -103,21 +107,124 @@ class SecuritySettings(_Frozen):
         return any(caller.admits(ae_title, address) for caller in self.allowed_callers)
 
 
-class Destination(_Frozen):
-    """Where SEGs are sent (normally the PACS that sent the series)."""
+OUTPUTS = OUTPUT_KINDS
+Output = Literal["seg", "rtstruct", "overlay", "report"]
 
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+
+class HttpAuth(_Frozen):
+    """Credentials for a DICOMweb destination, read from a file or an environment variable
+    (never written in the config itself): ``basic`` (username and password) or ``bearer``
+    (a token). They are read at every send, so a rotated token file needs no restart."""
+
+    type: Literal["basic", "bearer"]
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    token_file: Path | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "HttpAuth":
+        if self.type == "basic":
+            if not self.username:
+                raise ValueError("basic auth needs username")
+            if (self.password_file is None) == (self.password_env is None):
+                raise ValueError("basic auth needs one of password_file or password_env")
+            if self.token_file or self.token_env:
+                raise ValueError("basic auth takes a password, not a token")
+        else:
+            if (self.token_file is None) == (self.token_env is None):
+                raise ValueError("bearer auth needs one of token_file or token_env")
+            if self.username or self.password_file or self.password_env:
+                raise ValueError("bearer auth takes a token, not a username or password")
+        return self
+
+    def secret(self) -> str:
+        """The password or token; ``ConfigError`` naming the file or variable when it is missing."""
+        file = self.password_file or self.token_file
+        env = self.password_env or self.token_env
+        if file is not None:
+            try:
+                value = file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the {self.type} auth secret from {file}: {exc}") from exc
+            where = str(file)
+        else:
+            value = os.environ.get(env or "", "").strip()
+            where = f"environment variable {env}"
+        if not value:
+            raise ConfigError(f"the {self.type} auth secret is empty or missing ({where})")
+        return value
+
+
+class Destination(_Frozen):
+    """Where results are sent, by which protocol, and which results.
+
+    ``protocol: dimse``: C-STORE to ``ae_title`` at ``host``:``port`` (optional ``tls``).
+    ``protocol: dicomweb``: STOW-RS to ``url`` (the DICOMweb base, e.g.
+    ``https://pacs.example.org/dicom-web``), with optional ``auth``; TLS certificates are
+    verified (against ``ca_certificates`` if given) unless ``verify_tls: false``.
+    ``outputs``: the result objects it receives (``seg``, ``rtstruct``, ``overlay``,
+    ``report``); ``segmentation_type`` and ``omit_empty_frames`` shape its SEG.
+    """
+
+    name: str = Field("pacs", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
     tls: TlsSettings | None = None
+    url: str | None = Field(None, pattern=r"^https?://")
+    auth: HttpAuth | None = None
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+    outputs: tuple[Output, ...] = ("seg",)
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     omit_empty_frames: bool = True
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("outputs")
+    @classmethod
+    def _some_outputs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(OUTPUTS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an output is named twice")
+        return value
+
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> "Destination":
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        web = {"url": self.url, "auth": self.auth, "ca_certificates": self.ca_certificates}
+        if self.protocol == "dimse":
+            missing = [key for key, value in dimse.items() if value is None]
+            foreign = [key for key, value in web.items() if value is not None]
+        else:
+            missing = ["url"] if self.url is None else []
+            foreign = [key for key, value in {**dimse, "tls": self.tls}.items() if value is not None]
+        if missing:
+            raise ValueError(f"protocol {self.protocol} needs {', '.join(missing)}")
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a setting of protocol {self.protocol}")
+        return self
 
     @property
     def seg_options(self) -> SegOptions:
         return SegOptions(self.segmentation_type, self.omit_empty_frames)
+
+    @property
+    def requests(self) -> tuple[OutputRequest, ...]:
+        """The result objects it receives."""
+        return tuple(OutputRequest(kind, self.seg_options if kind == "seg" else SegOptions()) for kind in self.outputs)
+
+    @property
+    def peer(self) -> str:
+        """How logs and errors name it: ``AE@host:port`` or the URL."""
+        return f"{self.ae_title}@{self.host}:{self.port}" if self.protocol == "dimse" else str(self.url)
 
 
 class StorageSettings(_Frozen):
@@ -135,7 +242,7 @@ class CompletionSettings(_Frozen):
 
 
 class SendSettings(_Frozen):
-    """Sending SEGs: a failed send stays queued and is retried."""
+    """Sending results: a failed send stays queued and is retried, per destination and object."""
 
     max_attempts: int = Field(5, ge=1)
     retry_delay_seconds: float = Field(10.0, ge=0)
@@ -145,7 +252,7 @@ class SendSettings(_Frozen):
 class HttpSettings(_Frozen):
     """The health, readiness and metrics endpoint, and the status page; port 0 turns it off.
 
-    ``/readyz`` answers 503 once the destination has failed its last
+    ``/readyz`` answers 503 once a destination has failed its last
     ``unready_after_failed_sends`` sends (0: never for that reason). ``ui`` serves the
     status page; its actions (retry) need the token, given in the config or in a file
     the config names (at least 16 characters); without one the page is read-only.
@@ -171,7 +278,7 @@ class LoggingSettings(_Frozen):
 
 
 class RetentionSettings(_Frozen):
-    """Received series and SEGs of jobs that ended ``sent`` are deleted after this many days (0: keep)."""
+    """Received series and results of jobs that ended ``sent`` are deleted after this many days (0: keep)."""
 
     days: float = Field(0, ge=0)
 
@@ -202,7 +309,7 @@ class WorkerSettings(_Frozen):
 class Config(_Frozen):
     node: NodeSettings = NodeSettings()
     security: SecuritySettings = SecuritySettings()
-    destination: Destination
+    destinations: tuple[Destination, ...]
     storage: StorageSettings = StorageSettings()
     completion: CompletionSettings = CompletionSettings()
     send: SendSettings = SendSettings()
@@ -211,6 +318,41 @@ class Config(_Frozen):
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
     workers: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_destination(cls, data: Any) -> Any:
+        """The key of earlier releases, ``destination`` (one mapping), is still accepted:
+        it is a list of one destination named ``pacs``."""
+        if isinstance(data, dict) and "destination" in data:
+            if "destinations" in data:
+                raise ValueError("give destinations (a list) or destination (one, as before), not both")
+            data = {**data, "destinations": [data["destination"]]}
+            del data["destination"]
+        return data
+
+    @field_validator("destinations")
+    @classmethod
+    def _named_once(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        if not value:
+            raise ValueError("name at least one destination")
+        names = [destination.name for destination in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"destination name {', '.join(twice)} is used twice")
+        return value
+
+    @property
+    def output_requests(self) -> list[OutputRequest]:
+        """Every result object some destination receives, each once."""
+        return distinct(request for destination in self.destinations for request in destination.requests)
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name`` (``KeyError`` when there is none)."""
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -242,12 +384,27 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             }
         )
 
+    def auth(settings: HttpAuth | None) -> HttpAuth | None:
+        if settings is None:
+            return None
+        return settings.model_copy(update={
+            key: absolute(getattr(settings, key)) for key in ("password_file", "token_file")
+            if getattr(settings, key) is not None
+        })
+
     node = config.node.model_copy(update={"tls": tls(config.node.tls)})
-    destination = config.destination.model_copy(update={"tls": tls(config.destination.tls)})
+    destinations = tuple(
+        destination.model_copy(update={
+            "tls": tls(destination.tls),
+            "auth": auth(destination.auth),
+            "ca_certificates": None if destination.ca_certificates is None else absolute(destination.ca_certificates),
+        })
+        for destination in config.destinations
+    )
     token_file = config.http.ui_token_file
     http = config.http.model_copy(update={"ui_token_file": None if token_file is None else absolute(token_file)})
     return config.model_copy(
-        update={"node": node, "destination": destination, "storage": storage, "pipeline": pipeline, "http": http}
+        update={"node": node, "destinations": destinations, "storage": storage, "pipeline": pipeline, "http": http}
     )
 
 

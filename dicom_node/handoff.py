@@ -9,8 +9,9 @@ of the node's process:
   up to a SEG saved in the spool. Where the model runs is the ``ModelService`` behind
   the worker's segmenter: the embedded warm runner (one slot), or GPU workers over
   Celery (``workers.max_in_flight`` slots, several series at once).
-* one send thread runs ``Worker.send`` for every ``sending`` job whose attempt is due,
-  on its own schedule: a send never waits behind a segmentation.
+* one send thread per destination runs ``Worker.send`` for each of that destination's
+  outbox rows whose attempt is due, on its own schedule: a send never waits behind a
+  segmentation, and a destination that is slow or down never holds up another.
 
 A restart finds every job where it was (``StateStore.resume_interrupted``).
 """
@@ -20,14 +21,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
-from dicom_node.state import Job, StateStore
+from dicom_node.state import StateStore
 from dicom_node.worker import Worker
 
 __all__ = ["JobQueue", "InProcessQueue"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class JobQueue(Protocol):
@@ -40,28 +43,35 @@ class JobQueue(Protocol):
 
 
 class InProcessQueue:
-    """Processing threads and one send thread over the jobs table of the state store."""
+    """Processing threads and a send thread per destination over the state store."""
 
     def __init__(self, state: StateStore, worker: Worker, *, processing_slots: int = 1,
-                 poll_seconds: float = 5.0) -> None:
+                 destinations: tuple[str, ...] = (), poll_seconds: float = 5.0) -> None:
         self.state = state
         self.worker = worker
         self.poll_seconds = poll_seconds
         self._work = threading.Event()  # a job may be waiting to be processed
-        self._send = threading.Event()  # a send may be due
+        self._sends = {name: threading.Event() for name in destinations}  # a send to it may be due
         self._stop = threading.Event()
         self._processors = [
             threading.Thread(target=self._process_loop, name=f"processing-{n + 1}", daemon=True)
             for n in range(processing_slots)
         ]
-        self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
+        self._senders = [
+            threading.Thread(target=self._send_loop, args=(name,), name=f"sender-{name}", daemon=True)
+            for name in destinations
+        ]
 
     def submit(self, job_id: int) -> None:
         self._work.set()
-        self._send.set()
+        self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        for event in self._sends.values():
+            event.set()
 
     def start(self) -> None:
-        for thread in (*self._processors, self._sender):
+        for thread in (*self._processors, *self._senders):
             thread.start()
 
     def stop(self, timeout: float = 30.0, interrupt: Callable[[], None] | None = None) -> None:
@@ -69,7 +79,7 @@ class InProcessQueue:
         before it, ``interrupt`` (stopping the model) hands a job still running back."""
         self._stop.set()
         self._work.set()
-        self._send.set()
+        self._wake_senders()
         deadline = time.monotonic() + timeout
         soft = deadline - min(3.0, timeout / 2)
         for thread in self._threads():
@@ -80,18 +90,18 @@ class InProcessQueue:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _threads(self) -> list[threading.Thread]:
-        return [thread for thread in (*self._processors, self._sender) if thread.is_alive()]
+        return [thread for thread in (*self._processors, *self._senders) if thread.is_alive()]
 
     @property
     def alive(self) -> bool:
-        return all(thread.is_alive() for thread in (*self._processors, self._sender))
+        return all(thread.is_alive() for thread in (*self._processors, *self._senders))
 
     @property
     def stopped(self) -> bool:
         """True once every thread has ended (after ``stop``)."""
         return not self._threads()
 
-    def _claim(self, claim: Callable[[], Job | None]) -> Job | None:
+    def _claim(self, claim: Callable[[], T | None]) -> T | None:
         try:
             return claim()
         except Exception:
@@ -110,22 +120,23 @@ class InProcessQueue:
                 self.worker.process(job)  # records its own failures; this is the last guard
             except Exception:
                 log.exception("job %d: the worker could not record its outcome", job.id)
-            self._send.set()
+            self._wake_senders()
 
-    def _send_loop(self) -> None:
+    def _send_loop(self, destination: str) -> None:
+        wake = self._sends[destination]
         while not self._stop.is_set():
-            job = self._claim(self.state.claim_next_send)
-            if job is not None:
+            item = self._claim(lambda: self.state.claim_next_send(destination=destination))
+            if item is not None:
                 try:
-                    self.worker.send(job)
+                    self.worker.send(item)
                 except Exception:
-                    log.exception("job %d: the worker could not record its outcome", job.id)
+                    log.exception("job %d: the worker could not record its send to %s", item.job_id, destination)
                 continue
             try:
-                due = self.state.next_wakeup()
+                due = self.state.next_wakeup(destination)
             except Exception:
                 log.exception("cannot read the job queue")
                 due = None
             wait = self.poll_seconds if due is None else max(0.05, min(self.poll_seconds, due - time.time()))
-            self._send.wait(wait)
-            self._send.clear()
+            wake.wait(wait)
+            wake.clear()

@@ -7,9 +7,9 @@ the state store takes a write and the spool's disk has more free space than
 
 ``/readyz`` (readiness) answers 503 when liveness fails, or while the node cannot do its
 work: the configured model's weights are missing (the body names the expected path and
-how to import them), or the destination has failed its last
-``http.unready_after_failed_sends`` sends (the body names its AE title, host and port
-and the last error). Both bodies are JSON: ``status``, ``failing`` (part -> what is
+how to import them), or a destination has failed its last
+``http.unready_after_failed_sends`` sends (the body names it, its peer and the last
+error). Both bodies are JSON: ``status``, ``failing`` (part -> what is
 wrong), ``checked``.
 
 ``/metrics`` is Prometheus' text format. Everything else goes to the status page
@@ -23,7 +23,7 @@ import logging
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -142,7 +142,7 @@ class HttpEndpoint:
         return _json(200 if not failing else 503, body)
 
     def ready(self) -> Response:
-        """Ready: alive, and able to do the work (weights present, destination taking SEGs)."""
+        """Ready: alive, and able to do the work (weights present, the destinations taking results)."""
         checks = {**self.checks, **self.readiness}
         failing = self._run(checks)
         body = {"status": "ready" if not failing else "not ready", "failing": failing, "checked": sorted(checks)}
@@ -172,15 +172,18 @@ def disk_check(path, min_free_bytes: int) -> HealthCheck:
     return check
 
 
-def destination_check(state: StateStore, destination: Destination, failed_sends: int) -> HealthCheck:
-    """Failing while the last ``failed_sends`` send attempts (the state store's send log)
-    all failed; 0 never fails."""
+def destination_check(state: StateStore, destinations: Sequence[Destination], failed_sends: int) -> HealthCheck:
+    """Failing while some destination's last ``failed_sends`` send attempts (the state
+    store's send log) all failed; 0 never fails."""
     def check() -> str | None:
         if failed_sends <= 0:
             return None
-        recent = state.recent_sends(failed_sends)
-        if len(recent) < failed_sends or any(ok for _, ok, _ in recent):
-            return None
-        return (f"destination {destination.ae_title} at {destination.host}:{destination.port} failed its last"
-                f" {failed_sends} send(s); last error: {recent[0][2] or 'unknown'}")
+        problems = []
+        for destination in destinations:
+            recent = state.recent_sends(failed_sends, destination.name)
+            if len(recent) < failed_sends or any(ok for _, ok, _ in recent):
+                continue
+            problems.append(f"destination {destination.name} ({destination.peer}) failed its last {failed_sends}"
+                            f" send(s); last error: {recent[0][2] or 'unknown'}")
+        return "; ".join(problems) or None
     return check

@@ -29,6 +29,12 @@ class _JobCollector:
         for state in JobState:
             jobs.add_metric([state.value], counts.get(state, 0))
         yield jobs
+        outbox = GaugeMetricFamily("dicom_node_outbox", "Result objects per destination: pending (of jobs still"
+                                   " sending), sent, failed", labels=["destination", "state"])
+        for destination, row in self.state.outbox_counts().items():
+            for state in ("pending", "sent", "failed"):
+                outbox.add_metric([destination, state], getattr(row, state))
+        yield outbox
         depth = counts.get(JobState.RECEIVED, 0) + counts.get(JobState.SENDING, 0)
         yield GaugeMetricFamily("dicom_node_queue_depth", "Jobs waiting for the worker or a send", value=depth)
         yield GaugeMetricFamily("dicom_node_tasks_in_flight", "Series being segmented now",
@@ -62,9 +68,10 @@ class Metrics:
             "dicom_node_model_runs", "Series segmented, by model process (worker) and device", ["worker", "device"],
             registry=self.registry,
         )
-        self.send_attempts = Counter("dicom_node_send_attempts", "C-STORE attempts of SEGs", registry=self.registry)
-        self.send_failures = Counter("dicom_node_send_failures", "Failed C-STORE attempts, by kind of failure",
-                                     ["kind"], registry=self.registry)
+        self.send_attempts = Counter("dicom_node_send_attempts", "Send attempts of result objects, by destination",
+                                     ["destination"], registry=self.registry)
+        self.send_failures = Counter("dicom_node_send_failures", "Failed send attempts, by destination and kind of"
+                                     " failure", ["destination", "kind"], registry=self.registry)
         self.worker_queue_depth: Callable[[], int | None] | None = None  # set with Celery workers
         if state is not None:
             self.registry.register(_JobCollector(state, self))

@@ -1,7 +1,8 @@
-"""The storage SCU: C-STORE a produced SEG to the configured destination.
+"""The storage SCU: C-STORE a produced object (its files) to a DIMSE destination.
 
-``send_file`` returns the C-STORE status when the destination took the object
-(success, or a warning such as 0xB000 coercion of data elements, which is recorded).
+``send_files`` sends every file of one object over one association and returns when
+the destination took them all (success, or a warning such as 0xB000 coercion of data
+elements, which is recorded); ``send_file`` sends one.
 Anything else raises ``SendError``, which names the peer, the DICOM status in hex and
 its meaning where there is one, and says whether trying again can help:
 
@@ -27,6 +28,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pydicom
 from pynetdicom import AE
@@ -36,7 +38,7 @@ from dicom_node.config import Destination
 from dicom_node.errors import SendError
 from dicom_node.tls import client_context
 
-__all__ = ["SendOutcome", "send_file", "status_meaning"]
+__all__ = ["SendOutcome", "send_file", "send_files", "status_meaning", "transient_status"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ def status_meaning(code: int) -> str:
     return code_to_category(code).lower()
 
 
-def _transient_status(code: int) -> bool:
+def transient_status(code: int) -> bool:
+    """A failure status a later attempt may not meet (out of resources, processing failure)."""
     return 0xA700 <= code <= 0xA7FF or code in _TRANSIENT_STATUSES
 
 
@@ -73,45 +76,68 @@ def send_file(
     path: Path, destination: Destination, *, calling_ae_title: str, timeout: float = 30.0
 ) -> SendOutcome:
     """C-STORE the Part 10 file at ``path``; raise ``SendError`` unless the destination took it."""
-    dataset = pydicom.dcmread(path)
-    peer = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    return send_files([path], destination, calling_ae_title=calling_ae_title, timeout=timeout)
+
+
+def send_files(
+    paths: Sequence[Path], destination: Destination, *, calling_ae_title: str, timeout: float = 30.0
+) -> SendOutcome:
+    """C-STORE the Part 10 files at ``paths`` over one association, in order; raise
+    ``SendError`` at the first the destination does not take (a later attempt sends
+    them all again: same UIDs, so the destination keeps one copy). The outcome carries
+    the first warning."""
+    datasets = [pydicom.dcmread(path) for path in paths]
+    peer = destination.peer
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    sop_class = dataset.SOPClassUID
-    transfer_syntax = dataset.file_meta.TransferSyntaxUID
-    ae.add_requested_context(sop_class, [transfer_syntax])
+    contexts = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    for sop_class in sorted({sop for sop, _ in contexts}):
+        ae.add_requested_context(sop_class, sorted({ts for sop, ts in contexts if sop == sop_class}))
     tls_args = (client_context(destination.tls), None) if destination.tls else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    refused = [c.result for c in assoc.rejected_contexts if c.abstract_syntax == sop_class]
-    if refused:  # pynetdicom aborts an association in which no context was accepted
+    accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+    refused = [(sop, ts) for sop, ts in contexts if (sop, ts) not in accepted]
+    if refused and (assoc.is_established or assoc.rejected_contexts):
+        # pynetdicom aborts an association in which no context was accepted
         if assoc.is_established:
             assoc.release()
-        why = _CONTEXT_RESULTS.get(refused[0], f"result {refused[0]}")
+        sop_class, transfer_syntax = refused[0]
+        results = [c.result for c in assoc.rejected_contexts if c.abstract_syntax == sop_class]
+        why = _CONTEXT_RESULTS.get(results[0], f"result {results[0]}") if results else "not accepted"
         raise SendError(
             f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
             peer=peer, permanent=True, kind="context rejected",
         )
     if not assoc.is_established:
         raise _association_failure(assoc, peer, destination, timeout)
+    warning = None
     try:
-        started = time.monotonic()
-        try:
-            status = assoc.send_c_store(dataset)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}", peer=peer) from exc
-        if not status or "Status" not in status:
-            if time.monotonic() - started >= timeout * 0.95:
-                raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer,
-                                kind="timed out")
-            raise SendError(f"{peer} aborted the association during the C-STORE (aborted by peer)", peer=peer,
-                            kind="aborted by peer")
+        for dataset in datasets:
+            outcome = _store(assoc, dataset, peer, timeout)
+            warning = warning or outcome.warning
     finally:
         if assoc.is_established:
             assoc.release()
+    log.info("sent %d instance(s) of series %s to %s", len(datasets), datasets[0].SeriesInstanceUID, peer)
+    return SendOutcome(0xB000 if warning else 0x0000, warning)
+
+
+def _store(assoc, dataset: pydicom.Dataset, peer: str, timeout: float) -> SendOutcome:
+    """One C-STORE in an established association."""
+    started = time.monotonic()
+    try:
+        status = assoc.send_c_store(dataset)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}", peer=peer) from exc
+    if not status or "Status" not in status:
+        if time.monotonic() - started >= timeout * 0.95:
+            raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer,
+                            kind="timed out")
+        raise SendError(f"{peer} aborted the association during the C-STORE (aborted by peer)", peer=peer,
+                        kind="aborted by peer")
     code = int(status.Status)
     category = code_to_category(code)
     if category == "Success":
-        log.info("sent %s to %s", dataset.SOPInstanceUID, peer)
         return SendOutcome(code)
     if category == "Warning":
         warning = f"0x{code:04X} ({status_meaning(code)})"
@@ -119,7 +145,7 @@ def send_file(
         return SendOutcome(code, warning)
     raise SendError(
         f"{peer} answered C-STORE with status 0x{code:04X} ({status_meaning(code)})",
-        peer=peer, status=code, permanent=not _transient_status(code), kind="failure status",
+        peer=peer, status=code, permanent=not transient_status(code), kind="failure status",
     )
 
 

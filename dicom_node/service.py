@@ -128,7 +128,9 @@ def check_startup(config: Config) -> None:
     if config.http.port:
         _check_port("http", config.http.bind_address, config.http.port)
     tls_sections: tuple[tuple[str, TlsSettings | None], ...] = (
-        ("node.tls", config.node.tls), ("destination.tls", config.destination.tls))
+        ("node.tls", config.node.tls),
+        *((f"destinations.{n}.tls", d.tls) for n, d in enumerate(config.destinations)),
+    )
     for section, tls in tls_sections:
         if tls is None:
             continue
@@ -136,6 +138,16 @@ def check_startup(config: Config) -> None:
             path = getattr(tls, name)
             if path is not None:
                 _check_readable(f"{section}.{name}", path)
+    for n, destination in enumerate(config.destinations):
+        if destination.ca_certificates is not None:
+            _check_readable(f"destinations.{n}.ca_certificates", destination.ca_certificates)
+        if destination.auth is not None:
+            try:
+                destination.auth.secret()
+            except ConfigError as exc:
+                where = destination.auth.password_file or destination.auth.token_file
+                raise StartupError(f"destinations.{n}.auth ({destination.name}): {exc}", key=f"destinations.{n}.auth",
+                                   value=where, problem=StartupProblem.FILE_UNREADABLE) from exc
     if config.http.port and config.http.ui and config.http.ui_token_file is not None:
         _check_readable("http.ui_token_file", config.http.ui_token_file)
     spool = config.storage.spool_dir
@@ -164,7 +176,8 @@ class Node:
             self.metrics.worker_queue_depth = getattr(self.models, "queue_depth", None)
         self.segmenter = segmenter
         worker = Worker(config, self.state, self.spool, self.segmenter, self.metrics)
-        self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight)
+        self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight,
+                                    destinations=tuple(d.name for d in config.destinations))
         self.completion = Completion(config.completion, self.state, self.queue.submit)
         self.scp = StorageSCP(
             config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics
@@ -183,10 +196,10 @@ class Node:
                 self.metrics.exposition,
                 readiness={
                     "weights": self._weights_problem,
-                    "destination": destination_check(self.state, config.destination,
+                    "destination": destination_check(self.state, config.destinations,
                                                      config.http.unready_after_failed_sends),
                 },
-                pages=StatusPage(self.state, config.destination, _ui_token(config)) if config.http.ui else None,
+                pages=StatusPage(self.state, config.destinations, _ui_token(config)) if config.http.ui else None,
             )
         self._started: list[object] = []  # the parts running, stopped again by stop()
         self._stop = threading.Event()
@@ -202,6 +215,14 @@ class Node:
         propagates (a ``StartupError`` for a port taken since ``check_startup``)."""
         try:
             resumed = self.state.resume_interrupted()
+            names = [destination.name for destination in self.config.destinations]
+            adopted = self.state.adopt_unsent(names[0])
+            if adopted:
+                log.info("%d SEG(s) of an earlier release queued for destination %s", adopted, names[0])
+            orphaned = self.state.fail_unconfigured(names)
+            if orphaned:
+                log.warning("%d pending send(s) to destinations no longer configured have failed"
+                            " (`dicom-node status` names them)", orphaned)
             self._report_weights()
             self._start_models()
             if not self.config.security.allowed_callers:

@@ -1,9 +1,9 @@
-"""The spool: received instances and produced SEGs on disk, written atomically.
+"""The spool: received instances and produced result objects on disk, written atomically.
 
 Layout under ``spool_dir``::
 
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    results/<job id>/<SOPInstanceUID>.dcm
+    results/<job id>/<object key>/<SOPInstanceUID>.dcm   (seg, rtstruct, overlay, report, ...)
     tmp/                       (partial writes; never read)
 
 Every file is written to ``tmp/``, flushed to disk, then renamed into place, so a crash
@@ -63,10 +63,19 @@ class Spool:
         name = validate_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm"
         return self._write_atomically(folder / name, encoded)
 
-    def store_result(self, job_id: int, sop_instance_uid: str, encoded: bytes) -> Path:
-        """Write a produced SEG atomically; return its path."""
+    def result_folder(self, job_id: int, key: str | None = None) -> Path:
+        """The folder of a job's results, or of one of its objects (``key``)."""
+        folder = self.results / str(int(job_id))
+        if key is None:
+            return folder
+        if not re.fullmatch(r"[a-z0-9-]{1,32}", key):
+            raise ValueError(f"not an object key: {key!r}")
+        return folder / key
+
+    def store_result(self, job_id: int, key: str, sop_instance_uid: str, encoded: bytes) -> Path:
+        """Write one instance of a produced object atomically; return its path."""
         name = validate_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm"
-        return self._write_atomically(self.results / str(int(job_id)) / name, encoded)
+        return self._write_atomically(self.result_folder(job_id, key) / name, encoded)
 
     def _write_atomically(self, target: Path, data: bytes) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,11 @@ Job life cycle (``JobState``)::
                     +-> failed (pipeline error, with its reason)
     received, processing, sending -> superseded (the series grew: a newer job replaces it)
 
-``received`` jobs wait for the worker, ``sending`` jobs wait for their next attempt.
+``received`` jobs wait for the worker. A ``sending`` job has its result objects in the
+outbox: one row per (job, destination, object) with its own state (``pending``,
+``sent``, ``failed``), attempts and next attempt, so a destination that is down never
+holds up another. The job is ``sent`` when every row is sent, ``failed`` when none is
+pending any more and one failed; its ``attempts`` and ``last_error`` sum up its rows.
 On start, ``processing`` jobs go back to ``received`` (they were interrupted).
 
 A job covers a snapshot of its series: the instances received up to the moment the
@@ -31,10 +35,9 @@ Timestamps: the database itself stamps every job as its state changes (triggers,
 that every writer, whichever function moves the job, is covered): ``received_at`` (the
 first instance the job covers arrived), ``completed_at`` (the series completed; the job
 was created), ``processing_at`` (the worker took it), ``processed_at`` (the pipeline
-ended: a SEG to send, skipped, no result or failed) and ``sent_at``. A rise of a job's
-``attempts`` is a send attempt: it is logged in ``sends`` (success when the job became
-``sent``, else a failure with its ``last_error``), the destination's recent history that
-readiness (``/readyz``) reads.
+ended: results to send, skipped, no result or failed) and ``sent_at`` (the last outbox
+row was sent). Every send attempt is logged in ``sends`` with its destination and
+outcome: each destination's recent history, which readiness (``/readyz``) reads.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Collection
 
-__all__ = ["JobState", "SeriesRef", "Job", "StateStore", "TERMINAL_STATES"]
+__all__ = ["JobState", "SeriesRef", "Job", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore", "TERMINAL_STATES"]
 
 
 class JobState(str, Enum):
@@ -59,6 +63,12 @@ class JobState(str, Enum):
     SKIPPED = "skipped"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+
+
+class OutboxState(str, Enum):
+    PENDING = "pending"  # waiting for its (next) attempt
+    SENT = "sent"
+    FAILED = "failed"  # refused permanently, or the last attempt failed (``retry`` queues it again)
 
 
 TERMINAL_STATES = frozenset(
@@ -114,6 +124,32 @@ class Job:
         }
 
 
+@dataclass(frozen=True)
+class OutboxItem:
+    """One result object of a job, for one destination."""
+
+    id: int
+    job_id: int
+    destination: str
+    object: str  # the object's key: seg, seg-labelmap, rtstruct, overlay, report
+    path: Path  # the folder of its files
+    state: OutboxState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    warning: str | None
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    """A destination's outbox: rows pending (of jobs still sending), sent and failed."""
+
+    pending: int = 0
+    sent: int = 0
+    failed: int = 0
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY,
@@ -165,13 +201,29 @@ CREATE TABLE IF NOT EXISTS sends (
     job_id              INTEGER NOT NULL,
     at                  REAL NOT NULL,
     ok                  INTEGER NOT NULL,
-    error               TEXT
+    error               TEXT,
+    destination         TEXT
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id              INTEGER NOT NULL REFERENCES jobs(id),
+    destination         TEXT NOT NULL,
+    object              TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     REAL NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    warning             TEXT,
+    sent_at             REAL,
+    UNIQUE (job_id, destination, object)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
 
-# The timestamps and the send log, kept by the database on every write (see the module
-# docstring). Dropped and created again on open, so that a change here reaches old
-# databases too.
+# The timestamps, kept by the database on every write (see the module docstring).
+# Dropped and created again on open, so that a change here reaches old databases too.
+_DROPPED_TRIGGERS = ("jobs_log_send",)  # triggers of earlier releases
 _TRIGGERS = {
     "jobs_stamp_created": """AFTER INSERT ON jobs BEGIN
         UPDATE jobs SET
@@ -196,13 +248,11 @@ _TRIGGERS = {
         WHEN NEW.state = 'sent' AND OLD.state IS NOT 'sent' BEGIN
         UPDATE jobs SET sent_at = NEW.updated_at WHERE id = NEW.id;
     END""",
-    "jobs_log_send": """AFTER UPDATE OF attempts ON jobs
-        WHEN NEW.attempts > OLD.attempts BEGIN
-        INSERT INTO sends (job_id, at, ok, error)
-        VALUES (NEW.id, NEW.updated_at, NEW.state = 'sent', CASE WHEN NEW.state = 'sent' THEN NULL ELSE NEW.last_error END);
-        DELETE FROM sends WHERE id <= (SELECT MAX(id) FROM sends) - 1000;
-    END""",
 }
+
+# what the outbox adds to a job's reason when it ends (taken off again when it is retried)
+_SEND_FAILED = "; send failed: "
+_SENT_WITH_WARNING = "; sent with warning "
 
 _REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED})
 
@@ -223,6 +273,7 @@ _ADDED_COLUMNS = (
     ("jobs", "sent_at", "REAL"),
     ("jobs", "reprocess_of", "INTEGER"),
     ("jobs", "model_run", "TEXT"),
+    ("sends", "destination", "TEXT"),
 )
 
 _JOB_COLUMNS = """
@@ -255,6 +306,8 @@ class StateStore:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._db.executescript(_SCHEMA)
         with self._transaction() as db:
+            for name in _DROPPED_TRIGGERS:
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
             for name, body in _TRIGGERS.items():
                 db.execute(f"DROP TRIGGER IF EXISTS {name}")
                 db.execute(f"CREATE TRIGGER {name} {body}")
@@ -490,26 +543,203 @@ class StateStore:
             )
         return dataclasses.replace(job, state=JobState.PROCESSING, updated_at=now, processing_at=now)
 
-    def claim_next_send(self, now: float | None = None) -> Job | None:
-        """The oldest ``sending`` job whose next attempt is due (it stays ``sending``)."""
+    # -- the outbox -----------------------------------------------------------------
+    def start_sending(
+        self,
+        job_id: int,
+        items: list[tuple[str, str, Path]],
+        *,
+        now: float | None = None,
+        **recorded,
+    ) -> bool:
+        """Move a ``processing`` job to ``sending`` with its outbox rows, (destination,
+        object key, folder) each, due now; ``recorded`` as for ``update_job``. False (and
+        nothing written) when the job is no longer ``processing`` (superseded)."""
         now = time.time() if now is None else now
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id FROM jobs WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1",
-                (JobState.SENDING.value, now),
-            ).fetchone()
-        return self.job(row[0]) if row else None
+        with self._transaction() as db:
+            if not self._update(db, job_id, JobState.SENDING, expect=JobState.PROCESSING, now=now,
+                                next_attempt_at=now, **recorded):
+                return False
+            db.executemany(
+                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                [(job_id, destination, key, str(folder), OutboxState.PENDING.value, now)
+                 for destination, key, folder in items],
+            )
+        return True
 
-    def next_wakeup(self) -> float | None:
-        """When the earliest waiting send attempt is due, if any."""
+    def adopt_unsent(self, destination: str, now: float | None = None) -> int:
+        """Give ``sending`` jobs of an earlier release (one SEG, no outbox rows) an outbox
+        row for ``destination``; the number adopted."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            rows = db.execute(
+                """SELECT id, result_path, next_attempt_at FROM jobs j WHERE state = ? AND result_path IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)""",
+                (JobState.SENDING.value,),
+            ).fetchall()
+            db.executemany(
+                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at)
+                   VALUES (?, ?, 'seg', ?, ?, ?)""",
+                [(job_id, destination, str(Path(path).parent), OutboxState.PENDING.value, due)
+                 for job_id, path, due in rows],
+            )
+        return len(rows)
+
+    def fail_unconfigured(self, destinations: Collection[str], now: float | None = None) -> int:
+        """Pending outbox rows for a destination the configuration no longer names fail
+        (``retry --destination`` cannot reach them either; ``retry --reprocess`` makes the
+        job again for the destinations configured now); their jobs are brought up to
+        date. The number of rows."""
+        now = time.time() if now is None else now
+        known = tuple(destinations)
+        with self._transaction() as db:
+            rows = db.execute(
+                f"""SELECT id, job_id, destination FROM outbox WHERE state = ?
+                    AND destination NOT IN ({",".join("?" * len(known))})""",
+                (OutboxState.PENDING.value, *known),
+            ).fetchall()
+            for item_id, _, destination in rows:
+                db.execute("UPDATE outbox SET state = ?, last_error = ? WHERE id = ?",
+                           (OutboxState.FAILED.value, f"destination {destination!r} is no longer in the configuration;"
+                            " not sent", item_id))
+            for job_id in sorted({row[1] for row in rows}):
+                self._settle_job(db, job_id, now)
+        return len(rows)
+
+    def outbox(self, job_id: int) -> list[OutboxItem]:
+        """A job's outbox rows, by destination and object."""
+        return self.outboxes([job_id]).get(job_id, [])
+
+    def outboxes(self, job_ids: list[int] | None = None) -> dict[int, list[OutboxItem]]:
+        """The outbox rows of these jobs (None: of every job), by job, destination and object."""
+        query = f"SELECT {_OUTBOX_COLUMNS} FROM outbox o"
+        if job_ids is not None:
+            query += f" WHERE o.job_id IN ({','.join('?' * len(job_ids))})"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY o.job_id, o.destination, o.object",
+                                    tuple(job_ids or ())).fetchall()
+        grouped: dict[int, list[OutboxItem]] = {}
+        for row in rows:
+            item = _outbox_item(row)
+            grouped.setdefault(item.job_id, []).append(item)
+        return grouped
+
+    def claim_next_send(self, now: float | None = None, destination: str | None = None) -> OutboxItem | None:
+        """The outbox row (for ``destination``, if named) whose attempt is due first, of a
+        job still ``sending`` (it stays pending)."""
+        now = time.time() if now is None else now
+        where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
         with self._lock:
             row = self._db.execute(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE state = ?", (JobState.SENDING.value,)
+                f"""SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.state = ? AND o.next_attempt_at <= ?
+                    AND (SELECT state FROM jobs WHERE id = o.job_id) = ?{where}
+                    ORDER BY o.next_attempt_at, o.id LIMIT 1""",
+                (OutboxState.PENDING.value, now, JobState.SENDING.value, *params),
+            ).fetchone()
+        return _outbox_item(row) if row else None
+
+    def next_wakeup(self, destination: str | None = None) -> float | None:
+        """When the earliest waiting send attempt (to ``destination``, if named) is due, if any."""
+        where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
+        with self._lock:
+            row = self._db.execute(
+                f"""SELECT MIN(o.next_attempt_at) FROM outbox o JOIN jobs j ON j.id = o.job_id
+                   WHERE o.state = ? AND j.state = ?{where}""",
+                (OutboxState.PENDING.value, JobState.SENDING.value, *params),
             ).fetchone()
         return row[0]
 
-    def update_job(
+    def record_send(
         self,
+        item_id: int,
+        *,
+        ok: bool,
+        error: str | None = None,
+        warning: str | None = None,
+        retry_at: float | None = None,
+        now: float | None = None,
+    ) -> JobState:
+        """Record one send attempt of an outbox row and bring its job up to date; the
+        job's state after it.
+
+        ``ok``: the destination took the object (with ``warning`` if it gave one).
+        Otherwise ``error`` says why, and ``retry_at`` when to try again (None: the row
+        has failed for good, until ``retry``). The job becomes ``sent`` when all its rows
+        are sent and ``failed`` when none is pending and one failed; a job that is no
+        longer ``sending`` (superseded while the send ran) keeps its state."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            job_id, destination = db.execute(
+                "SELECT job_id, destination FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            if ok:
+                # its last_error stays: a send that went through at the second attempt shows why the first failed
+                db.execute("""UPDATE outbox SET state = ?, attempts = attempts + 1, warning = ?, sent_at = ?
+                              WHERE id = ?""", (OutboxState.SENT.value, warning, now, item_id))
+            else:
+                state = OutboxState.FAILED if retry_at is None else OutboxState.PENDING
+                db.execute("""UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,
+                              next_attempt_at = ? WHERE id = ?""",
+                           (state.value, error, retry_at if retry_at is not None else now, item_id))
+            db.execute("INSERT INTO sends (job_id, destination, at, ok, error) VALUES (?, ?, ?, ?, ?)",
+                       (job_id, destination, now, int(ok), None if ok else error))
+            db.execute("DELETE FROM sends WHERE id <= (SELECT MAX(id) FROM sends) - 5000")
+            return self._settle_job(db, job_id, now)
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> JobState:
+        """Bring a ``sending`` job up to date with its outbox rows (in the caller's transaction)."""
+        job_state = JobState(db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+        rows = db.execute(
+            "SELECT destination, object, state, attempts, next_attempt_at, last_error, warning FROM outbox"
+            " WHERE job_id = ? ORDER BY destination, object", (job_id,)).fetchall()
+        if job_state is not JobState.SENDING or not rows:
+            return job_state
+        attempts = sum(row[3] for row in rows)
+        pending = [row for row in rows if row[2] == OutboxState.PENDING.value]
+        failed = [row for row in rows if row[2] == OutboxState.FAILED.value]
+        errors = [f"{row[0]} {row[1]}: {row[5]}" for row in rows if row[5]]
+        last_error = "; ".join(errors) or None
+        if pending:
+            db.execute("UPDATE jobs SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+                       (attempts, last_error, min(row[4] for row in pending), job_id))
+            return JobState.SENDING
+        reason = db.execute("SELECT reason FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] or ""
+        reason = reason.split(_SEND_FAILED, 1)[0].split(_SENT_WITH_WARNING, 1)[0]
+        if failed:
+            state = JobState.FAILED
+            reason += _SEND_FAILED + "; ".join(f"{row[0]} {row[1]}: {row[5]}" for row in failed)
+        else:
+            state = JobState.SENT
+            warnings = [f"{row[6]} from {row[0]} ({row[1]})" for row in rows if row[6]]
+            if warnings:
+                reason += _SENT_WITH_WARNING + "; ".join(warnings)
+        db.execute("UPDATE jobs SET state = ?, reason = ?, attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                   (state.value, reason, attempts, last_error, now, job_id))
+        return state
+
+    def outbox_counts(self) -> dict[str, OutboxCounts]:
+        """Per destination: its rows pending (of jobs still sending), sent and failed."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT o.destination,
+                          SUM(o.state = 'pending' AND j.state = 'sending'), SUM(o.state = 'sent'),
+                          SUM(o.state = 'failed')
+                   FROM outbox o JOIN jobs j ON j.id = o.job_id GROUP BY o.destination ORDER BY o.destination"""
+            ).fetchall()
+        return {name: OutboxCounts(int(p or 0), int(s or 0), int(f or 0)) for name, p, s, f in rows}
+
+    def update_job(self, job_id: int, state: JobState, **fields) -> bool:
+        """Move a job to ``state``, setting ``fields`` (``reason``, ``sequence_class``,
+        ``preprocessing``, ``result_path``, ``seg_series_uid``, ``last_error``,
+        ``model_run``, ``attempts``, ``next_attempt_at``, ``now``); with ``expect``, only
+        if it is still in that state (a job superseded meanwhile keeps its state). True
+        if the row changed."""
+        with self._transaction() as db:
+            return self._update(db, job_id, state, **fields)
+
+    @staticmethod
+    def _update(
+        db: sqlite3.Connection,
         job_id: int,
         state: JobState,
         *,
@@ -525,8 +755,6 @@ class StateStore:
         expect: JobState | None = None,
         now: float | None = None,
     ) -> bool:
-        """Move a job to ``state``; with ``expect``, only if it is still in that state
-        (a job superseded meanwhile keeps its state). True if the row changed."""
         now = time.time() if now is None else now
         sets = ["state = ?", "reason = ?", "updated_at = ?"]
         params: list = [state.value, reason, now]
@@ -551,8 +779,7 @@ class StateStore:
         if expect is not None:
             where += " AND state = ?"
             keys.append(expect.value)
-        with self._transaction() as db:
-            return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*params, *keys)).rowcount > 0
+        return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*params, *keys)).rowcount > 0
 
     def resume_interrupted(self, now: float | None = None) -> int:
         """Jobs that were ``processing`` when the node stopped run again."""
@@ -563,21 +790,44 @@ class StateStore:
                 (JobState.RECEIVED.value, now, JobState.PROCESSING.value),
             ).rowcount
 
-    def requeue(self, job_id: int, now: float | None = None) -> Job:
-        """Queue a failed job again: from its SEG if one was made, else from the series."""
+    def requeue(self, job_id: int, destination: str | None = None, now: float | None = None) -> Job:
+        """Queue a failed job again: its failed outbox rows (only those for
+        ``destination``, if named) are due now, else, when it made no result to send,
+        its series is processed again. ``KeyError`` for an unknown job, ``ValueError``
+        (with the reason) for one that cannot be retried."""
         now = time.time() if now is None else now
         job = self.job(job_id)
         if job is None:
             raise KeyError(f"no job {job_id}")
         if job.state is not JobState.FAILED:
             raise ValueError(f"job {job_id} is {job.state.value}, only failed jobs can be retried")
-        uid = job.series.series_instance_uid
-        newer = [j.id for j in self.jobs() if j.series.series_instance_uid == uid and j.id > job.id]
-        if newer:
-            raise ValueError(f"job {job_id} covers an older state of its series; job {newer[-1]} replaces it")
-        has_result = job.result_path is not None and job.result_path.exists()
-        state = JobState.SENDING if has_result else JobState.RECEIVED
-        self.update_job(job_id, state, reason=None, attempts=0, next_attempt_at=now, now=now)
+        with self._transaction() as db:
+            newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
+                               (job.series.series_instance_uid, job_id)).fetchone()[0]
+            if newer is not None:
+                raise ValueError(f"job {job_id} covers an older state of its series; job {newer} replaces it")
+            rows = db.execute("SELECT destination, state, path FROM outbox WHERE job_id = ?", (job_id,)).fetchall()
+            if destination is not None and destination not in {row[0] for row in rows}:
+                raise ValueError(f"job {job_id} has nothing for destination {destination!r}")
+            failed = [row for row in rows if row[1] == OutboxState.FAILED.value
+                      and (destination is None or row[0] == destination)]
+            if rows and not failed:
+                raise ValueError(f"job {job_id} has no failed send" + (f" to {destination}" if destination else ""))
+            if failed and any(not Path(row[2]).exists() for row in failed):
+                raise ValueError(f"job {job_id}: its result files are gone ({failed[0][2]}); process it again"
+                                 " (retry --reprocess)")
+            if failed:
+                db.execute(
+                    "UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ? WHERE job_id = ? AND state = ?"
+                    + ("" if destination is None else " AND destination = ?"),
+                    (OutboxState.PENDING.value, now, job_id, OutboxState.FAILED.value,
+                     *(() if destination is None else (destination,))),
+                )
+                reason = (job.reason or "").split(_SEND_FAILED, 1)[0]
+                self._update(db, job_id, JobState.SENDING, reason=reason, attempts=job.attempts,
+                             next_attempt_at=now, now=now)
+            else:
+                self._update(db, job_id, JobState.RECEIVED, reason=None, attempts=0, next_attempt_at=now, now=now)
         return self.job(job_id)  # type: ignore[return-value]
 
     def reprocess(self, job_id: int, now: float | None = None) -> Job:
@@ -614,13 +864,25 @@ class StateStore:
             new_id = int(cursor.lastrowid)
         return self.job(new_id)  # type: ignore[return-value]
 
-    def recent_sends(self, limit: int) -> list[tuple[float, bool, str | None]]:
-        """The last ``limit`` send attempts, newest first: (time, succeeded, error)."""
+    def recent_sends(self, limit: int, destination: str | None = None) -> list[tuple[float, bool, str | None]]:
+        """The last ``limit`` send attempts (to ``destination``, if named), newest first:
+        (time, succeeded, error)."""
+        where, params = ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
         with self._lock:
             rows = self._db.execute(
-                "SELECT at, ok, error FROM sends ORDER BY id DESC LIMIT ?", (limit,)
+                f"SELECT at, ok, error FROM sends{where} ORDER BY id DESC LIMIT ?", (*params, limit)
             ).fetchall()
         return [(at, bool(ok), error) for at, ok, error in rows]
+
+
+_OUTBOX_COLUMNS = """o.id, o.job_id, o.destination, o.object, o.path, o.state, o.attempts, o.next_attempt_at,
+    o.last_error, o.warning, o.sent_at"""
+
+
+def _outbox_item(row: tuple) -> OutboxItem:
+    item_id, job_id, destination, key, path, state, attempts, due, last_error, warning, sent_at = row
+    return OutboxItem(item_id, job_id, destination, key, Path(path), OutboxState(state), attempts, due,
+                      last_error, warning, sent_at)
 
 
 class _Transaction:

@@ -20,6 +20,7 @@ patient's name, ID or birth date.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import io
 import json
@@ -30,11 +31,11 @@ import time
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from dicom_node.config import Destination
 from dicom_node.http import Response
-from dicom_node.state import Job, JobState, StateStore
+from dicom_node.state import Job, JobState, OutboxCounts, OutboxItem, StateStore
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,8 +64,8 @@ def iso_time(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-def job_record(job: Job, now: float) -> dict:
-    """A job as ``status --json`` and the status page show it: no patient data."""
+def job_record(job: Job, now: float, outbox: Sequence[OutboxItem] = ()) -> dict:
+    """A job as ``status --json`` and the status page show it, with its outbox rows: no patient data."""
     return {
         "id": job.id,
         "state": job.state.value,
@@ -89,6 +90,11 @@ def job_record(job: Job, now: float) -> dict:
         "next_attempt_at": iso_time(job.next_attempt_at) if job.state is JobState.SENDING else None,
         "durations": job.stage_seconds(),
         "model_run": job.model_run,
+        "sends": [{"destination": item.destination, "object": item.object, "state": item.state.value,
+                   "attempts": item.attempts, "last_error": item.last_error, "warning": item.warning,
+                   "sent_at": iso_time(item.sent_at),
+                   "next_attempt_at": iso_time(item.next_attempt_at) if item.state.value == "pending" else None}
+                  for item in outbox],
     }
 
 
@@ -240,10 +246,10 @@ def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Res
 class StatusPage:
     """The status page's routes over the state store (see the module docstring)."""
 
-    def __init__(self, state: StateStore, destination: Destination, token: str | None,
+    def __init__(self, state: StateStore, destinations: Sequence[Destination], token: str | None,
                  static_dir: Path = STATIC) -> None:
         self.state = state
-        self.destination = destination
+        self.destinations = tuple(destinations)
         self._token = token
         self.static_dir = static_dir
         self._lock = threading.Lock()
@@ -280,15 +286,17 @@ class StatusPage:
             return _json(400, {"error": f"unknown state {unknown[0]!r}; one of {', '.join(sorted(known))}"})
         now = time.time()
         jobs = [job for job in self.state.jobs() if not states or job.state.value in states]
+        outboxes = self.state.outboxes()
         records = []
         for job in reversed(jobs):
-            record = job_record(job, now)
+            record = job_record(job, now, outboxes.get(job.id, ()))
             record["series_description"] = self._description(job)
             records.append(record)
-        destination = self.destination
+        outbox = self.state.outbox_counts()
         return _json(200, {
             "jobs": records,
-            "destination": {"ae_title": destination.ae_title, "host": destination.host, "port": destination.port},
+            "destinations": [{"name": d.name, "peer": d.peer, "outputs": list(d.outputs),
+                              **dataclasses.asdict(outbox.get(d.name, OutboxCounts()))} for d in self.destinations],
             "actions": self._token is not None,
             "states": [state.value for state in JobState],
             "now": iso_time(now),
@@ -320,6 +328,8 @@ class StatusPage:
         if job is None:
             return _json(404, {"error": f"no job {job_id}"})
         seg = job.result_path if job.result_path is not None and job.result_path.is_file() else None
+        if seg is not None and not (seg.parent.name.startswith("seg") or seg.parent.name == str(job.id)):
+            seg = None  # results/<job>/seg*/ (or, before the outbox, results/<job>/) holds a SEG; others do not
         key = (job.id, job.upto_seq, str(seg))
         with self._lock:
             cached = self._previews.get(key)

@@ -1,21 +1,25 @@
-"""The worker: processes and sends jobs, recording every step.
+"""The worker: processes jobs and sends their results, recording every step.
 
-``Worker.process(job)`` runs the pipeline over the instances a claimed job covers and
-saves the SEG into the spool (state ``sending``); ``Worker.send(job)`` makes one send
-attempt. The two run on their own threads (``dicom_node.handoff``), so a due send
-never waits behind a segmentation; ``run(job)`` does both in turn. Each is a job
-boundary: whatever goes wrong inside one job ends that job with a reason naming the
-cause, and never escapes to the loop that runs the next job.
+``Worker.process(job)`` runs the pipeline over the instances a claimed job covers,
+saves the result objects the destinations ask for into the spool and puts one outbox
+row per (destination, object) (state ``sending``); ``Worker.send(item)`` makes one send
+attempt of one outbox row, by DIMSE C-STORE or DICOMweb STOW-RS. They run on their own
+threads (``dicom_node.handoff``), so a due send never waits behind a segmentation;
+``run(job)`` does both in turn. Each is a job boundary: whatever goes wrong inside one
+job ends that job (or that send) with a reason naming the cause, and never escapes to
+the loop that runs the next job.
 
 * A model stopped because the node is stopping (``RunnerStopped``) hands the job back:
   it stays ``processing`` and the next start runs it again.
 
 * A pipeline error fails the job with its reason; the received series is never touched.
-* A SEG that cannot be saved (a full disk, an unwritable results folder) fails the job.
-* A send the destination refuses permanently (``SendError.permanent``) fails the job at
-  once; a transient failure is retried with exponential back-off up to
-  ``send.max_attempts``, then the job is ``failed`` and its SEG stays on disk for
-  ``dicom-node retry``. A warning status is a success, recorded in the reason.
+* A result that cannot be saved (a full disk, an unwritable results folder) fails the job.
+* A send the destination refuses permanently (``SendError.permanent``) fails that
+  outbox row at once; a transient failure is retried with exponential back-off up to
+  ``send.max_attempts``, then the row has failed. The job is ``sent`` when every row
+  is, ``failed`` when none is pending and one failed; its files stay on disk for
+  ``dicom-node retry [--destination NAME]``. A warning status is a success, recorded
+  in the reason.
 * A job superseded while it ran (its series grew, see ``dicom_node.state``) keeps its
   state and its result is never sent. A SEG that replaces one already sent says so.
 """
@@ -25,12 +29,13 @@ from __future__ import annotations
 import logging
 import time
 
-from dicom_node.config import Config
+from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError
 from dicom_node.metrics import Metrics
-from dicom_node.scu import send_file
+from dicom_node.scu import SendOutcome, send_files
 from dicom_node.spool import Spool
-from dicom_node.state import Job, JobState, StateStore
+from dicom_node.state import Job, JobState, OutboxItem, OutboxState, StateStore
+from dicom_node.stow import stow_files
 from pipeline.errors import PipelineError
 from pipeline.run import Outcome, process_series
 from pipeline.runner import RunnerStopped
@@ -59,10 +64,12 @@ class Worker:
         self.segmenter = segmenter
 
     def run(self, job: Job) -> JobState:
-        """Advance one claimed job as far as it can go now; return its new state."""
+        """Advance one claimed job as far as it can go now (each due send attempted
+        once); return its new state."""
         state = self.process(job) if job.state is JobState.PROCESSING else job.state
-        if state is JobState.SENDING:
-            state = self.send(self.state.job(job.id))  # type: ignore[arg-type]
+        for item in self.state.outbox(job.id):
+            if state is JobState.SENDING and item.state is OutboxState.PENDING and item.next_attempt_at <= time.time():
+                state = self.send(item)
         return state
 
     def process(self, job: Job) -> JobState:
@@ -75,12 +82,13 @@ class Worker:
         except Exception as exc:  # the job boundary: one job fails, the worker goes on
             return self._unexpected(job, exc)
 
-    def send(self, job: Job) -> JobState:
-        """One send attempt for a ``sending`` job; its new state."""
+    def send(self, item: OutboxItem) -> JobState:
+        """One send attempt of an outbox row; its job's new state."""
         try:
-            return self._send(job)
-        except Exception as exc:
-            return self._unexpected(job, exc)
+            return self._send(item)
+        except Exception as exc:  # the send boundary: this row fails, the sender goes on
+            log.exception("job %d: unexpected error sending %s to %s", item.job_id, item.object, item.destination)
+            return self.state.record_send(item.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
 
     def _unexpected(self, job: Job, exc: Exception) -> JobState:
         log.exception("job %d: unexpected error", job.id)
@@ -107,7 +115,7 @@ class Worker:
         log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
         try:
             result = process_series(
-                paths, self.config.pipeline, self.segmenter, self.config.destination.seg_options,
+                paths, self.config.pipeline, self.segmenter, self.config.output_requests,
                 supersedes=supersedes,
             )
         except PipelineError as exc:
@@ -121,7 +129,7 @@ class Worker:
             "preprocessing": result.preprocessing.value if result.preprocessing else None,
             "model_run": self._model_report() if "segment" in result.seconds else None,
         }
-        if result.outcome is not Outcome.SEG or result.seg is None:
+        if result.outcome is not Outcome.SEG or not result.objects:
             state = JobState.SKIPPED if result.outcome is Outcome.SKIPPED else JobState.NO_RESULT
             if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, **recorded):
                 return self._superseded(job)
@@ -131,16 +139,24 @@ class Worker:
         if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
             return self._superseded(job)
         try:
-            path = self.spool.store_result(job.id, str(result.seg.SOPInstanceUID), _encode(result.seg))
+            saved = {obj.key: [self.spool.store_result(job.id, obj.key, str(ds.SOPInstanceUID), _encode(ds))
+                               for ds in obj.datasets]
+                     for obj in result.objects}
         except OSError as exc:
-            return self._fail(job, f"cannot save the SEG into the spool ({self.spool.results}): {exc}")
-        if not self.state.update_job(
-            job.id, JobState.SENDING, result_path=path, seg_series_uid=str(result.seg.SeriesInstanceUID),
-            next_attempt_at=0, expect=JobState.PROCESSING, **recorded,
+            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}")
+        items = [(destination.name, request.key, self.spool.result_folder(job.id, request.key))
+                 for destination in self.config.destinations for request in destination.requests
+                 if request.key in saved]
+        seg = result.seg
+        first = next(iter(saved.values()))[0]
+        if not self.state.start_sending(
+            job.id, items, result_path=first, seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID),
+            **recorded,
         ):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(result.outcome.value).inc()
-        log.info("job %d: SEG %s with %s (%s)", job.id, result.seg.SOPInstanceUID, result.reason, timing)
+        made = ", ".join(f"{obj.key} ({len(obj.datasets)})" for obj in result.objects)
+        log.info("job %d: made %s with %s (%s)", job.id, made, result.reason, timing)
         return JobState.SENDING
 
     def _model_report(self) -> str | None:
@@ -155,45 +171,45 @@ class Worker:
         return (f"{report.worker} on {report.device}: load {report.load_seconds:.1f}s, forward"
                 f" {report.forward_seconds:.1f}s, overhead {report.overhead_seconds:.1f}s (model loads: {report.loads})")
 
-    def _send(self, job: Job) -> JobState:
-        assert job.result_path is not None
+    def _send(self, item: OutboxItem) -> JobState:
         settings = self.config.send
-        self.metrics.send_attempts.inc()
-        attempts = job.attempts + 1
+        attempts = item.attempts + 1
         try:
-            outcome = send_file(
-                job.result_path,
-                self.config.destination,
-                calling_ae_title=self.config.node.ae_title,
-                timeout=settings.timeout_seconds,
-            )
+            destination = self.config.destination(item.destination)
+        except KeyError:
+            return self.state.record_send(item.id, ok=False, error=(
+                f"destination {item.destination!r} is no longer in the configuration; not sent"))
+        files = sorted(item.path.glob("*.dcm"))
+        self.metrics.send_attempts.labels(item.destination).inc()
+        try:
+            if not files:
+                raise SendError(f"the {item.object} files are gone from {item.path}", peer=destination.peer,
+                                permanent=True)
+            outcome = self._deliver(files, destination)
         except (SendError, OSError) as exc:
-            self.metrics.send_failures.labels(exc.kind if isinstance(exc, SendError) else "local error").inc()
+            kind = exc.kind if isinstance(exc, SendError) else "local error"
+            self.metrics.send_failures.labels(item.destination, kind).inc()
             permanent = isinstance(exc, SendError) and exc.permanent
+            what = f"job {item.job_id}: {item.object} to {item.destination}"
             if permanent or attempts >= settings.max_attempts:
-                reason = (f"send refused, not retried: {exc}" if permanent
-                          else f"send failed after {attempts} attempt(s): {exc}")
-                log.error("job %d: %s", job.id, reason)
-                self.state.update_job(job.id, JobState.FAILED, reason=reason, last_error=str(exc), attempts=attempts)
-                return JobState.FAILED
+                error = (f"send refused, not retried: {exc}" if permanent
+                         else f"send failed after {attempts} attempt(s): {exc}")
+                log.error("%s: %s", what, error)
+                return self.state.record_send(item.id, ok=False, error=error)
             delay = retry_delay(attempts, settings.retry_delay_seconds)
-            log.warning("job %d: send attempt %d failed (%s); next in %.0fs", job.id, attempts, exc, delay)
-            if not self.state.update_job(
-                job.id,
-                JobState.SENDING,
-                reason=job.reason,
-                last_error=f"send attempt {attempts} failed: {exc}",
-                attempts=attempts,
-                next_attempt_at=time.time() + delay,
-                expect=JobState.SENDING,
-            ):
-                return self._superseded(job)
-            return JobState.SENDING
-        # Sent is recorded even if the job was superseded meanwhile: the SEG did reach the PACS.
-        reason = job.reason if outcome.warning is None else f"{job.reason}; sent with warning {outcome.warning}"
-        self.state.update_job(job.id, JobState.SENT, reason=reason, attempts=attempts)
-        log.info("job %d: sent%s", job.id, "" if outcome.warning is None else f" with warning {outcome.warning}")
-        return JobState.SENT
+            log.warning("%s: send attempt %d failed (%s); next in %.0fs", what, attempts, exc, delay)
+            return self.state.record_send(item.id, ok=False, error=f"send attempt {attempts} failed: {exc}",
+                                          retry_at=time.time() + delay)
+        state = self.state.record_send(item.id, ok=True, warning=outcome.warning)
+        log.info("job %d: %s sent to %s%s", item.job_id, item.object, item.destination,
+                 "" if outcome.warning is None else f" with warning {outcome.warning}")
+        return state
+
+    def _deliver(self, files: list, destination: Destination) -> SendOutcome:
+        timeout = self.config.send.timeout_seconds
+        if destination.protocol == "dicomweb":
+            return stow_files(files, destination, timeout=timeout)
+        return send_files(files, destination, calling_ae_title=self.config.node.ae_title, timeout=timeout)
 
 
 def _encode(dataset) -> bytes:

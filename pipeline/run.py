@@ -1,5 +1,5 @@
-"""The pipeline from instance files to a DICOM SEG:
-classify -> series -> volume -> preprocess -> segment -> SEG.
+"""The pipeline from instance files to result objects:
+classify -> series -> volume -> preprocess -> segment -> SEG, RTSTRUCT, overlay, report.
 
 ``process_series`` is pure apart from reading the instance files; it returns a
 ``SegResult`` saying what happened and why. The sequence class is decided from the
@@ -22,7 +22,8 @@ import pydicom
 from pipeline.classify import Classification, classify_series
 from pipeline.errors import TooFewSlicesError
 from pipeline.preprocess import PreprocessingMode, preprocess
-from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
+from pipeline.results import OutputRequest, ResultObject, encode_results
+from pipeline.seg_writer import Algorithm
 from pipeline.segment import ModelIdentity, Segmenter, describe_model
 from pipeline.series import MR_IMAGE_CLASSES, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
@@ -41,8 +42,8 @@ _DESCRIPTIONS = {
 
 
 class Outcome(str, Enum):
-    SEG = "seg"  # a SEG was produced
-    EMPTY = "empty"  # the model found no structure: no SEG, by design
+    SEG = "seg"  # result objects were produced (the SEG and whatever else was asked for)
+    EMPTY = "empty"  # the model found no structure: no result, by design
     SKIPPED = "skipped"  # the policy says this kind of series is not segmented
 
 
@@ -52,9 +53,14 @@ class SegResult:
     reason: str
     classification: Classification
     preprocessing: PreprocessingMode | None = None
-    seg: pydicom.Dataset | None = None
+    objects: tuple[ResultObject, ...] = ()
     segments: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seg(self) -> pydicom.Dataset | None:
+        """The first SEG among the objects, if one was asked for."""
+        return next((o.datasets[0] for o in self.objects if o.kind == "seg"), None)
 
 
 def algorithm_for(
@@ -99,12 +105,13 @@ def process_series(
     paths: Sequence[Path],
     settings: PipelineSettings,
     segmenter: Segmenter,
-    seg_options: SegOptions = SegOptions(),
+    outputs: Sequence[OutputRequest] = (OutputRequest("seg"),),
     *,
     supersedes: str | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> SegResult:
-    """Run the whole pipeline over the instance files of one series.
+    """Run the whole pipeline over the instance files of one series, making the result
+    objects ``outputs`` names (each once).
 
     ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
     to the PACS; the new SEG then says it replaces that one (see ``encode_seg``).
@@ -153,15 +160,15 @@ def process_series(
 
     start = time.perf_counter()
     stage("encode")
-    seg = encode_seg(label_map, algorithm_for(settings, mode, classification, label_map.model), seg_options,
-                     supersedes=supersedes)
+    objects = encode_results(label_map, algorithm_for(settings, mode, classification, label_map.model), outputs,
+                             source=volume, supersedes=supersedes)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if series.selection:
         made += f"; 4D series: {series.selection}"
-    if seg is None:
+    if not objects:
         return SegResult(
-            Outcome.EMPTY, f"{segmenter.describe()} found no structure; no SEG made; {made}",
+            Outcome.EMPTY, f"{segmenter.describe()} found no structure; no result made; {made}",
             classification, mode, seconds=seconds,
         )
     names = tuple(label_map.names.get(label, str(label)) for label in label_map.present)
@@ -170,7 +177,7 @@ def process_series(
         f"{len(names)} segment(s) from {len(series.slices)} slices; {made}",
         classification,
         mode,
-        seg=seg,
+        objects=objects,
         segments=names,
         seconds=seconds,
     )

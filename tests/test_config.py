@@ -63,3 +63,65 @@ def test_cli_stops_on_bad_config(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("destination: {ae_title: PACS, host: 127.0.0.1, port: 4242}\nnode: {port: 70000}\n")
     assert main(["status", "--config", str(path)]) == 2
+
+
+# -- destinations -----------------------------------------------------------------------
+
+ARCHIVE = {"name": "archive", "protocol": "dicomweb", "url": "https://archive.example.org/dicom-web",
+           "auth": {"type": "basic", "username": "node", "password_file": "archive.password"},
+           "outputs": ["seg", "report"]}
+
+
+def test_the_single_destination_of_earlier_releases_is_a_list_of_one_named_pacs():
+    config = parse_config(MINIMAL, Path("."))
+    [pacs] = config.destinations
+    assert (pacs.name, pacs.protocol, pacs.ae_title, pacs.outputs) == ("pacs", "dimse", "PACS", ("seg",))
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({**MINIMAL, "destinations": [MINIMAL["destination"]]}, Path("."))
+
+
+def test_destinations_each_with_their_protocol_outputs_and_paths(tmp_path):
+    pacs = {**MINIMAL["destination"], "outputs": ["seg", "overlay"], "segmentation_type": "LABELMAP"}
+    config = parse_config({"destinations": [pacs, ARCHIVE]}, tmp_path)
+    archive = config.destination("archive")
+    assert archive.auth.password_file == tmp_path / "archive.password" and archive.verify_tls
+    assert archive.peer == "https://archive.example.org/dicom-web"
+    # each object once, a SEG per encoding, SEGs first (the report references one)
+    assert [request.key for request in config.output_requests] == ["seg", "seg-labelmap", "overlay", "report"]
+    assert [request.key for request in config.destination("pacs").requests] == ["seg-labelmap", "overlay"]
+
+
+@pytest.mark.parametrize("destination, message", [
+    ({"name": "x", "protocol": "dimse", "host": "h", "port": 104}, "protocol dimse needs ae_title"),
+    ({"name": "x", "protocol": "dicomweb"}, "protocol dicomweb needs url"),
+    ({**ARCHIVE, "ae_title": "PACS"}, "ae_title: not a setting of protocol dicomweb"),
+    ({**ARCHIVE, "url": "ftp://archive"}, "destinations.0.url"),
+    ({**ARCHIVE, "outputs": ["seg", "pdf"]}, "destinations.0.outputs.1"),
+    ({**ARCHIVE, "outputs": []}, "name at least one of seg"),
+    ({**ARCHIVE, "auth": {"type": "basic", "username": "u"}}, "needs one of password_file or password_env"),
+    ({**ARCHIVE, "auth": {"type": "bearer", "token_env": "T", "password_env": "P"}}, "takes a token"),
+    ({**ARCHIVE, "auth": {"type": "basic", "username": "u", "password": "inline"}}, "password: unknown key"),
+])
+def test_a_bad_destination_is_refused_naming_the_key(destination, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"destinations": [destination]}, Path("."))
+
+
+def test_destination_names_are_unique():
+    with pytest.raises(ConfigError, match="destination name archive is used twice"):
+        parse_config({"destinations": [ARCHIVE, ARCHIVE]}, Path("."))
+    with pytest.raises(ConfigError, match="name at least one destination"):
+        parse_config({"destinations": []}, Path("."))
+
+
+def test_auth_secrets_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "archive.password").write_text("s3cret\n")
+    config = parse_config({"destinations": [ARCHIVE]}, tmp_path)
+    assert config.destinations[0].auth.secret() == "s3cret"
+    bearer = {**ARCHIVE, "auth": {"type": "bearer", "token_env": "ARCHIVE_TOKEN"}}
+    auth = parse_config({"destinations": [bearer]}, tmp_path).destinations[0].auth
+    monkeypatch.delenv("ARCHIVE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="environment variable ARCHIVE_TOKEN"):
+        auth.secret()
+    monkeypatch.setenv("ARCHIVE_TOKEN", "t0ken")
+    assert auth.secret() == "t0ken"

@@ -102,7 +102,7 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
     # the metrics a dashboard reads rose with the round trip
     assert _metric(node, "dicom_node_instances_received_total") == 35
     assert _metric(node, "dicom_node_series_total", '{outcome="seg"}') == 1
-    assert _metric(node, "dicom_node_send_attempts_total") == 1
+    assert _metric(node, "dicom_node_send_attempts_total", '{destination="pacs"}') == 1
     assert _metric(node, "dicom_node_jobs", '{state="sent"}') == 1
     assert _metric(node, "dicom_node_stage_seconds_count", '{stage="segment"}') == 1
     assert_log_is_private(node, mri_dir)

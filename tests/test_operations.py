@@ -78,7 +78,8 @@ def test_metrics_rise_after_a_series(node, t1_dir, storescp):
     assert len(storescp.receptions()) == 1
     assert value("dicom_node_instances_received_total") == before + 35
     assert value("dicom_node_series_total", '{outcome="seg"}') == 1
-    assert value("dicom_node_send_attempts_total") == 1
+    assert value("dicom_node_send_attempts_total", '{destination="pacs"}') == 1
+    assert value("dicom_node_outbox", '{destination="pacs",state="sent"}') == 1
     assert value("dicom_node_stage_seconds_count", '{stage="segment"}') == 1
 
 
@@ -90,7 +91,7 @@ def test_retention_removes_only_sent_jobs_older_than_the_limit(node, t1_dir, sto
     assert expired(node.state, days=0) == []  # retention off
     items = expired(node.state, days=1, now=time.time() + 2 * 86400)
     assert [item.job.id for item in items] == [job.id]
-    assert job.series.folder in items[0].paths and job.result_path.parent in items[0].paths
+    assert job.series.folder in items[0].paths and node.spool.result_folder(job.id) in items[0].paths
     purge(node.state, items)
     assert not job.series.folder.exists() and not job.result_path.exists()
     assert node.state.job(job.id).state is JobState.SENT  # the row stays as the audit trail

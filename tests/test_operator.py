@@ -315,8 +315,9 @@ def test_status_filters_by_state_and_age(jobs_config):
     assert [job["state"] for job in recent] == ["sent", "failed"]
     text = status_of(jobs_config, "--state", "failed", "--state", "sent", "--since", str(_HOUR)).stdout
     lines = text.splitlines()
-    assert lines[0].startswith("workers: embedded warm runner, ") and lines[1] == "sent: 1" and "failed: 1" in text
-    assert status_of(jobs_config, "--state", "received").stdout.splitlines()[1:] == ["no jobs"]
+    assert lines[0].startswith("workers: embedded warm runner, ") and lines[1].startswith("destination pacs (")
+    assert lines[2] == "sent: 1" and "failed: 1" in text
+    assert status_of(jobs_config, "--state", "received").stdout.splitlines()[2:] == ["no jobs"]
 
 
 @pytest.mark.parametrize("form", [[], ["--json"]])

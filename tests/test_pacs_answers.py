@@ -98,7 +98,7 @@ def test_each_pacs_answer_ends_as_documented_and_the_next_series_gets_its_seg(no
     shutil.rmtree(results)
     results.write_text("not a folder")
     job = _ended(node, _deliver(node, t1_dir, tmp_path, "unwritable"))
-    assert job.state is JobState.FAILED and "cannot save the SEG into the spool" in job.reason
+    assert job.state is JobState.FAILED and "cannot save the results into the spool" in job.reason
     results.unlink()
     results.mkdir()
     series = _deliver(node, t1_dir, tmp_path, "after")

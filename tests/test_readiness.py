@@ -19,9 +19,9 @@ from tests.conftest import CHECKPOINT
 from tests.peers import NodeProcess, free_port, node_config, wait_until
 
 
-def _failed_send(state: StateStore, job: int, attempt: int, now: float) -> None:
-    state.update_job(job, JobState.SENDING, last_error=f"send attempt {attempt} failed: connection refused",
-                     attempts=attempt, now=now)
+def _failed_send(state: StateStore, item: int, attempt: int, now: float) -> None:
+    state.record_send(item, ok=False, error=f"send attempt {attempt} failed: connection refused", retry_at=now + 1,
+                      now=now)
 
 
 def test_the_destination_is_not_ready_after_its_last_n_sends_failed(tmp_path):
@@ -30,18 +30,21 @@ def test_the_destination_is_not_ready_after_its_last_n_sends_failed(tmp_path):
     state.record_instance(ref, "1.2.3.1.1", "1.2", tmp_path / "a", now=1)
     job = state.complete_series("1.2.3.1", now=2)
     state.claim_next_processing(now=3)
-    state.update_job(job, JobState.SENDING, result_path=tmp_path / "seg.dcm", now=4)
-    destination = Destination(ae_title="PACS", host="10.1.2.3", port=104)
-    check = destination_check(state, destination, 3)
+    state.start_sending(job, [("pacs", "seg", tmp_path), ("archive", "seg", tmp_path)], now=4)
+    pacs, archive = sorted(state.outbox(job), key=lambda item: item.destination != "pacs")
+    destinations = [Destination(name="pacs", ae_title="PACS", host="10.1.2.3", port=104),
+                    Destination(name="archive", protocol="dicomweb", url="https://archive.example.org/dicom-web")]
+    check = destination_check(state, destinations, 3)
     assert check() is None  # no send yet
-    _failed_send(state, job, 1, 5)
-    _failed_send(state, job, 2, 6)
+    _failed_send(state, pacs.id, 1, 5)
+    _failed_send(state, pacs.id, 2, 6)
+    state.record_send(archive.id, ok=True, now=6.5)  # the other destination does not count
     assert check() is None  # two of three
-    _failed_send(state, job, 3, 7)
-    assert check() == ("destination PACS at 10.1.2.3:104 failed its last 3 send(s);"
+    _failed_send(state, pacs.id, 3, 7)
+    assert check() == ("destination pacs (PACS@10.1.2.3:104) failed its last 3 send(s);"
                        " last error: send attempt 3 failed: connection refused")
-    assert destination_check(state, destination, 0)() is None  # 0 turns the check off
-    state.update_job(job, JobState.SENT, attempts=4, now=8)
+    assert destination_check(state, destinations, 0)() is None  # 0 turns the check off
+    state.record_send(pacs.id, ok=True, now=8)
     assert check() is None  # a send went through
     state.close()
 

@@ -127,7 +127,7 @@ def checkout(tmp_path_factory, phantom_weights, t1_dir) -> Path:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["node"]["port"] = free_port()
     config["http"]["port"] = free_port()
-    config["destination"]["port"] = free_port()  # nobody listens: nothing is sent anyway
+    config["destinations"][0]["port"] = free_port()  # nobody listens: nothing is sent anyway
     config["storage"]["min_free_bytes"] = 10_000_000
     config["pipeline"]["model"]["weights_dir"] = str(phantom_weights)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -137,7 +137,16 @@ def checkout(tmp_path_factory, phantom_weights, t1_dir) -> Path:
     for n, path in enumerate(paths, start=1):
         state.record_instance(ref, f"1.2.826.0.1.3680043.8.498.3.{n}", "1.2.840.10008.5.1.4.1.1.4", path)
     job = state.complete_series(ref.series_instance_uid)
-    state.update_job(job, JobState.FAILED, reason="model weights missing (made by the test)")
+    # its SEG failed to reach the destination `pacs` (a stand-in file: nobody listens anyway)
+    state.claim_next_processing()
+    results = folder / "var" / "spool" / "results" / str(job) / "seg"
+    results.mkdir(parents=True)
+    shutil.copy(paths[0], results / "stand-in.dcm")
+    state.start_sending(job, [("pacs", "seg", results)], result_path=results / "stand-in.dcm",
+                        reason="1 segment(s) (made by the test)")
+    [item] = state.outbox(job)
+    state.record_send(item.id, ok=False, error="send failed after 5 attempt(s): connection refused (made by the test)")
+    assert state.job(job).state is JobState.FAILED
     state.close()
     assert job == 1
     return folder

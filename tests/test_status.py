@@ -78,7 +78,7 @@ def test_a_database_of_the_previous_release_gets_the_timestamps_on_open(tmp_path
     assert "received -" in text and "processed 1970-01-01 00:03:23 (2.0s)" in text
 
 
-def test_sends_are_logged_when_attempts_rise(tmp_path):
+def test_every_send_attempt_is_logged_per_destination(tmp_path):
     state = StateStore(tmp_path / "s.db")
     from dicom_node.state import SeriesRef
 
@@ -86,11 +86,18 @@ def test_sends_are_logged_when_attempts_rise(tmp_path):
                           now=10)
     job = state.complete_series("1.2.3.1", now=12)
     state.claim_next_processing(now=13)
-    state.update_job(job, JobState.SENDING, result_path=tmp_path / "seg.dcm", now=20)
-    state.update_job(job, JobState.SENDING, last_error="send attempt 1 failed: connection refused", attempts=1,
-                     now=21)
-    state.update_job(job, JobState.SENT, attempts=2, now=23)
-    assert state.recent_sends(5) == [(23.0, True, None), (21.0, False, "send attempt 1 failed: connection refused")]
+    assert state.start_sending(job, [("pacs", "seg", tmp_path / "seg"), ("archive", "seg", tmp_path / "seg")],
+                               result_path=tmp_path / "seg" / "1.dcm", reason="made", now=20)
+    pacs, archive = sorted((item for item in state.outbox(job)), key=lambda item: item.destination != "pacs")
+    assert state.record_send(pacs.id, ok=False, error="send attempt 1 failed: connection refused", retry_at=22,
+                             now=21) is JobState.SENDING
+    assert state.record_send(archive.id, ok=True, now=21.5) is JobState.SENDING  # pacs still pending
+    assert state.job(job).attempts == 2 and state.job(job).next_attempt_at == 22
+    assert state.record_send(pacs.id, ok=True, now=23) is JobState.SENT
+    assert state.recent_sends(5, "pacs") == [(23.0, True, None),
+                                             (21.0, False, "send attempt 1 failed: connection refused")]
+    assert state.recent_sends(5, "archive") == [(21.5, True, None)]
+    assert state.outbox_counts()["pacs"].sent == 1 and state.job(job).attempts == 3
     stamped = state.job(job)
     assert (stamped.received_at, stamped.completed_at, stamped.processing_at, stamped.processed_at,
             stamped.sent_at) == (10, 12, 13, 20, 23)
@@ -138,7 +145,7 @@ def test_readiness_names_the_destination_while_its_sends_fail(round_trip):
     assert seen["before"].status_code == 200, seen["before"].text
     assert seen["down"].status_code == 503
     problem = seen["down"].json()["failing"]["destination"]
-    assert f"destination ORTHANC at 127.0.0.1:{orthanc.dicom_port} failed its last 1 send(s)" in problem
+    assert f"destination pacs (ORTHANC@127.0.0.1:{orthanc.dicom_port}) failed its last 1 send(s)" in problem
     assert "send attempt 1 failed" in problem
     assert seen["after"].status_code == 200, seen["after"].text
 
@@ -165,10 +172,12 @@ def test_a_sent_job_whose_first_send_failed_shows_sent_and_its_last_error_apart(
     node, _, _ = round_trip
     [job] = [json.loads(line) for line in status_of(node.config_path, "--json").stdout.splitlines()]
     assert job["state"] == "sent" and job["attempts"] == 2
-    assert job["last_error"].startswith("send attempt 1 failed")
+    assert job["last_error"].startswith("pacs seg: send attempt 1 failed")
     assert "fail" not in job["reason"] and "segment(s)" in job["reason"]
     text = status_of(node.config_path).stdout
-    assert text.splitlines()[:2] == ["workers: embedded warm runner, 0 series in flight, 0 job(s) waiting", "sent: 1"]
+    assert text.splitlines()[:3] == ["workers: embedded warm runner, 0 series in flight, 0 job(s) waiting",
+                                     f"destination pacs (ORTHANC@127.0.0.1:{node.config['destination']['port']}; seg):"
+                                     " 0 pending, 1 sent, 0 failed", "sent: 1"]
     assert f"(last error: {job['last_error']})" in text
     assert "received " in text and "processed " in text and "sent " in text
 

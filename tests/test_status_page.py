@@ -191,7 +191,7 @@ def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token
     assert "T1" in row.text and "invert_black_background" in row.text
     skipped_row = _row(browser, skipped.id)
     assert skipped.reason in skipped_row.text and "skipped" in skipped_row.text
-    assert f"ORTHANC at 127.0.0.1:{node.config['destination']['port']}" in browser.page_source
+    assert f"pacs (ORTHANC@127.0.0.1:{node.config['destination']['port']}; 0 pending, 0 failed)" in browser.page_source
 
     # the preview image loads
     image = row.find_element(By.CSS_SELECTOR, "img.preview")
@@ -304,7 +304,7 @@ def page_endpoint(tmp_path):
         state.complete_series(ref.series_instance_uid)
     state.update_job(1, JobState.FAILED, reason="test failure")
     endpoint = HttpEndpoint("127.0.0.1", 0, {}, lambda: b"",
-                            pages=StatusPage(state, Destination(ae_title="PACS", host="127.0.0.1", port=104), TOKEN))
+                            pages=StatusPage(state, [Destination(ae_title="PACS", host="127.0.0.1", port=104)], TOKEN))
     endpoint.start()
     yield f"http://127.0.0.1:{endpoint.port}", state
     endpoint.stop()
@@ -336,7 +336,8 @@ def test_the_job_list_and_its_filters(page_endpoint):
     url, _ = page_endpoint
     data = requests.get(f"{url}/api/jobs", timeout=10).json()
     assert [job["id"] for job in data["jobs"]] == [2, 1]  # newest first
-    assert data["destination"] == {"ae_title": "PACS", "host": "127.0.0.1", "port": 104} and data["actions"]
+    assert data["destinations"] == [{"name": "pacs", "peer": "PACS@127.0.0.1:104", "outputs": ["seg"], "pending": 0,
+                                     "sent": 0, "failed": 0}] and data["actions"]
     failed = requests.get(f"{url}/api/jobs?state=failed", timeout=10).json()["jobs"]
     assert [(job["id"], job["reason"]) for job in failed] == [(1, "test failure")]
     assert requests.get(f"{url}/api/jobs?state=lost", timeout=10).status_code == 400

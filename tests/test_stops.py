@@ -96,13 +96,13 @@ def test_a_due_send_is_attempted_on_time_while_another_series_is_segmented(node,
     small = copy_series(mri_dir / "t1_siemens_3t_fl2d_sag_hfs", tmp_path / "small", seed=f"due-{tmp_path.name}")
     node.start()  # the destination is down: pacs is not started
     storescu(node.port, small)
-    wait_until(lambda: "job 1: send attempt 1 failed" in node.log(), 300, 0.1, "the first failed send")
+    wait_until(lambda: "job 1: seg to pacs: send attempt 1 failed" in node.log(), 300, 0.1, "the first failed send")
     storescu(node.port, mri_dir / "t1_philips_3t_mprage_sag")  # a long segmentation
-    wait_until(lambda: "job 2: SEG" in node.log() or "job 2: failed" in node.log(), 600, 0.2, "job 2 to end")
+    wait_until(lambda: "job 2: made" in node.log() or "job 2: failed" in node.log(), 600, 0.2, "job 2 to end")
     events = _events(node.log())
     begin = next(at for at, text in events if text.startswith("job 2: processing series"))
-    end = next(at for at, text in events if text.startswith("job 2: SEG") or text.startswith("job 2: failed"))
-    failures = [(at, text) for at, text in events if text.startswith("job 1: send attempt")]
+    end = next(at for at, text in events if text.startswith("job 2: made") or text.startswith("job 2: failed"))
+    failures = [(at, text) for at, text in events if text.startswith("job 1: seg to pacs: send attempt")]
     lateness = []
     for (at, text), (next_at, _) in zip(failures, failures[1:]):
         due = at + float(re.search(r"next in (\d+)s", text).group(1))

@@ -58,7 +58,7 @@ def test_scu_sends_over_tls(pki, t1_dir, tmp_path):
         config = parse_config({"destination": {"ae_title": "ANY", "host": LOCALHOST, "port": port, "tls": {
             "certificate": str(pki / "client.crt"), "private_key": str(pki / "client.key"),
             "ca_certificates": str(pki / "ca.crt")}}}, tmp_path)
-        send_file(sorted(t1_dir.glob("*.dcm"))[0], config.destination, calling_ae_title="DICOMNODE")
+        send_file(sorted(t1_dir.glob("*.dcm"))[0], config.destinations[0], calling_ae_title="DICOMNODE")
     finally:
         receiver.terminate()
         receiver.wait()

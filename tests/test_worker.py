@@ -49,23 +49,32 @@ def setup(tmp_path, t1_dir):
         )
         state = StateStore(tmp_path / "state.db")
         spool = Spool(tmp_path / "spool")
-        series = None
-        for path in sorted(t1_dir.glob("*.dcm")):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            target = spool.store_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
-            series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MOD", target.parent)
-            state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
-        job_id = state.complete_series(series.series_instance_uid)
+        job_id = received_job(t1_dir, state, spool)
         return Worker(config, state, spool, FakeSegmenter(label, shift_mm), Metrics(state)), state, job_id
 
     return make
 
 
+def received_job(folder, state: StateStore, spool: Spool) -> int:
+    """The series in ``folder`` stored and recorded as the SCP does, completed: its job's id."""
+    import pydicom
+
+    series = None
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        target = spool.store_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
+        series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MOD", target.parent)
+        state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
+    return state.complete_series(series.series_instance_uid)
+
+
 def _next(state):
-    """What the node's threads would take next: a job to process, else a due send."""
-    return state.claim_next_processing() or state.claim_next_send()
+    """What the node's threads would take next: a job to process, else the job of a due send."""
+    job = state.claim_next_processing()
+    if job is None:
+        item = state.claim_next_send()
+        job = None if item is None else state.job(item.job_id)
+    return job
 
 
 def test_empty_prediction_ends_without_a_seg(setup):
@@ -97,7 +106,7 @@ def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup
     worker.run(_next(state))
     assert worker.run(_next(state)) is JobState.FAILED
     job = state.job(job_id)
-    assert job.reason.startswith("send failed after 2 attempt(s)") and job.result_path.exists()
+    assert "; send failed: pacs seg: send failed after 2 attempt(s)" in job.reason and job.result_path.exists()
     assert state.requeue(job_id).state is JobState.SENDING
     pacs.start()
     try:

@@ -76,8 +76,8 @@ function sendState(job) {
 
 function render(data) {
   buildFilters(data.states);
-  const d = data.destination;
-  document.getElementById("destination").textContent = "Destination: " + d.ae_title + " at " + d.host + ":" + d.port;
+  document.getElementById("destination").textContent = "Destinations: " + data.destinations.map(
+    (d) => d.name + " (" + d.peer + "; " + d.pending + " pending, " + d.failed + " failed)").join(", ");
   const signature = JSON.stringify(data.jobs.map((j) => [j.id, j.state, j.updated_at, j.series_description]));
   if (signature === shown) return;
   shown = signature;
