@@ -4,6 +4,7 @@ validation, and the facts read from real series of the shared data."""
 import copy
 import re
 import textwrap
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -19,25 +20,24 @@ from pipeline.classify import SequenceClass, classify_series
 from pipeline.rules import Match, Range, Rule, RuleSet, SeriesFacts, route, series_facts
 from pipeline.run import read_image_headers
 from tests.conftest import patient_strings
-from tests.peers import data_dir
 
 T1_SERIES = "t1_siemens_3t_fl2d_sag_hfs"  # MANIFEST: Siemens Prisma 3T FLASH T1, 4 mm slices
 T2_SERIES = "t2_siemens_3t_tse_ax_adi"  # MANIFEST: Siemens Trio 3T TSE T2, 2.5 mm slices
 
 
-def _header(folder: str) -> pydicom.Dataset:
-    path = sorted((data_dir() / folder).glob("*.dcm"))[0]
+def _header(root: Path, folder: str) -> pydicom.Dataset:
+    path = sorted((root / folder).glob("*.dcm"))[0]
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
 @pytest.fixture(scope="module")
-def t1_header() -> pydicom.Dataset:
-    return _header(T1_SERIES)
+def t1_header(mri_dir) -> pydicom.Dataset:
+    return _header(mri_dir, T1_SERIES)
 
 
 @pytest.fixture(scope="module")
-def t2_header() -> pydicom.Dataset:
-    return _header(T2_SERIES)
+def t2_header(mri_dir) -> pydicom.Dataset:
+    return _header(mri_dir, T2_SERIES)
 
 
 def _facts(header: pydicom.Dataset, calling_ae_title: str = "MODALITY", **changes) -> SeriesFacts:
@@ -56,8 +56,8 @@ def _one_rule(match: dict, **rule) -> RuleSet:
     return RuleSet.model_validate({"rules": [{"name": "only", "match": match, "models": ["total"], **rule}]})
 
 
-def test_the_chosen_series_are_what_the_manifest_says(t1_header, t2_header):
-    manifest = (data_dir() / "MANIFEST.md").read_text()
+def test_the_chosen_series_are_what_the_manifest_says(mri_dir, t1_header, t2_header):
+    manifest = (mri_dir / "MANIFEST.md").read_text()
     assert f"`{T1_SERIES}` | Siemens Prisma 3T 2D FLASH T1" in manifest
     assert f"`{T2_SERIES}` | Siemens Trio 3T 2D TSE T2" in manifest
     t1, t2 = _facts(t1_header), _facts(t2_header)
@@ -144,8 +144,8 @@ def test_each_field_matches_and_not(t1_header, match, changes, reason):
     ("T1", T2_SERIES, False),
     (["T2", "other"], T1_SERIES, False),
 ])
-def test_sequence_class_from_the_real_classifier(wanted, folder, matches):
-    facts = _facts(_header(folder))
+def test_sequence_class_from_the_real_classifier(mri_dir, wanted, folder, matches):
+    facts = _facts(_header(mri_dir, folder))
     routing = route(_one_rule({"sequence_class": wanted}), facts)
     assert bool(routing.matched) is matches
     if matches:
@@ -364,12 +364,12 @@ def test_invalid_rules_are_refused(rule, message):
     assert message in str(refused.value)
 
 
-def test_config_objects_are_frozen_and_continue_takes_either_name():
+def test_config_objects_are_frozen_and_continue_takes_either_name(t1_header):
     rule = Rule(name="a", models=("total",), continue_=True)
     assert rule == Rule.model_validate({"name": "a", "models": ["total"], "continue": True})
     with pytest.raises(ValidationError):
         rule.name = "b"  # type: ignore[misc]
-    assert Match().first_mismatch(_facts(_header(T1_SERIES))) is None
+    assert Match().first_mismatch(_facts(t1_header)) is None
     assert Range(min=1).contains(1) and not Range(max=1).contains(1.5)
 
 
@@ -449,8 +449,8 @@ def test_multi_frame_slice_thickness_from_the_functional_groups(shared, per_fram
     assert bool(routing.matched) is (expected is not None and expected <= 1)
 
 
-def test_real_enhanced_series_slice_thickness():
-    folder = data_dir() / "hard_enhanced_philips_b0map_t1label_phantom"
+def test_real_enhanced_series_slice_thickness(mri_dir):
+    folder = mri_dir / "hard_enhanced_philips_b0map_t1label_phantom"
     headers = read_image_headers(sorted(folder.glob("*.dcm")))
     assert "SliceThickness" not in headers[0]
     facts = series_facts(headers, classify_series(headers, []), "MODALITY")
@@ -466,14 +466,18 @@ def test_patient_data_copied_into_descriptions_is_masked(t1_header):
 
 
 @pytest.fixture(scope="module")
-def patient_data() -> set[str]:
-    return patient_strings(data_dir())
+def patient_data(mri_dir) -> set[str]:
+    return patient_strings(mri_dir)
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in data_dir().iterdir() if p.is_dir()))
-def test_no_patient_data_in_facts_or_explanations(folder, patient_data):
+def test_no_patient_data_in_facts_or_explanations(mri_dir, patient_data):
     """Some scanners copy the patient ID into StudyDescription (the Philips series here)."""
-    headers = read_image_headers(sorted((data_dir() / folder).glob("*.dcm")))
+    for folder in sorted(p.name for p in mri_dir.iterdir() if p.is_dir()):
+        _check_no_patient_data(mri_dir / folder, patient_data)
+
+
+def _check_no_patient_data(folder, patient_data) -> None:
+    headers = read_image_headers(sorted(folder.glob("*.dcm")))
     facts = series_facts(headers, classify_series(headers, []), "MODALITY")
     fields = ["modality", "body_part_examined", "manufacturer", "series_description", "study_description",
               "protocol_name"]
@@ -486,4 +490,4 @@ def test_no_patient_data_in_facts_or_explanations(folder, patient_data):
     text = repr(facts) + "\n".join(routing.explanation) + (routing.skip_reason or "")
     leaks = sum(secret in text for secret in patient_data)
     if leaks:  # the failure message must not show them either
-        pytest.fail(f"{folder}: {leaks} patient name(s)/ID(s) in the routing facts or explanation")
+        pytest.fail(f"{folder.name}: {leaks} patient name(s)/ID(s) in the routing facts or explanation")
