@@ -27,8 +27,13 @@ from functools import lru_cache
 
 import numpy as np
 import pydicom
+import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from pipeline.rtstruct_writer import (
@@ -65,6 +70,12 @@ _STYLE = f"fill {FILL_OPACITY}, outline, legend right, text below, window {PERCE
 _LEGEND_CHARACTERS = 26  # a structure name longer than this is shortened in the legend (display only)
 _CHARACTER_WIDTH, _LINE_HEIGHT = 6, 13  # Pillow's bitmap font, one line with its spacing
 _MARGIN = 4
+_SOP_INSTANCE_UID, _INSTANCE_NUMBER, _IMAGE_POSITION, _SOURCE_IMAGE_SEQUENCE, _PIXEL_DATA = (
+    Tag("SOPInstanceUID"), Tag("InstanceNumber"), Tag("ImagePositionPatient"), Tag("SourceImageSequence"),
+    Tag("PixelData"))
+_REFERENCED_SOP_CLASS_UID, _REFERENCED_SOP_INSTANCE_UID, _REFERENCED_FRAME_NUMBER = (
+    Tag("ReferencedSOPClassUID"), Tag("ReferencedSOPInstanceUID"), Tag("ReferencedFrameNumber"))
+_PLANES_AT_ONCE = 32  # drawn together: numpy's per-call cost shared, the memory of a few planes only
 
 
 def image_area(rows: int, columns: int) -> tuple[int, int]:
@@ -135,29 +146,50 @@ def _window(array: np.ndarray) -> tuple[float, float]:
 
 def _grey(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     low, high = window
-    return np.rint(np.clip((plane - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
+    scaled = plane - low
+    scaled *= 255.0 / (high - low)
+    np.clip(scaled, 0, 255, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def _outline(labels: np.ndarray) -> np.ndarray:
-    """Pixels of a structure with a 4-neighbour outside it (or at the edge of the image)."""
-    padded = np.pad(labels, 1)
-    centre = padded[1:-1, 1:-1]
-    edge = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
-            | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    """Pixels of a structure with a 4-neighbour outside it (or at the edge of the
+    image), in every plane of ``labels`` (..., rows, columns)."""
+    pad = [(0, 0)] * (labels.ndim - 2) + [(1, 1), (1, 1)]
+    padded = np.pad(labels, pad)
+    centre = padded[..., 1:-1, 1:-1]
+    edge = ((padded[..., :-2, 1:-1] != centre) | (padded[..., 2:, 1:-1] != centre)
+            | (padded[..., 1:-1, :-2] != centre) | (padded[..., 1:-1, 2:] != centre))
     return edge & (labels > 0)
 
 
-def _draw(grey: np.ndarray, labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """The plane in RGB with the structures filled (translucent) and outlined (opaque)."""
-    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+def _draw(image: np.ndarray, grey: np.ndarray, labels: np.ndarray, colours: np.ndarray) -> None:
+    """``image`` (..., rows, columns, 3): the planes ``grey`` with the structures drawn
+    over them, filled (translucent) and outlined (opaque). Drawn channel by channel
+    (a boolean selection of single bytes is several times faster than one of pixels)."""
     inside = labels > 0
-    if inside.any():
-        weight = round(FILL_OPACITY * 100)
-        under = grey[inside].astype(np.uint16)[:, None]
-        rgb[inside] = ((under * (100 - weight) + colours[labels[inside]].astype(np.uint16) * weight + 50) // 100)
-        edge = _outline(labels)
-        rgb[edge] = colours[labels[edge]]
-    return rgb
+    edge = _outline(labels)
+    weight = round(FILL_OPACITY * 100)
+    under = grey[inside].astype(np.uint16) * (100 - weight) + 50
+    filled, outlined = labels[inside], labels[edge]
+    for channel in range(3):
+        colour = colours[:, channel]
+        drawn = grey.copy()
+        drawn[inside] = (under + colour[filled].astype(np.uint16) * weight) // 100
+        drawn[edge] = colour[outlined]
+        image[..., channel] = drawn
+
+
+def _labels_per_plane(labels: np.ndarray) -> list[tuple[int, ...]]:
+    """The labels present on each plane of ``labels`` (planes, rows, columns), ascending."""
+    planes = len(labels)
+    flat = labels.reshape(planes, -1)
+    labelled = flat != 0
+    values = flat[labelled].astype(np.intp)  # plane by plane, as boolean selection goes in order
+    plane_of = np.repeat(np.arange(planes), np.count_nonzero(labelled, axis=1))
+    span = int(values.max()) + 1 if values.size else 1
+    present = np.bincount(plane_of * span + values, minlength=planes * span).reshape(planes, span) > 0
+    return [tuple(int(label) for label in np.flatnonzero(row)) for row in present]
 
 
 def _patient_orientation(direction: tuple[float, float, float]) -> str:
@@ -190,7 +222,7 @@ def encode_overlay(
     if source is None:
         source = read_volume(series)
     _check_source(label_map, source)
-    pixels = source.array
+    pixels = sitk.GetArrayViewFromImage(source.image)  # read only here: no copy
     window = _window(pixels)
     infos = structure_infos(label_map, present)
     colours = np.zeros((int(label_map.array.max()) + 1, 3), np.uint8)
@@ -204,19 +236,24 @@ def encode_overlay(
     legends: dict[tuple[int, ...], np.ndarray] = {}
 
     identity = output_identity(label_map, algorithm, "OVERLAY", style=_STYLE)
-    common = _common_attributes(label_map, algorithm, identity, height, width)
+    common = list(_common_attributes(label_map, algorithm, identity, height, width))
     images = []
-    for index, plane in enumerate(series.slices):
-        labels = label_map.array[index]
-        here = tuple(int(label) for label in np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1)
-        if here not in legends:
-            entries = tuple((infos[label].name, infos[label].rgb) for label in here)
-            legends[here] = _legend(entries, height, scale)
-        canvas = np.zeros((height, width, 3), np.uint8)
-        canvas[:rows, :columns] = _draw(_grey(pixels[index], window), labels, colours)
-        canvas[:, columns:] = legends[here]
-        canvas[rows:, :] = np.maximum(canvas[rows:, :], band[: height - rows])
-        images.append(_image(common, series, index, identity, canvas))
+    # a few planes at a time, each step on all of them at once: the source planes in
+    # grey, the structures over them, the legend of each plane's structures to the
+    # right, the text below
+    for start in range(0, len(series.slices), _PLANES_AT_ONCE):
+        planes = slice(start, start + _PLANES_AT_ONCE)
+        labels = label_map.array[planes]
+        grey = _grey(pixels[planes], window)
+        canvas = np.zeros((len(labels), height, width, 3), np.uint8)
+        _draw(canvas[:, :rows, :columns], grey, labels, colours)
+        for offset, here in enumerate(_labels_per_plane(labels)):
+            if here not in legends:
+                entries = tuple((infos[label].name, infos[label].rgb) for label in here)
+                legends[here] = _legend(entries, height, scale)
+            canvas[offset, :, columns:] = legends[here]
+        np.maximum(canvas[:, rows:], band[: height - rows], out=canvas[:, rows:])
+        images += [_image(common, series, start + offset, identity, canvas[offset]) for offset in range(len(labels))]
     check_overlay_geometry(images, label_map)
     return images
 
@@ -262,23 +299,33 @@ def _common_attributes(label_map: LabelMap, algorithm: Algorithm, identity: str,
     return ds
 
 
-def _image(common: Dataset, series: Series, index: int, identity: str, canvas: np.ndarray) -> Dataset:
+def _copied(element: DataElement) -> DataElement:
+    """One image's own copy of a common element: a new element, and a new value where
+    the value can change in place (a sequence, a list of values)."""
+    if element.VR == "SQ":
+        return copy.deepcopy(element)
+    if isinstance(element.value, MultiValue):
+        return DataElement(element.tag, element.VR, list(element.value))
+    return copy.copy(element)
+
+
+def _image(common: list[DataElement], series: Series, index: int, identity: str, canvas: np.ndarray) -> Dataset:
     plane = series.slices[index]
-    ds = Dataset()
-    for element in common:  # each image its own elements; deep copies only where a value is mutable
-        ds.add(copy.deepcopy(element) if element.VR == "SQ" or element.VM > 1 else copy.copy(element))
     sop_instance_uid = output_uid(identity, "OVERLAY", f"instance {index + 1}")
-    ds.file_meta = output_file_meta(SECONDARY_CAPTURE_IMAGE_STORAGE, sop_instance_uid)
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient = [round(float(v), 6) for v in plane.position]
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = series.header.SOPClassUID
-    reference.ReferencedSOPInstanceUID = plane.sop_instance_uid
+    reference = [DataElement(_REFERENCED_SOP_CLASS_UID, "UI", series.header.SOPClassUID),
+                 DataElement(_REFERENCED_SOP_INSTANCE_UID, "UI", plane.sop_instance_uid)]
     if plane.frame_number is not None:
-        reference.ReferencedFrameNumber = plane.frame_number
-    ds.SourceImageSequence = [reference]
-    ds.PixelData = canvas.tobytes()
+        reference.append(DataElement(_REFERENCED_FRAME_NUMBER, "IS", plane.frame_number))
+    elements = [
+        *(_copied(element) for element in common),
+        DataElement(_SOP_INSTANCE_UID, "UI", sop_instance_uid),
+        DataElement(_INSTANCE_NUMBER, "IS", index + 1),
+        DataElement(_IMAGE_POSITION, "DS", [round(float(v), 6) for v in plane.position]),
+        DataElement(_SOURCE_IMAGE_SEQUENCE, "SQ", DicomSequence([Dataset({e.tag: e for e in reference})])),
+        DataElement(_PIXEL_DATA, "OB or OW", canvas.tobytes()),  # OB when written (BitsAllocated 8)
+    ]
+    ds = Dataset({element.tag: element for element in elements})
+    ds.file_meta = output_file_meta(SECONDARY_CAPTURE_IMAGE_STORAGE, sop_instance_uid)
     return ds
 
 
