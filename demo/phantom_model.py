@@ -42,6 +42,15 @@ tables. The network was trained at 3 mm and sees 1.5 mm voxels there, so its lab
 differ from the fast phantom's; it exists to run the full task's code path (five
 predictors, label merging), not to segment anything.
 
+Two more stand-ins come from the fast phantom the same way (output rows re-sliced, no
+training), equally **synthetic**: :func:`make_total_mr_weights` writes the folder
+TotalSegmentator loads for ``task="total_mr", fast=True`` (task 852; each ``total_mr``
+class takes the phantom's row of the same class, or of one learned class where ``total``
+splits it, e.g. ``lung_left`` <- ``lung_upper_lobe_left``), and :func:`make_kidney_model`
+a custom nnU-Net model with the labels of a renal tumour model (``kidney_right``,
+``kidney_left``, ``kidney_tumor``) whose rows are, on purpose, the phantom's brain, skull
+and spinal cord rows, so that it labels something on the brain MRI the tests use.
+
 Steps 1-5 run in a child Python process (``subprocess``, not ``multiprocessing``), so
 calling :func:`train_phantom_model` from a plain script without an
 ``if __name__ == "__main__"`` guard is safe. nnU-Net's paths (``nnUNet_raw``,
@@ -70,6 +79,8 @@ import numpy as np
 if TYPE_CHECKING:
     import nibabel as nib
 
+    from pipeline.labels import SegmentInfo
+
 __all__ = [
     "TOTAL_FAST_DATASET",
     "TOTAL_FAST_TRAINER_DIR",
@@ -80,6 +91,12 @@ __all__ = [
     "phantom_class_names",
     "make_custom_model",
     "make_full_total_weights",
+    "make_kidney_model",
+    "KIDNEY_MODEL",
+    "KIDNEY_SOURCE_ROWS",
+    "make_total_mr_weights",
+    "TOTAL_MR_MERGED_ROWS",
+    "total_mr_source_rows",
     "CUSTOM_MODEL",
     "total_class_map",
     "make_phantom_anatomy",
@@ -113,6 +130,10 @@ _UNUSED_CLASS_BIAS = -100.0
 # One tile holds a head at 1.5 mm (264 mm up-down and front-back, 192 mm left-right; nnU-Net
 # order z, y, x); on the shared T1 series that is 3-5 times faster on a CPU than 48^3 tiles.
 _FULL_PATCH_SIZE = (176, 176, 128)
+# The same for the untrained 3 mm kidney model: one tile holds a head at 3 mm in any orientation
+# (nnU-Net's own path does not reorient; it tiles with step 0.5, TotalSegmentator's with 0.8): on
+# the shared T1 series 4 times faster on a CPU than 48^3 tiles.
+_KIDNEY_PATCH_SIZE = (96, 96, 96)
 
 # ----------------------------------------------------------------------------------
 # Tissues (intensity classes) and labels
@@ -537,12 +558,13 @@ def segment_with_totalseg(image: "nib.Nifti1Image", weights_dir: Path, home_dir:
     return run_model_on_nifti(image, run_in_child, settings, "TotalSegmentator")
 
 
-def _totalseg_model_folders(weights_dir: Path, *, fast: bool) -> list[tuple[int, Path, dict[str, Any]]]:
-    """``(task id, model folder, task config)`` of TotalSegmentator's ``total`` task, from its own tables."""
+def _totalseg_model_folders(weights_dir: Path, *, fast: bool,
+                            task: str = "total") -> list[tuple[int, Path, dict[str, Any]]]:
+    """``(task id, model folder, task config)`` of TotalSegmentator's ``task``, from its own tables."""
     from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
     from totalsegmentator.python_api import get_task_config
 
-    config = get_task_config("total", fast=fast, quiet=True)
+    config = get_task_config(task, fast=fast, quiet=True)
     task_ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
     trainer_dir = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config.get('model') or '3d_fullres'}"
     folders = []
@@ -636,8 +658,6 @@ def make_custom_model(phantom_weights: Path, weights_dir: Path) -> str:
     them) and coded by a ``labels.csv`` next to the model, one row per learned class.
     Returns the model's folder relative to ``weights_dir`` (``pipeline.model.nnunet_model``).
     """
-    import csv
-
     from pipeline.labels import segment_info
 
     source = model_folder(phantom_weights)
@@ -649,19 +669,209 @@ def make_custom_model(phantom_weights: Path, weights_dir: Path) -> str:
     dataset["labels"] = {("background" if i == 0 else f"phantom_{n}"): i for n, i in dataset["labels"].items()}
     dataset["name"] = CUSTOM_DATASET
     (target / "dataset.json").write_text(json.dumps(dataset, indent=2))
-    with (target / "labels.csv").open("w", newline="", encoding="utf-8") as handle:
+    _write_label_table(target / "labels.csv", [(f"phantom_{name}", segment_info(name))
+                                               for name in phantom_class_names()])
+    return CUSTOM_MODEL
+
+
+def _write_label_table(path: Path, rows: list[tuple[str, "SegmentInfo"]]) -> None:
+    """A custom model's ``labels.csv`` (:data:`LABEL_TABLE_COLUMNS`): one row per ``(structure, codes)``."""
+    import csv
+
+    with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(LABEL_TABLE_COLUMNS)
-        for name in phantom_class_names():
-            info = segment_info(name)
+        for structure, info in rows:
             codes = [info.category, info.property_type, info.type_modifier, info.region, info.region_modifier]
             writer.writerow([
-                f"phantom_{name}",
+                structure,
                 *(value for code in codes for value in
                   ((code.value, code.scheme_designator, code.meaning) if code else ("", "", ""))),
                 ",".join(str(v) for v in info.rgb),
             ])
-    return CUSTOM_MODEL
+
+
+def _fast_phantom(fast_weights_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The fast phantom model under ``fast_weights_dir``: its checkpoint, ``plans.json`` and ``dataset.json``."""
+    import torch
+
+    folder = model_folder(Path(fast_weights_dir))
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no fast phantom model at {checkpoint} (train one with `dicom-node demo-model`)")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return ckpt, json.loads((folder / "plans.json").read_text()), json.loads((folder / "dataset.json").read_text())
+
+
+def _resliced_weights(ckpt: dict[str, Any], fast_dataset: dict[str, Any],
+                      sources: list[str | None]) -> dict[str, Any]:
+    """The fast phantom's network weights with new output rows: row ``i`` is the fast model's
+    row of the ``total`` class ``sources[i]``, or, where that is None, a "never predicted"
+    row (zero weights, bias -100). Every other tensor is the fast model's own (shared)."""
+    import torch
+
+    fast_rows = fast_dataset["labels"]  # class name -> row of the fast model's output
+    weights = dict(ckpt["network_weights"])
+    for key, value in weights.items():
+        if ".seg_layers." not in key:
+            continue
+        rows = torch.zeros((len(sources),) + tuple(value.shape[1:]), dtype=value.dtype)
+        if key.endswith(".bias"):
+            rows.fill_(_UNUSED_CLASS_BIAS)
+        for row, name in enumerate(sources):
+            if name is not None:
+                rows[row] = value[fast_rows[name]]
+        weights[key] = rows
+    return weights
+
+
+KIDNEY_DATASET = "Dataset502_PhantomKidney"
+KIDNEY_MODEL = f"{KIDNEY_DATASET}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+# kidney model label -> the fast phantom class whose learned output row it takes. Chosen
+# because these fire on (inverted T1) brain MRI, NOT because they have anything to do with
+# kidneys: see make_kidney_model.
+KIDNEY_SOURCE_ROWS = {"kidney_right": "brain", "kidney_left": "skull", "kidney_tumor": "spinal_cord"}
+KIDNEY_TUMOR_RGB = (255, 140, 0)
+
+
+def make_kidney_model(phantom_weights: Path, weights_dir: Path) -> str:
+    """A **synthetic, anatomically meaningless** custom nnU-Net v2 model with the labels of a
+    clear-cell renal carcinoma model (1 ``kidney_right``, 2 ``kidney_left``, 3 ``kidney_tumor``).
+
+    It stands in for the preprint's specialised kidney tumour model so that tests and demos
+    can run a custom three-label model, with a lesion code, through the node's nnU-Net path.
+    No training: it is the fast phantom (under ``phantom_weights``) with its output rows
+    re-sliced to three classes, and the rows are **deliberately the wrong ones**: label 1
+    takes the phantom's ``brain`` row, label 2 its ``skull`` row and label 3 its
+    ``spinal_cord`` row (:data:`KIDNEY_SOURCE_ROWS`). The shared test data are brain MRI,
+    on which the phantom's kidney rows find nothing; these three rows do fire on inverted
+    T1 brain MRI, so the model labels *something* there. What it calls a kidney or a tumour
+    is brain, skull or spinal cord (or nothing at all): never use it for anything but tests.
+
+    Writes (replacing) ``weights_dir/Dataset502_PhantomKidney/nnUNetTrainer__nnUNetPlans__3d_fullres``
+    (checkpoint, ``plans.json`` at the phantom's 3 mm with head-sized tiles, ``dataset.json``,
+    and a ``labels.csv`` coding the kidneys as TotalSegmentator's table does and
+    ``kidney_tumor`` as a neoplasm of the kidney) and returns that folder relative to
+    ``weights_dir`` (``pipeline.model.nnunet_model``).
+    """
+    from pipeline.labels import Code, SegmentInfo, segment_info
+
+    ckpt, fast_plans, fast_dataset = _fast_phantom(phantom_weights)
+    labels = {"background": 0, "kidney_right": 1, "kidney_left": 2, "kidney_tumor": 3}
+    sources = ["background", *(KIDNEY_SOURCE_ROWS[name] for name in list(labels)[1:])]
+    weights = _resliced_weights(ckpt, fast_dataset, sources)
+    plans = json.loads(json.dumps(fast_plans))
+    plans["dataset_name"] = KIDNEY_DATASET
+    plans["plans_name"] = "nnUNetPlans"
+    plans["configurations"]["3d_fullres"]["patch_size"] = list(_KIDNEY_PATCH_SIZE)
+    dataset_json = {
+        "channel_names": fast_dataset["channel_names"],
+        "labels": labels,
+        "numTraining": fast_dataset["numTraining"],
+        "file_ending": ".nii.gz",
+        "name": KIDNEY_DATASET,
+        "description": "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom without "
+                       "training) standing in for a clear-cell renal carcinoma model; for tests and demos only. "
+                       "Its labels take the phantom's rows of: " +
+                       ", ".join(f"{name} <- {source}" for name, source in KIDNEY_SOURCE_ROWS.items()),
+    }
+    target = Path(weights_dir) / KIDNEY_MODEL
+    _install_model(target, ckpt, weights, plans, dataset_json, configuration="3d_fullres", trainer="nnUNetTrainer")
+    tumor = SegmentInfo(
+        name="kidney_tumor",
+        category=Code("49755003", "SCT", "Morphologically Altered Structure"),
+        property_type=Code("108369006", "SCT", "Neoplasm"),
+        type_modifier=None,
+        rgb=KIDNEY_TUMOR_RGB,
+        region=Code("64033007", "SCT", "Kidney"),
+    )
+    _write_label_table(target / "labels.csv", [("kidney_right", segment_info("kidney_right")),
+                                               ("kidney_left", segment_info("kidney_left")),
+                                               ("kidney_tumor", tumor)])
+    return KIDNEY_MODEL
+
+
+# total_mr classes that total splits (or that the phantom only learned in part): the learned
+# phantom row each takes. The phantom learned one vertebra label per spine region (C5, T8,
+# L2) but a network output row can only come from one of them: vertebrae_C5, the only one
+# of the head phantoms, i.e. the one nearest to the (brain) MRI the node is tested on.
+TOTAL_MR_MERGED_ROWS = {
+    "lung_left": "lung_upper_lobe_left",
+    "lung_right": "lung_upper_lobe_right",
+    "vertebrae": "vertebrae_C5",
+}
+
+
+def total_mr_source_rows() -> dict[str, str]:
+    """The ``total_mr`` classes the phantom stand-in can predict -> the phantom class whose row each takes."""
+    from totalsegmentator.map_to_binary import class_map
+
+    learned = set(phantom_class_names())
+    sources = {}
+    for _, name in sorted(class_map["total_mr"].items()):
+        source = TOTAL_MR_MERGED_ROWS.get(name, name)
+        if source in learned:
+            sources[name] = source
+    return sources
+
+
+def make_total_mr_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Path]:
+    """TotalSegmentator's ``total_mr`` *fast* model (task 852), derived from the fast phantom.
+
+    **Synthetic, anatomically meaningless, no training**: the fast phantom checkpoint
+    (under ``fast_weights_dir``) with its ``seg_layers`` rows re-sliced from the 118
+    ``total`` channels into ``total_mr``'s 51 (background + ``class_map["total_mr"]``).
+    A ``total_mr`` class the phantom learned under the same name (brain, spinal_cord,
+    heart, aorta, liver, spleen, kidneys) keeps its learned row; where ``total_mr`` merges
+    what ``total`` splits, it takes one learned row (:data:`TOTAL_MR_MERGED_ROWS`: each
+    lung the phantom's upper lobe, ``vertebrae`` the phantom's C5); every other class is
+    never predicted (bias -100). The phantom's ``skull`` has no ``total_mr`` class and is
+    dropped. The network is the CT phantom's (CT normalisation, trained on CT, inverted T1
+    and random intensity looks), at its 3 mm, which is also ``total_mr`` fast's spacing.
+
+    Folder name, trainer (``nnUNetTrainer_2000epochs_NoMirroring``) and label ids come from
+    TotalSegmentator's own tables. Writes (replacing) the model folder under ``weights_dir``
+    (a ``TOTALSEG_WEIGHTS_PATH``) where TotalSegmentator looks for ``task="total_mr",
+    fast=True`` and returns it (a list of one, like :func:`make_full_total_weights`).
+    """
+    from totalsegmentator.map_to_binary import class_map
+
+    ckpt, fast_plans, fast_dataset = _fast_phantom(fast_weights_dir)
+    mr_map = class_map["total_mr"]
+    rows = total_mr_source_rows()
+    labels = {"background": 0, **{name: idx for idx, name in sorted(mr_map.items())}}
+    sources: list[str | None] = [None] * (max(mr_map) + 1)
+    sources[0] = "background"
+    for name, idx in labels.items():
+        if name in rows:
+            sources[idx] = rows[name]
+    weights = _resliced_weights(ckpt, fast_dataset, sources)
+
+    written = []
+    for _, folder, config in _totalseg_model_folders(Path(weights_dir), fast=True, task="total_mr"):
+        resample = config["resample"]  # [x, y, z] in TotalSegmentator; nnU-Net plans are [z, y, x]
+        spacing = [float(resample)] * 3 if np.isscalar(resample) else [float(v) for v in reversed(resample)]
+        model = config.get("model") or "3d_fullres"
+        plans = json.loads(json.dumps(fast_plans))
+        plans["dataset_name"] = folder.parent.name
+        plans["plans_name"] = config.get("plans") or "nnUNetPlans"
+        plans["original_median_spacing_after_transp"] = spacing
+        plans["configurations"] = {model: {**fast_plans["configurations"]["3d_fullres"], "spacing": spacing}}
+        dataset_json = {
+            "channel_names": fast_dataset["channel_names"],
+            "labels": labels,
+            "numTraining": fast_dataset["numTraining"],
+            "file_ending": ".nii.gz",
+            "name": folder.parent.name,
+            "description": "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom "
+                           "without training) standing in for TotalSegmentator 'total_mr' fast weights; for tests "
+                           "and demos only. Learned classes: " +
+                           ", ".join(name if name == source else f"{name} <- {source}"
+                                     for name, source in rows.items()),
+        }
+        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=model, trainer=config["trainer"])
+        written.append(folder)
+    return written
 
 
 # ----------------------------------------------------------------------------------

@@ -129,8 +129,10 @@ def decode_reply(data: dict[str, Any]) -> ModelReply:
 class CeleryModels:
     """The ``ModelService`` that sends each request to a GPU worker and waits for it."""
 
-    def __init__(self, model: ModelSettings, settings: WorkerSettings) -> None:
+    def __init__(self, model: ModelSettings, settings: WorkerSettings, preset: str | None = None) -> None:
+        """``preset``: the model preset's name, by which a worker finds its own paths for it."""
         self.model = model
+        self.preset = preset
         self.settings = settings
         self.app = make_app(settings)
         self._closed = threading.Event()
@@ -141,7 +143,8 @@ class CeleryModels:
     def run(self, image: nib.Nifti1Image) -> ModelReply:
         from celery.exceptions import TimeoutError as ResultTimeout
 
-        request = {"model": self.model.model_dump(mode="json", exclude=set(_LOCAL_KEYS)), "image": _pack(image)}
+        request = {"model": self.model.model_dump(mode="json", exclude=set(_LOCAL_KEYS)), "preset": self.preset,
+                   "image": _pack(image)}
         delay = 1.0
         while not self._closed.is_set():
             try:
@@ -213,15 +216,17 @@ def queue_depth(settings: WorkerSettings) -> int | None:
 # --- the worker's side -----------------------------------------------------------------
 
 class _WorkerModels:
-    """The worker process's warm runners, one per model (the worker's own paths)."""
+    """The worker process's warm runners, one per model. Each takes the worker's own
+    paths and device from the worker's preset of the same name (else its first preset)."""
 
-    def __init__(self, local: ModelSettings) -> None:
+    def __init__(self, local: dict[str, ModelSettings]) -> None:
         self.local = local
         self.runners: dict[str, ModelRunner] = {}
 
     def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        local = self.local.get(request.get("preset") or "", next(iter(self.local.values())))
         settings = ModelSettings.model_validate(
-            {**request["model"], **{key: getattr(self.local, key) for key in _LOCAL_KEYS}}
+            {**request["model"], **{key: getattr(local, key) for key in _LOCAL_KEYS}}
         )
         key = settings.model_dump_json()
         runner = self.runners.get(key)
@@ -241,7 +246,7 @@ class _WorkerModels:
 def run_worker(config: Config, *, name: str | None = None) -> int:
     """Run a Celery worker (one process, one task at a time) until it is stopped."""
     app = make_app(config.workers)
-    models = _WorkerModels(config.pipeline.model)
+    models = _WorkerModels({preset.name: preset.settings for preset in config.models})
     app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)(models.run)
     hostname = name or f"dicom-node-{os.getpid()}@%h"
     try:

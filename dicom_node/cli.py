@@ -1,5 +1,5 @@
-"""The ``dicom-node`` command: serve, process, worker, status, retry, weights, cleanup, evaluate, demo-study,
-demo-model.
+"""The ``dicom-node`` command: serve, process, worker, status, retry, rules test, weights, cleanup, evaluate,
+demo-study, demo-model.
 
 Exit statuses are ``ExitStatus`` (listed in ``--help`` and the README); ``serve`` has one
 per ``StartupProblem``, with one line on stderr naming the config key and its value.
@@ -78,7 +78,8 @@ def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.segment import make_segmenter
 
     config = _load(args)  # the same file and path rules as serve
-    settings, outputs = config.pipeline, config.output_requests
+    preset = _preset(config, args.model)
+    settings, outputs = config.pipeline_for(preset.name), config.output_requests
     setup_logging("WARNING" if not args.verbose else config.logging.level, config.logging.format)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,40 @@ def _cmd_process(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{len(groups)} series, {failures} failed; the model was loaded {runner.loads} time(s)")
     return ExitStatus.FAILURE if failures else ExitStatus.OK
+
+
+def _preset(config: Config, name: str | None):
+    """The model preset called ``name`` (the first one when None); ``ConfigError`` naming the presets."""
+    if name is None:
+        return config.models[0]
+    try:
+        return config.preset(name)
+    except KeyError:
+        raise ConfigError(f"no model preset {name!r}; models are: {', '.join(m.name for m in config.models)}") from None
+
+
+def _cmd_rules_test(args: argparse.Namespace) -> int:
+    """What the node would do with each series under the folder, without running a model."""
+    from dicom_node.routing import plan_series
+    from pipeline.errors import PipelineError
+    from pipeline.run import read_series
+
+    config = _load(args)
+    setup_logging("WARNING")
+    groups = _group_by_series(Path(args.series_dir))
+    if not groups:
+        print(f"no DICOM series found under {args.series_dir}", file=sys.stderr)
+        return ExitStatus.FAILURE
+    for number, (series_uid, paths) in enumerate(groups.items()):
+        if len(groups) > 1:
+            print(("\n" if number else "") + f"series {series_uid} ({len(paths)} files)")
+        try:
+            headers = read_series(paths, config.pipeline)
+        except PipelineError as exc:
+            print(f"cannot read the series: {exc}")
+            continue
+        print(plan_series(config, headers, args.calling_ae).explanation)
+    return ExitStatus.OK
 
 
 def _save_objects(objects, output: Path, series_uid: str) -> dict[str, str]:
@@ -321,7 +356,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     from dicom_node.weights import WeightsError, import_weights, installed_models
 
     config = _load(args)
-    weights_dir = config.pipeline.model.weights_dir
+    weights_dir = _preset(config, args.model).weights_dir
     if args.action == "import":
         try:
             models = import_weights(Path(args.path), weights_dir, dataset=args.dataset)
@@ -360,20 +395,40 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_cases, write_reports
+    from contextlib import ExitStack
+
+    from pipeline.evaluate import Arm, evaluate_cases, evaluate_presets, write_preset_reports, write_reports
+    from pipeline.label_groups import mapping_for
     from pipeline.preprocess import PreprocessingMode
     from pipeline.segment import make_segmenter
     from pipeline.settings import PipelineSettings
 
-    settings = _load(args).pipeline if args.config else PipelineSettings()
+    config = _load(args) if args.config else None
+    if args.model and config is None:
+        raise ConfigError("--model names a preset of the config's models: give --config too")
     setup_logging("WARNING")
-    modes = [mode.value for mode in PreprocessingMode]
-    segmenter = make_segmenter(settings.model)  # one warm model for every case and mode
-    try:
-        scores = evaluate_cases(Path(args.images), Path(args.references), settings, segmenter, modes)
-    finally:
-        segmenter.close()
-    paths = write_reports(scores, modes, Path(args.output), args.title)
+    images, references, output = Path(args.images), Path(args.references), Path(args.output)
+    if not args.model:  # one model (the first preset) under every preprocessing mode
+        settings = config.pipeline_for(config.models[0].name) if config else PipelineSettings()
+        modes = [mode.value for mode in PreprocessingMode]
+        segmenter = make_segmenter(settings.model)  # one warm model for every case and mode
+        try:
+            scores = evaluate_cases(images, references, settings, segmenter, modes)
+        finally:
+            segmenter.close()
+        paths = write_reports(scores, modes, output, args.title)
+    else:
+        presets = list(dict.fromkeys(_preset(config, name).name for name in args.model))
+        with ExitStack() as stack:  # one warm model per preset for every case, all closed at the end
+            arms = []
+            for name in presets:
+                settings = config.pipeline_for(name)
+                segmenter = make_segmenter(settings.model)
+                stack.callback(segmenter.close)
+                arms.append(Arm(segmenter, settings, preset=name))
+            names = mapping_for(arm.settings.model for arm in arms)
+            evaluation = evaluate_presets(images, references, arms, names)
+        paths = write_preset_reports(evaluation, presets, output, args.title, names)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -390,13 +445,25 @@ def _cmd_demo_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
-    from demo.phantom_model import make_full_total_weights, train_phantom_model
+    from demo.phantom_model import (make_full_total_weights, make_kidney_model, make_total_mr_weights,
+                                    train_phantom_model)
 
     setup_logging("INFO")
-    if args.full_from:
-        for folder in make_full_total_weights(Path(args.full_from), Path(args.output)):
-            print(f"phantom part-model written to {folder}")
-        print("(synthetic, anatomically meaningless, TotalSegmentator 'total' full task: for tests and demos only)")
+    if args.full_from or args.kidney_from or args.total_mr_from:  # derived from a fast phantom, no training
+        if args.full_from:
+            for folder in make_full_total_weights(Path(args.full_from), Path(args.output)):
+                print(f"phantom part-model written to {folder}")
+            print("(synthetic, anatomically meaningless, TotalSegmentator 'total' full task: for tests and demos only)")
+        if args.kidney_from:
+            folder = Path(args.output) / make_kidney_model(Path(args.kidney_from), Path(args.output))
+            print(f"phantom kidney model written to {folder}")
+            print("(synthetic, anatomically meaningless custom nnU-Net model: its 'kidney' labels are the"
+                  " phantom's brain, skull and spinal cord; for tests and demos only)")
+        if args.total_mr_from:
+            for folder in make_total_mr_weights(Path(args.total_mr_from), Path(args.output)):
+                print(f"phantom total_mr model written to {folder}")
+            print("(synthetic, anatomically meaningless, TotalSegmentator 'total_mr' fast task: for tests and"
+                  " demos only)")
         return 0
     options = {"epochs": args.epochs} if args.epochs else {}
     folder = train_phantom_model(Path(args.output), seed=args.seed, **options)
@@ -442,6 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     process.add_argument("--config", default="config.yaml", help=_CONFIG_HELP + "; paths resolve as for serve")
     process.add_argument("--json", action="store_true", help="one JSON object per series and line, no progress bar")
     process.add_argument("--verbose", action="store_true", help="log at the config's level (default: warnings)")
+    process.add_argument("--model", default=None, metavar="NAME", help="the model preset to run (default: the first)")
     process.set_defaults(func=_cmd_process)
 
     worker = commands.add_parser("worker", help="run a GPU worker for workers.backend celery (one per GPU)")
@@ -468,6 +536,17 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
     retry.set_defaults(func=_cmd_retry)
 
+    rules = commands.add_parser("rules", help="check the routing rules against a series, without running a model")
+    rules_actions = rules.add_subparsers(dest="action", required=True, metavar="ACTION", help="test: check the rules against a series")
+    rules_test = rules_actions.add_parser(
+        "test", help="show the header fields, the classifier's decision, which rule matches and why,"
+                     " and what would be made and sent")
+    rules_test.add_argument("series_dir", metavar="SERIES_DIR", help="a folder with a series' DICOM files")
+    rules_test.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
+    rules_test.add_argument("--calling-ae", default="", metavar="AE",
+                            help="the calling AE title to assume (default: none)")
+    rules_test.set_defaults(func=_cmd_rules_test)
+
     weights = commands.add_parser("weights", help="import and list model weights (offline)")
     weights_actions = weights.add_subparsers(dest="action", required=True, metavar="ACTION",
                                              help="import or list")
@@ -475,8 +554,12 @@ def _parser() -> argparse.ArgumentParser:
     weights_import.add_argument("path", help="a weights archive (zip, tar) or folder")
     weights_import.add_argument("--dataset", default=None, help="DatasetNNN_Name for a bare trainer folder")
     weights_import.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
+    weights_import.add_argument("--model", default=None, metavar="NAME",
+                       help="the model preset whose weights_dir to use (default: the first)")
     weights_list = weights_actions.add_parser("list", help="installed models, their checksums and tasks")
     weights_list.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
+    weights_list.add_argument("--model", default=None, metavar="NAME",
+                       help="the model preset whose weights_dir to use (default: the first)")
     weights.set_defaults(func=_cmd_weights)
 
     cleanup = commands.add_parser("cleanup", help="delete series and SEGs of jobs sent longer ago than retention.days")
@@ -485,12 +568,16 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--config", default="config.yaml", help=_CONFIG_HELP)
     cleanup.set_defaults(func=_cmd_cleanup)
 
-    evaluate = commands.add_parser("evaluate", help="score every preprocessing mode against references")
+    evaluate = commands.add_parser("evaluate", help="score every preprocessing mode, or model presets side by side,"
+                                   " against references")
     evaluate.add_argument("images", help="folder with one subfolder (a DICOM series) per case")
     evaluate.add_argument("references", help="folder with CASE.dcm (SEG) or CASE.nii.gz + CASE.json per case")
     evaluate.add_argument("--output", required=True, help="folder for the reports (Markdown and CSV tables, a chart)")
     evaluate.add_argument("--config", default=None, help="config file (default: built-in defaults)")
     evaluate.add_argument("--title", default="Mean DSC", help="title of the report table (default: %(default)s)")
+    evaluate.add_argument("--model", action="append", default=[], metavar="NAME",
+                          help="a model preset of the config (repeat to compare several), each under its own"
+                               " policy (default: the first preset under every preprocessing mode)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     study = commands.add_parser("demo-study", help="write T1/T2 phantom series and references for evaluate")
@@ -505,6 +592,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--full-from", metavar="FAST_WEIGHTS_DIR", default=None,
                       help="instead of training: derive the full 'total' task's five part-models from the"
+                           " fast phantom model in FAST_WEIGHTS_DIR")
+    demo.add_argument("--kidney-from", metavar="FAST_WEIGHTS_DIR", default=None,
+                      help="instead of training: derive a synthetic custom nnU-Net kidney/kidney-tumour model"
+                           " (labels.csv included) from the fast phantom model in FAST_WEIGHTS_DIR")
+    demo.add_argument("--total-mr-from", metavar="FAST_WEIGHTS_DIR", default=None,
+                      help="instead of training: derive TotalSegmentator's 'total_mr' fast model from the"
                            " fast phantom model in FAST_WEIGHTS_DIR")
     demo.set_defaults(func=_cmd_demo_model)
     return parser

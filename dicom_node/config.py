@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dicom_node.errors import ConfigError
 from pipeline.results import OUTPUT_KINDS, OutputRequest, distinct
+from pipeline.rules import Rule, RuleSet
 from pipeline.seg_writer import SegOptions
-from pipeline.settings import PipelineSettings
+from pipeline.settings import ModelPreset, PipelineSettings
 
 __all__ = [
     "TlsSettings",
@@ -34,6 +35,8 @@ __all__ = [
     "LoggingSettings",
     "RetentionSettings",
     "WorkerSettings",
+    "ModelPreset",
+    "DEFAULT_MODEL",
     "Config",
     "load_config",
     "parse_config",
@@ -108,6 +111,7 @@ class SecuritySettings(_Frozen):
 
 
 OUTPUTS = OUTPUT_KINDS
+DEFAULT_MODEL = "default"  # the preset that ``pipeline.model`` of earlier releases becomes
 Output = Literal["seg", "rtstruct", "overlay", "report"]
 
 
@@ -314,6 +318,8 @@ class Config(_Frozen):
     completion: CompletionSettings = CompletionSettings()
     send: SendSettings = SendSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    models: tuple[ModelPreset, ...] = ()
+    rules: tuple[Rule, ...] | None = None
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -321,15 +327,66 @@ class Config(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
-    def _single_destination(cls, data: Any) -> Any:
-        """The key of earlier releases, ``destination`` (one mapping), is still accepted:
-        it is a list of one destination named ``pacs``."""
-        if isinstance(data, dict) and "destination" in data:
+    def _earlier_keys(cls, data: Any) -> Any:
+        """Keys of earlier releases are still accepted: ``destination`` (one mapping) is
+        a list of one destination named ``pacs``; ``pipeline.model`` (one model) is a
+        ``models`` list of one preset named ``default``."""
+        if not isinstance(data, dict):
+            return data
+        if "destination" in data:
             if "destinations" in data:
                 raise ValueError("give destinations (a list) or destination (one, as before), not both")
             data = {**data, "destinations": [data["destination"]]}
             del data["destination"]
+        pipeline = data.get("pipeline")
+        if isinstance(pipeline, dict) and "model" in pipeline:
+            if "models" in data:
+                raise ValueError("give models (a list of presets) or pipeline.model (one model, as before), not both")
+            model = pipeline["model"]
+            data = {**data, "pipeline": {k: v for k, v in pipeline.items() if k != "model"},
+                    "models": [{"name": DEFAULT_MODEL, **(model if isinstance(model, dict) else {})}]}
+        elif "models" not in data:
+            data = {**data, "models": [{"name": DEFAULT_MODEL}]}
         return data
+
+    @field_validator("models")
+    @classmethod
+    def _models_named_once(cls, value: tuple[ModelPreset, ...]) -> tuple[ModelPreset, ...]:
+        if not value:
+            raise ValueError("name at least one model preset")
+        names = [preset.name for preset in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"model name {', '.join(twice)} is used twice")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_named_once(cls, value: tuple[Rule, ...] | None) -> tuple[Rule, ...] | None:
+        if value is not None:
+            RuleSet(rules=value)  # unique names
+        return value
+
+    @property
+    def ruleset(self) -> RuleSet | None:
+        """The routing rules; None when the config has none (every model, every destination)."""
+        return None if self.rules is None else RuleSet(rules=self.rules)
+
+    def preset(self, name: str) -> ModelPreset:
+        """The model preset called ``name`` (``KeyError`` when there is none)."""
+        for preset in self.models:
+            if preset.name == name:
+                return preset
+        raise KeyError(name)
+
+    def pipeline_for(self, name: str) -> PipelineSettings:
+        """The pipeline settings with the preset's model and policy."""
+        return self.pipeline.for_preset(self.preset(name))
+
+    def result_key(self, preset: str, request: OutputRequest) -> str:
+        """An object's name in its job and the outbox: ``seg``, ``rtstruct``, ... with one
+        model preset; ``PRESET.seg`` and so on when the config names several."""
+        return request.key if len(self.models) == 1 else f"{preset}.{request.key}"
 
     @field_validator("destinations")
     @classmethod
@@ -365,13 +422,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             "state_db": absolute(config.storage.state_db),
         }
     )
-    model = config.pipeline.model.model_copy(
-        update={
-            "weights_dir": absolute(config.pipeline.model.weights_dir),
-            "home_dir": absolute(config.pipeline.model.home_dir),
-        }
+    models = tuple(
+        preset.model_copy(update={"weights_dir": absolute(preset.weights_dir), "home_dir": absolute(preset.home_dir)})
+        for preset in config.models
     )
-    pipeline = config.pipeline.model_copy(update={"model": model})
 
     def tls(settings: TlsSettings | None) -> TlsSettings | None:
         if settings is None:
@@ -404,7 +458,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     token_file = config.http.ui_token_file
     http = config.http.model_copy(update={"ui_token_file": None if token_file is None else absolute(token_file)})
     return config.model_copy(
-        update={"node": node, "destinations": destinations, "storage": storage, "pipeline": pipeline, "http": http}
+        update={"node": node, "destinations": destinations, "storage": storage, "models": models, "http": http}
     )
 
 
@@ -421,6 +475,11 @@ def parse_config(data: Any, base: Path, source: str = "config") -> Config:
             message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
             problems.append(f"{key}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
+    if config.ruleset is not None:
+        try:
+            config.ruleset.check_references([m.name for m in config.models], [d.name for d in config.destinations])
+        except ValueError as exc:
+            raise ConfigError(f"{source}: " + str(exc).replace("\n", "; ")) from exc
     return _resolve_paths(config, base)
 
 

@@ -17,10 +17,11 @@ import signal
 import socket
 import threading
 from enum import Enum
+from typing import Callable
 from pathlib import Path
 
 from dicom_node.completion import Completion
-from dicom_node.config import Config, TlsSettings
+from dicom_node.config import Config, ModelPreset, TlsSettings
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.handoff import InProcessQueue
 from dicom_node.http import HttpEndpoint, destination_check, disk_check
@@ -169,13 +170,15 @@ class Node:
         self.spool = Spool(config.storage.spool_dir)
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
-        self.models: ModelService | None = None
+        self.models: dict[str, ModelService] = {}  # by preset name
         if segmenter is None:
-            self.models = model_service(config)
-            segmenter = make_segmenter(config.pipeline.model, self.models)
-            self.metrics.worker_queue_depth = getattr(self.models, "queue_depth", None)
-        self.segmenter = segmenter
-        worker = Worker(config, self.state, self.spool, self.segmenter, self.metrics)
+            self.models = {preset.name: model_service(config, preset) for preset in config.models}
+            self.segmenters = {name: make_segmenter(config.preset(name).settings, service)
+                               for name, service in self.models.items()}
+            self.metrics.worker_queue_depth = getattr(next(iter(self.models.values())), "queue_depth", None)
+        else:
+            self.segmenters = {preset.name: segmenter for preset in config.models}
+        worker = Worker(config, self.state, self.spool, self.segmenters, self.metrics)
         self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
         self.completion = Completion(config.completion, self.state, self.queue.submit)
@@ -246,10 +249,12 @@ class Node:
             self._retention.start()
 
     def _start_models(self) -> None:
-        """Start the embedded model process now, so its imports are done before the first series."""
-        if isinstance(self.models, ModelRunner):
-            self.models.start()
-            log.info("model runner started (pid %s): %s", self.models.pid, self.segmenter.describe())
+        """Start the embedded model processes now (one per preset), so their imports are
+        done before the first series."""
+        for name, service in self.models.items():
+            if isinstance(service, ModelRunner):
+                service.start()
+                log.info("model runner %s started (pid %s): %s", name, service.pid, self.segmenters[name].describe())
 
     def _listen(self, part: StorageSCP | HttpEndpoint, section: str, address: str, port: int) -> None:
         try:
@@ -271,8 +276,8 @@ class Node:
         self._started = []
 
     def _stop_models(self) -> None:
-        if self.models is not None:
-            self.models.close()
+        for service in self.models.values():
+            service.close()
 
     def stop(self) -> None:
         log.info("stopping")
@@ -291,33 +296,45 @@ class Node:
                 log.exception("retention run failed")
             self._stop.wait(_RETENTION_INTERVAL)
 
-    def _weights_check(self):
-        """The configured model's weights check: the segmenter's, or its model's; none
-        with Celery workers (each checks its own weights and fails a task without them)."""
+    def _weights_checks(self) -> dict[str, Callable[[], None]]:
+        """Each model preset's weights check: its segmenter's, or its model's; none with
+        Celery workers (each checks its own weights and fails a task without them)."""
         if self.config.workers.backend == "celery":
-            return None
-        return (getattr(self.segmenter, "check_weights", None)
-                or getattr(getattr(self.segmenter, "model", None), "check_weights", None))
+            return {}
+        checks = {}
+        for name, segmenter in self.segmenters.items():
+            check = (getattr(segmenter, "check_weights", None)
+                     or getattr(getattr(segmenter, "model", None), "check_weights", None))
+            if check is not None:
+                checks[name] = check
+        return checks
+
+    def _weights_problems(self) -> dict[str, str]:
+        """What is missing of each preset's weights, by preset (empty: all there)."""
+        problems = {}
+        for name, check in self._weights_checks().items():
+            try:
+                check()
+            except WeightsMissingError as exc:
+                problems[name] = str(exc)
+        return problems
 
     def _weights_problem(self) -> str | None:
-        """What is missing of the configured model's weights (None: all there)."""
-        check = self._weights_check()
-        if check is None:
+        """What is missing of the configured models' weights (None: all there)."""
+        problems = self._weights_problems()
+        if not problems:
             return None
-        try:
-            check()
-        except WeightsMissingError as exc:
-            return str(exc)
-        return None
+        if len(self.config.models) == 1:
+            return next(iter(problems.values()))
+        return "; ".join(f"model {name}: {problem}" for name, problem in problems.items())
 
     def _report_weights(self) -> None:
-        if self._weights_check() is None:
-            return
-        problem = self._weights_problem()
-        if problem is None:
-            log.info("model weights present for %s", self.segmenter.describe())
-        else:
-            log.error("%s", problem)
+        problems = self._weights_problems()
+        for name in self._weights_checks():
+            if name in problems:
+                log.error("%s", problems[name] if len(self.config.models) == 1 else f"model {name}: {problems[name]}")
+            else:
+                log.info("model weights present for %s", self.segmenters[name].describe())
 
 
 def _ui_token(config: Config) -> str | None:
@@ -333,13 +350,13 @@ def _ui_token(config: Config) -> str | None:
     return token
 
 
-def model_service(config: Config) -> ModelService:
-    """Where the model runs: the embedded warm runner, or GPU workers over Celery."""
+def model_service(config: Config, preset: ModelPreset) -> ModelService:
+    """Where a preset's model runs: its own embedded warm runner, or GPU workers over Celery."""
     if config.workers.backend == "celery":
         from dicom_node.celery_models import CeleryModels
 
-        return CeleryModels(config.pipeline.model, config.workers)
-    return ModelRunner(config.pipeline.model)
+        return CeleryModels(preset.settings, config.workers, preset.name)
+    return ModelRunner(preset.settings)
 
 
 def serve(config: Config) -> None:

@@ -68,7 +68,7 @@ class Spool:
         folder = self.results / str(int(job_id))
         if key is None:
             return folder
-        if not re.fullmatch(r"[a-z0-9-]{1,32}", key):
+        if not re.fullmatch(r"([A-Za-z0-9_-]{1,32}\.)?[a-z0-9-]{1,32}", key):  # [PRESET.]OBJECT
             raise ValueError(f"not an object key: {key!r}")
         return folder / key
 

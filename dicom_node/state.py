@@ -108,6 +108,8 @@ class Job:
     sent_at: float | None = None  # the destination took its SEG
     reprocess_of: int | None = None  # the ended job this one processes again
     model_run: str | None = None  # where the model ran and what it cost: "WORKER on DEVICE, load Xs, ..."
+    routing: str | None = None  # the routing decision and why (``dicom_node.routing.Plan.explanation``)
+    model_outcomes: str | None = None  # one line per model preset that the rules chose: "NAME: what happened"
 
     def stage_seconds(self) -> dict[str, float | None]:
         """Seconds per stage: receiving (first instance to completion), queued (to the
@@ -193,7 +195,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     processed_at        REAL,
     sent_at             REAL,
     reprocess_of        INTEGER,
-    model_run           TEXT
+    model_run           TEXT,
+    routing             TEXT,
+    model_outcomes      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS sends (
@@ -273,6 +277,8 @@ _ADDED_COLUMNS = (
     ("jobs", "sent_at", "REAL"),
     ("jobs", "reprocess_of", "INTEGER"),
     ("jobs", "model_run", "TEXT"),
+    ("jobs", "routing", "TEXT"),
+    ("jobs", "model_outcomes", "TEXT"),
     ("sends", "destination", "TEXT"),
 )
 
@@ -280,7 +286,7 @@ _JOB_COLUMNS = """
     j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
     j.created_at, j.updated_at, j.upto_seq, j.seg_series_uid, j.last_error,
     j.received_at, j.completed_at, j.processing_at, j.processed_at, j.sent_at, j.reprocess_of, j.model_run,
-    s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
+    j.routing, j.model_outcomes, s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
 """
 
 
@@ -731,7 +737,7 @@ class StateStore:
     def update_job(self, job_id: int, state: JobState, **fields) -> bool:
         """Move a job to ``state``, setting ``fields`` (``reason``, ``sequence_class``,
         ``preprocessing``, ``result_path``, ``seg_series_uid``, ``last_error``,
-        ``model_run``, ``attempts``, ``next_attempt_at``, ``now``); with ``expect``, only
+        ``model_run``, ``routing``, ``model_outcomes``, ``attempts``, ``next_attempt_at``, ``now``); with ``expect``, only
         if it is still in that state (a job superseded meanwhile keeps its state). True
         if the row changed."""
         with self._transaction() as db:
@@ -750,6 +756,8 @@ class StateStore:
         seg_series_uid: str | None = None,
         last_error: str | None = None,
         model_run: str | None = None,
+        routing: str | None = None,
+        model_outcomes: str | None = None,
         attempts: int | None = None,
         next_attempt_at: float | None = None,
         expect: JobState | None = None,
@@ -765,6 +773,8 @@ class StateStore:
             ("seg_series_uid", seg_series_uid),
             ("last_error", last_error),
             ("model_run", model_run),
+            ("routing", routing),
+            ("model_outcomes", model_outcomes),
         ):
             if value is not None:
                 sets.append(f"{column} = ?")
@@ -908,7 +918,7 @@ class _Transaction:
 def _job(row: tuple) -> Job:
     (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
      created, updated, upto_seq, seg_series_uid, last_error, received_at, completed_at, processing_at,
-     processed_at, sent_at, reprocess_of, model_run, study, series, calling_ae, folder) = row
+     processed_at, sent_at, reprocess_of, model_run, routing, model_outcomes, study, series, calling_ae, folder) = row
     return Job(
         id=job_id,
         series=SeriesRef(study, series, calling_ae, Path(folder)),
@@ -931,6 +941,8 @@ def _job(row: tuple) -> Job:
         sent_at=sent_at,
         reprocess_of=reprocess_of,
         model_run=model_run,
+        routing=routing,
+        model_outcomes=model_outcomes,
     )
 
 

@@ -90,6 +90,8 @@ def job_record(job: Job, now: float, outbox: Sequence[OutboxItem] = ()) -> dict:
         "next_attempt_at": iso_time(job.next_attempt_at) if job.state is JobState.SENDING else None,
         "durations": job.stage_seconds(),
         "model_run": job.model_run,
+        "model_outcomes": job.model_outcomes.splitlines() if job.model_outcomes else [],
+        "routing": job.routing,
         "sends": [{"destination": item.destination, "object": item.object, "state": item.state.value,
                    "attempts": item.attempts, "last_error": item.last_error, "warning": item.warning,
                    "sent_at": iso_time(item.sent_at),

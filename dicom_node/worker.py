@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError
 from dicom_node.metrics import Metrics
+from dicom_node.routing import plan_series, requests_for
 from dicom_node.scu import SendOutcome, send_files
 from dicom_node.spool import Spool
 from dicom_node.state import Job, JobState, OutboxItem, OutboxState, StateStore
 from dicom_node.stow import stow_files
 from pipeline.errors import PipelineError
-from pipeline.run import Outcome, process_series
+from pipeline.run import Outcome, SegResult, process_series, read_series
 from pipeline.runner import RunnerStopped
 from pipeline.segment import Segmenter
 
@@ -55,13 +57,17 @@ def retry_delay(attempts: int, base: float) -> float:
 
 class Worker:
     def __init__(
-        self, config: Config, state: StateStore, spool: Spool, segmenter: Segmenter, metrics: Metrics
+        self, config: Config, state: StateStore, spool: Spool, segmenters: Segmenter | Mapping[str, Segmenter],
+        metrics: Metrics,
     ) -> None:
+        """``segmenters``: one per model preset, by name (one segmenter: the same for every preset)."""
         self.metrics = metrics
         self.config = config
         self.state = state
         self.spool = spool
-        self.segmenter = segmenter
+        if not isinstance(segmenters, Mapping):
+            segmenters = {preset.name: segmenters for preset in config.models}
+        self.segmenters = dict(segmenters)
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now (each due send attempted
@@ -97,10 +103,10 @@ class Worker:
         self.state.update_job(job.id, JobState.FAILED, reason=reason)
         return JobState.FAILED
 
-    def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING) -> JobState:
+    def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING, **recorded) -> JobState:
         log.warning("job %d: failed: %s", job.id, reason)
         self.metrics.series_outcomes.labels("failed").inc()
-        if not self.state.update_job(job.id, JobState.FAILED, reason=reason, expect=expect):
+        if not self.state.update_job(job.id, JobState.FAILED, reason=reason, expect=expect, **recorded):
             return self._superseded(job)
         return JobState.FAILED
 
@@ -111,58 +117,106 @@ class Worker:
     def _process(self, job: Job) -> JobState:
         series_uid = job.series.series_instance_uid
         paths = self.state.instance_paths(series_uid, upto_seq=job.upto_seq)
-        supersedes = self.state.sent_seg_series(series_uid, before_job=job.id)
         log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
         try:
-            result = process_series(
-                paths, self.config.pipeline, self.segmenter, self.config.output_requests,
-                supersedes=supersedes,
-            )
+            headers = read_series(paths, self.config.pipeline)
         except PipelineError as exc:
             return self._fail(job, str(exc))
-        timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-        for stage, seconds in result.seconds.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
-        recorded = {
-            "reason": result.reason,
-            "sequence_class": result.classification.sequence_class.value,
-            "preprocessing": result.preprocessing.value if result.preprocessing else None,
-            "model_run": self._model_report() if "segment" in result.seconds else None,
-        }
-        if result.outcome is not Outcome.SEG or not result.objects:
-            state = JobState.SKIPPED if result.outcome is Outcome.SKIPPED else JobState.NO_RESULT
-            if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, **recorded):
-                return self._superseded(job)
-            self.metrics.series_outcomes.labels(result.outcome.value).inc()
-            log.info("job %d: %s: %s (%s)", job.id, state.value, result.reason, timing)
-            return state
+        plan = plan_series(self.config, headers, job.series.calling_ae_title)
+        recorded: dict = {"routing": plan.explanation, "sequence_class": headers.classification.sequence_class.value}
+        if plan.skip_reason is not None:
+            return self._end_without_result(job, JobState.SKIPPED, Outcome.SKIPPED, plan.skip_reason, recorded)
+
+        supersedes = self.state.sent_seg_series(series_uid, before_job=job.id)
+        runs = self._run_models(job, paths, headers, plan, supersedes)
+        several = len(plan.models) > 1
+        outcomes = [f"{name}: {'failed: ' * failed}{text}" for name, text, _, failed in runs]
+        recorded["model_outcomes"] = "\n".join(outcomes)
+        reports = [(name, report) for name, _, result, _ in runs if result is not None
+                   for report in [self._model_report(name, result)] if report]
+        if reports:
+            recorded["model_run"] = "; ".join(f"{name}: {report}" if several else report for name, report in reports)
+        results = [(name, result) for name, _, result, _ in runs if result is not None]
+        produced = [(name, result) for name, result in results if result.outcome is Outcome.SEG and result.objects]
+        reason = "; ".join(outcomes) if several else runs[0][1]  # one model: its reason, as it says it
+        first_run = next((result for _, result in results), None)
+        if first_run is not None and first_run.preprocessing is not None:
+            recorded["preprocessing"] = first_run.preprocessing.value
+        if not produced:
+            if any(failed for *_, failed in runs):
+                return self._fail(job, reason, **recorded)
+            outcome = results[0][1].outcome
+            state = JobState.SKIPPED if outcome is Outcome.SKIPPED else JobState.NO_RESULT
+            return self._end_without_result(job, state, outcome, reason, recorded)
         if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
             return self._superseded(job)
         try:
-            saved = {obj.key: [self.spool.store_result(job.id, obj.key, str(ds.SOPInstanceUID), _encode(ds))
-                               for ds in obj.datasets]
-                     for obj in result.objects}
+            saved = {(name, obj.key): [self.spool.store_result(job.id, self.config.result_key(name, obj),
+                                                               str(ds.SOPInstanceUID), _encode(ds))
+                                       for ds in obj.datasets]
+                     for name, result in produced for obj in result.objects}
         except OSError as exc:
-            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}")
-        items = [(destination.name, request.key, self.spool.result_folder(job.id, request.key))
-                 for destination in self.config.destinations for request in destination.requests
-                 if request.key in saved]
-        seg = result.seg
+            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", **recorded)
+        items = [(destination.name, key, self.spool.result_folder(job.id, key))
+                 for destination in plan.destinations for name, _ in produced for request in destination.requests
+                 if (name, request.key) in saved for key in [self.config.result_key(name, request)]]
+        seg = next((result.seg for name, result in produced if name == plan.running[0].preset), None)
         first = next(iter(saved.values()))[0]
         if not self.state.start_sending(
             job.id, items, result_path=first, seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID),
-            **recorded,
+            reason=reason, **recorded,
         ):
             return self._superseded(job)
-        self.metrics.series_outcomes.labels(result.outcome.value).inc()
-        made = ", ".join(f"{obj.key} ({len(obj.datasets)})" for obj in result.objects)
-        log.info("job %d: made %s with %s (%s)", job.id, made, result.reason, timing)
+        self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
+        made = ", ".join(f"{self.config.result_key(name, obj)} ({len(obj.datasets)})"
+                         for name, result in produced for obj in result.objects)
+        timing = "; ".join(f"{name}: " * several + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+                           for name, result in results)
+        log.info("job %d: made %s with %s (%s)", job.id, made, reason, timing)
         return JobState.SENDING
 
-    def _model_report(self) -> str | None:
-        """The model process's report of this thread's last run, into the metrics and a line."""
-        report = getattr(self.segmenter, "last_report", None)
-        if report is None:
+    def _run_models(self, job: Job, paths, headers, plan, supersedes: str | None):
+        """Run each preset the plan names, in turn: (name, what happened, result or None,
+        failed) each. A model that fails is recorded and the next one runs."""
+        requests = requests_for(plan)
+        runs: list[tuple[str, str, SegResult | None, bool]] = []
+        for model in plan.models:
+            if not model.runs:
+                runs.append((model.preset, model.reason, None, False))
+                continue
+            segmenter = self.segmenters[model.preset]
+            try:
+                result = process_series(
+                    paths, self.config.pipeline_for(model.preset), segmenter, requests,
+                    supersedes=supersedes if model is plan.running[0] else None, series_headers=headers,
+                )
+            except PipelineError as exc:
+                log.warning("job %d: model %s failed: %s", job.id, model.preset, exc)
+                runs.append((model.preset, str(exc), None, True))
+                continue
+            except RunnerStopped:
+                raise
+            except Exception as exc:  # one model's unexpected error: the others still run
+                log.exception("job %d: model %s: unexpected error", job.id, model.preset)
+                runs.append((model.preset, f"internal error: {type(exc).__name__}: {exc}", None, True))
+                continue
+            for stage, seconds in result.seconds.items():
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
+            runs.append((model.preset, result.reason, result, False))
+        return runs
+
+    def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str, recorded: dict) -> JobState:
+        if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, reason=reason, **recorded):
+            return self._superseded(job)
+        self.metrics.series_outcomes.labels(outcome.value).inc()
+        log.info("job %d: %s: %s", job.id, state.value, reason)
+        return state
+
+    def _model_report(self, preset: str, result: SegResult) -> str | None:
+        """The model process's report of this thread's last run of ``preset``, into the
+        metrics and a line (None when the model did not run)."""
+        report = getattr(self.segmenters[preset], "last_report", None)
+        if report is None or "segment" not in result.seconds:
             return None
         self.metrics.model_runs.labels(report.worker, report.device).inc()
         for part, seconds in (("load", report.load_seconds), ("forward", report.forward_seconds),

@@ -29,13 +29,16 @@ from pipeline.series import MR_IMAGE_CLASSES, assemble_series, read_headers
 from pipeline.settings import PipelineSettings
 from pipeline.volume import read_volume
 
-__all__ = ["Outcome", "SegResult", "process_series", "algorithm_for", "image_headers", "read_image_headers"]
+__all__ = [
+    "Outcome", "SegResult", "SeriesHeaders", "read_series", "preprocessing_for", "process_series", "algorithm_for",
+    "image_headers", "read_image_headers",
+]
 
 log = logging.getLogger(__name__)
 
 # At most 46 characters with the class, so that "Replaces earlier: " fits in front (LO, 64).
 _DESCRIPTIONS = {
-    PreprocessingMode.NONE: "Auto SEG, CT model on unprocessed {cls} MR",
+    PreprocessingMode.NONE: "Auto SEG, {kind} model on unprocessed {cls} MR",
     PreprocessingMode.INVERT: "Auto SEG, CT model on inverted {cls} MR",
     PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted {cls} MR, black bg",
 }
@@ -81,7 +84,7 @@ def algorithm_for(
         preprocessing=mode.value,
         sequence_class=cls,
         classification=classification.reason,
-        series_description=_DESCRIPTIONS[mode].format(cls=cls),
+        series_description=_DESCRIPTIONS[mode].format(cls=cls, kind=_model_kind(settings)),
         software_version=f"dicom-node {version('dicom-node')}",
         clip_min=options.clip_min if clipped else None,
         clip_max=options.clip_max if clipped else None,
@@ -89,6 +92,13 @@ def algorithm_for(
             options.background_percentile if mode is PreprocessingMode.INVERT_BLACK_BACKGROUND else None
         ),
     )
+
+
+def _model_kind(settings: PipelineSettings) -> str:
+    """What the model was trained on, as the SEG's description says it: TotalSegmentator's
+    ``total_mr`` is an MR model; every other model here is taken for a CT model."""
+    model = settings.model
+    return "MR" if model.kind == "totalsegmentator" and model.task == "total_mr" else "CT"
 
 
 def image_headers(headers: Sequence[tuple[Path, pydicom.Dataset]]) -> list[pydicom.Dataset]:
@@ -101,6 +111,37 @@ def read_image_headers(paths: Sequence[Path]) -> list[pydicom.Dataset]:
     return image_headers(read_headers(paths))
 
 
+@dataclass(frozen=True)
+class SeriesHeaders:
+    """A series' headers (no pixels) and the classifier's verdict: read once, then
+    shared by routing and by every model that runs on the series."""
+
+    headers: list[tuple[Path, pydicom.Dataset]]
+    classification: Classification
+
+    @property
+    def images(self) -> list[pydicom.Dataset]:
+        return image_headers(self.headers)
+
+
+def read_series(paths: Sequence[Path], settings: PipelineSettings) -> SeriesHeaders:
+    """Read the headers of a series' files and classify it (``settings.class_rules``)."""
+    headers = read_headers(paths)
+    rules = [rule.rule() for rule in settings.class_rules]
+    classification = classify_series(image_headers(headers), rules)
+    log.info("series classified %s (%s)", classification.sequence_class.value, classification.reason)
+    return SeriesHeaders(headers, classification)
+
+
+def preprocessing_for(settings: PipelineSettings, classification: Classification) -> tuple[PreprocessingMode | None, str]:
+    """The policy's preprocessing for the series, or None with the reason it is skipped."""
+    mode = settings.policy.mode_for(classification.sequence_class) if classification.anatomical else None
+    if mode is None:
+        what = classification.sequence_class.value if classification.anatomical else "non-anatomical"
+        return None, f"{what} series, not segmented by policy: {classification.reason}"
+    return mode, f"preprocessing {mode.value}"
+
+
 def process_series(
     paths: Sequence[Path],
     settings: PipelineSettings,
@@ -109,28 +150,23 @@ def process_series(
     *,
     supersedes: str | None = None,
     on_stage: Callable[[str], None] | None = None,
+    series_headers: SeriesHeaders | None = None,
 ) -> SegResult:
     """Run the whole pipeline over the instance files of one series, making the result
     objects ``outputs`` names (each once).
 
     ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
     to the PACS; the new SEG then says it replaces that one (see ``encode_seg``).
-    ``on_stage`` is told the name of each stage as it starts (for progress bars)."""
+    ``on_stage`` is told the name of each stage as it starts (for progress bars).
+    ``series_headers``: the series already read by ``read_series`` (else it is read here)."""
     stage = on_stage or (lambda name: None)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    headers = read_headers(paths)
-    rules = [rule.rule() for rule in settings.class_rules]
-    classification = classify_series(image_headers(headers), rules)
-    mode = settings.policy.mode_for(classification.sequence_class) if classification.anatomical else None
-    log.info("series classified %s (%s)", classification.sequence_class.value, classification.reason)
+    read = series_headers or read_series(paths, settings)
+    headers, classification = read.headers, read.classification
+    mode, why = preprocessing_for(settings, classification)
     if mode is None:
-        what = classification.sequence_class.value if classification.anatomical else "non-anatomical"
-        return SegResult(
-            Outcome.SKIPPED,
-            f"{what} series, not segmented by policy: {classification.reason}",
-            classification,
-        )
+        return SegResult(Outcome.SKIPPED, why, classification)
 
     try:
         series = assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d)

@@ -15,7 +15,7 @@ from pipeline.classify import ClassRule, SequenceClass
 from pipeline.preprocess import PreprocessingMode
 from pipeline.series import FourD
 
-__all__ = ["ModelSettings", "PreprocessingSettings", "Policy", "ClassRuleSettings", "PipelineSettings"]
+__all__ = ["ModelSettings", "PreprocessingSettings", "Policy", "ModelPreset", "ClassRuleSettings", "PipelineSettings"]
 
 SKIP = "skip"
 UNPROCESSED = "unprocessed"
@@ -28,14 +28,14 @@ class _Frozen(BaseModel):
 class ModelSettings(_Frozen):
     """Which segmentation model runs, and where its weights live.
 
-    ``kind`` is ``totalsegmentator`` (its ``task``, ``fast`` or full, loaded by
-    TotalSegmentator's API) or ``nnunet``: any nnU-Net v2 trained model folder
+    ``kind`` is ``totalsegmentator`` (its ``task``: ``total``, the CT model, or
+    ``total_mr``, its native MR model; ``fast`` or full; loaded by TotalSegmentator's API) or ``nnunet``: any nnU-Net v2 trained model folder
     ``nnunet_model`` under ``weights_dir`` (as ``dicom-node weights import`` installs
     it), run by nnU-Net's predictor, its structures coded by the ``labels.csv`` there.
     """
 
     kind: Literal["totalsegmentator", "nnunet"] = "totalsegmentator"
-    task: Literal["total"] = "total"
+    task: Literal["total", "total_mr"] = "total"
     fast: bool = True
     nnunet_model: str | None = None  # e.g. Dataset501_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres
     folds: tuple[int, ...] = (0,)
@@ -94,6 +94,21 @@ class Policy(_Frozen):
         return PreprocessingMode(value)
 
 
+class ModelPreset(ModelSettings):
+    """A named model (``models`` in the config): the ``ModelSettings`` keys, a ``name``
+    that rules refer to, and the ``policy`` it takes per sequence class (left out:
+    ``pipeline.policy``). A native MR model such as TotalSegmentator's ``total_mr``
+    takes ``policy: {T1: none}``: the T1 image as acquired, never inverted."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    policy: Policy | None = None
+
+    @property
+    def settings(self) -> ModelSettings:
+        """The model itself, without its name and policy."""
+        return ModelSettings.model_validate(self.model_dump(exclude={"name", "policy"}))
+
+
 class ClassRuleSettings(_Frozen):
     """A site rule: a SeriesDescription regex mapped to a sequence class."""
 
@@ -113,3 +128,7 @@ class PipelineSettings(_Frozen):
     class_rules: tuple[ClassRuleSettings, ...] = ()
     min_slices: int = Field(3, ge=1)
     four_d: FourD = "reject"  # repeated slice positions: reject, or take the first/last volume
+
+    def for_preset(self, preset: ModelPreset) -> "PipelineSettings":
+        """These settings with the preset's model, and its policy where it has one."""
+        return self.model_copy(update={"model": preset.settings, "policy": preset.policy or self.policy})

@@ -129,7 +129,7 @@ def checkout(tmp_path_factory, phantom_weights, t1_dir) -> Path:
     config["http"]["port"] = free_port()
     config["destinations"][0]["port"] = free_port()  # nobody listens: nothing is sent anyway
     config["storage"]["min_free_bytes"] = 10_000_000
-    config["pipeline"]["model"]["weights_dir"] = str(phantom_weights)
+    config["models"][0]["weights_dir"] = str(phantom_weights)
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     state = StateStore(folder / "var" / "state.sqlite3")
     paths = sorted(t1_dir.glob("*.dcm"))
