@@ -575,6 +575,24 @@ def _totalseg_model_folders(weights_dir: Path, *, fast: bool,
     return folders
 
 
+def _task_plans(fast_plans: dict[str, Any], folder: Path, config: dict[str, Any],
+                patch_size: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The fast phantom's plans for a TotalSegmentator task's model folder: its dataset and
+    plans names, and the task's spacing (and ``patch_size``, when given)."""
+    resample = config["resample"]  # [x, y, z] in TotalSegmentator; nnU-Net plans are [z, y, x]
+    spacing = [float(resample)] * 3 if np.isscalar(resample) else [float(v) for v in reversed(resample)]
+    model = config.get("model") or "3d_fullres"
+    plans = json.loads(json.dumps(fast_plans))
+    plans["dataset_name"] = folder.parent.name
+    plans["plans_name"] = config.get("plans") or "nnUNetPlans"
+    plans["original_median_spacing_after_transp"] = spacing
+    configuration = {**fast_plans["configurations"]["3d_fullres"], "spacing": spacing}
+    if patch_size is not None:
+        configuration["patch_size"] = list(patch_size)
+    plans["configurations"] = {model: configuration}
+    return plans
+
+
 def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Path]:
     """The five part-models of TotalSegmentator's full ``total`` task, derived from the fast phantom.
 
@@ -613,15 +631,7 @@ def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[P
             if ".seg_layers." in key:
                 weights[key] = value[rows].clone()
 
-        resample = config["resample"]  # [x, y, z] in TotalSegmentator; nnU-Net plans are [z, y, x]
-        spacing = [float(resample)] * 3 if np.isscalar(resample) else [float(v) for v in reversed(resample)]
-        model = config.get("model") or "3d_fullres"
-        plans = json.loads(json.dumps(fast_plans))
-        plans["dataset_name"] = folder.parent.name
-        plans["plans_name"] = config.get("plans") or "nnUNetPlans"
-        plans["original_median_spacing_after_transp"] = spacing
-        plans["configurations"] = {model: {**fast_plans["configurations"]["3d_fullres"], "spacing": spacing,
-                                           "patch_size": list(_FULL_PATCH_SIZE)}}
+        plans = _task_plans(fast_plans, folder, config, patch_size=_FULL_PATCH_SIZE)
         in_part = [name for name in labels if name in learned]
         dataset_json = {
             "channel_names": fast_dataset["channel_names"],
@@ -633,7 +643,8 @@ def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[P
                            "phantom without training) standing in for TotalSegmentator 'total' full weights; "
                            "for tests and demos only. Learned classes: " + (", ".join(in_part) or "none"),
         }
-        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=model, trainer=config["trainer"])
+        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=config.get("model") or "3d_fullres",
+                       trainer=config["trainer"])
         written.append(folder)
     return written
 
@@ -849,14 +860,7 @@ def make_total_mr_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Pat
 
     written = []
     for _, folder, config in _totalseg_model_folders(Path(weights_dir), fast=True, task="total_mr"):
-        resample = config["resample"]  # [x, y, z] in TotalSegmentator; nnU-Net plans are [z, y, x]
-        spacing = [float(resample)] * 3 if np.isscalar(resample) else [float(v) for v in reversed(resample)]
-        model = config.get("model") or "3d_fullres"
-        plans = json.loads(json.dumps(fast_plans))
-        plans["dataset_name"] = folder.parent.name
-        plans["plans_name"] = config.get("plans") or "nnUNetPlans"
-        plans["original_median_spacing_after_transp"] = spacing
-        plans["configurations"] = {model: {**fast_plans["configurations"]["3d_fullres"], "spacing": spacing}}
+        plans = _task_plans(fast_plans, folder, config)
         dataset_json = {
             "channel_names": fast_dataset["channel_names"],
             "labels": labels,
@@ -869,7 +873,8 @@ def make_total_mr_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Pat
                            ", ".join(name if name == source else f"{name} <- {source}"
                                      for name, source in rows.items()),
         }
-        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=model, trainer=config["trainer"])
+        _install_model(folder, ckpt, weights, plans, dataset_json, configuration=config.get("model") or "3d_fullres",
+                       trainer=config["trainer"])
         written.append(folder)
     return written
 

@@ -140,11 +140,15 @@ class CeleryModels:
     def describe(self) -> str:
         return f"Celery workers (queue {self.settings.queue})"
 
+    def request(self, image: nib.Nifti1Image) -> dict[str, Any]:
+        """The task's one argument, JSON: the model without this machine's paths, the preset's name, the image."""
+        return {"model": self.model.model_dump(mode="json", exclude=set(_LOCAL_KEYS)), "preset": self.preset,
+                "image": _pack(image)}
+
     def run(self, image: nib.Nifti1Image) -> ModelReply:
         from celery.exceptions import TimeoutError as ResultTimeout
 
-        request = {"model": self.model.model_dump(mode="json", exclude=set(_LOCAL_KEYS)), "preset": self.preset,
-                   "image": _pack(image)}
+        request = self.request(image)
         delay = 1.0
         while not self._closed.is_set():
             try:
@@ -223,11 +227,13 @@ class _WorkerModels:
         self.local = local
         self.runners: dict[str, ModelRunner] = {}
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+    def settings_for(self, request: dict[str, Any]) -> ModelSettings:
+        """The request's model with this worker's paths and device for its preset."""
         local = self.local.get(request.get("preset") or "", next(iter(self.local.values())))
-        settings = ModelSettings.model_validate(
-            {**request["model"], **{key: getattr(local, key) for key in _LOCAL_KEYS}}
-        )
+        return ModelSettings.model_validate({**request["model"], **{key: getattr(local, key) for key in _LOCAL_KEYS}})
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        settings = self.settings_for(request)
         key = settings.model_dump_json()
         runner = self.runners.get(key)
         if runner is None:

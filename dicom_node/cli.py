@@ -94,7 +94,8 @@ def _cmd_process(args: argparse.Namespace) -> int:
             progress.series(series_uid)
             record: dict = {"series_instance_uid": series_uid, "instances": len(paths)}
             try:
-                result = process_series(paths, settings, segmenter, outputs, on_stage=progress.stage)
+                result = process_series(paths, settings, segmenter, outputs, on_stage=progress.stage,
+                                        **config.preset_marks(preset.name))
             except PipelineError as exc:
                 failures += 1
                 record.update(outcome="failed", reason=str(exc))
@@ -537,7 +538,8 @@ def _parser() -> argparse.ArgumentParser:
     retry.set_defaults(func=_cmd_retry)
 
     rules = commands.add_parser("rules", help="check the routing rules against a series, without running a model")
-    rules_actions = rules.add_subparsers(dest="action", required=True, metavar="ACTION", help="test: check the rules against a series")
+    rules_actions = rules.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                         help="test: check the rules against a series")
     rules_test = rules_actions.add_parser(
         "test", help="show the header fields, the classifier's decision, which rule matches and why,"
                      " and what would be made and sent")

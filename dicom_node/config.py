@@ -310,6 +310,17 @@ class WorkerSettings(_Frozen):
         return self
 
 
+def _named_once(items: tuple, what: str, kind: str) -> tuple:
+    """At least one item, and no name twice (``ValueError`` naming the repeated ones)."""
+    if not items:
+        raise ValueError(f"name at least one {what}")
+    names = [item.name for item in items]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{kind} name {', '.join(twice)} is used twice")
+    return items
+
+
 class Config(_Frozen):
     node: NodeSettings = NodeSettings()
     security: SecuritySettings = SecuritySettings()
@@ -352,13 +363,7 @@ class Config(_Frozen):
     @field_validator("models")
     @classmethod
     def _models_named_once(cls, value: tuple[ModelPreset, ...]) -> tuple[ModelPreset, ...]:
-        if not value:
-            raise ValueError("name at least one model preset")
-        names = [preset.name for preset in value]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"model name {', '.join(twice)} is used twice")
-        return value
+        return _named_once(value, "model preset", "model")
 
     @field_validator("rules")
     @classmethod
@@ -388,16 +393,20 @@ class Config(_Frozen):
         model preset; ``PRESET.seg`` and so on when the config names several."""
         return request.key if len(self.models) == 1 else f"{preset}.{request.key}"
 
+    def preset_marks(self, name: str) -> dict[str, Any]:
+        """How the objects of preset ``name`` tell their model apart when the config names
+        several: the preset in their SeriesDescription, and SeriesNumbers 10 apart per
+        preset (in the order of ``models``). Nothing with one preset. Keyword arguments
+        of ``pipeline.run.process_series``."""
+        if len(self.models) == 1:
+            return {}
+        index = [preset.name for preset in self.models].index(name)
+        return {"preset": name, "series_number_offset": 10 * index}
+
     @field_validator("destinations")
     @classmethod
-    def _named_once(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
-        if not value:
-            raise ValueError("name at least one destination")
-        names = [destination.name for destination in value]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"destination name {', '.join(twice)} is used twice")
-        return value
+    def _destinations_named_once(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        return _named_once(value, "destination", "destination")
 
     @property
     def output_requests(self) -> list[OutputRequest]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from dicom_node.config import Config, Destination
 from pipeline.preprocess import PreprocessingMode
-from pipeline.results import OutputRequest
+from pipeline.results import OutputRequest, distinct
 from pipeline.rules import Routing, SeriesFacts, route, series_facts
 from pipeline.run import SeriesHeaders, preprocessing_for
 
@@ -45,6 +45,9 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """What happens to one series: the facts it was routed by, the rules' decision, the
+    presets chosen (each running or skipped by its policy) and the destinations."""
+
     facts: SeriesFacts
     routing: Routing
     models: tuple[ModelPlan, ...]
@@ -62,8 +65,9 @@ class Plan:
             return self.routing.skip_reason
         if self.running:
             return None
-        return "; ".join(f"model {m.preset}: {m.reason}" for m in self.models) if len(self.models) > 1 \
-            else self.models[0].reason
+        if len(self.models) == 1:
+            return self.models[0].reason
+        return "; ".join(f"model {m.preset}: {m.reason}" for m in self.models)
 
     @property
     def explanation(self) -> str:
@@ -82,7 +86,7 @@ class Plan:
             return "\n".join(lines)
         lines.append("decision:")
         for model in self.models:
-            lines.append(f"  model {model.preset}: {model.reason if not model.runs else 'runs, ' + model.reason}")
+            lines.append(f"  model {model.preset}: {'runs, ' if model.runs else ''}{model.reason}")
         for destination in self.destinations:
             keys = ", ".join(self.result_keys[destination.name])
             lines.append(f"  send to {destination.name} ({destination.peer}): {keys}")
@@ -117,8 +121,4 @@ def plan_series(config: Config, series: SeriesHeaders, calling_ae_title: str) ->
 
 def requests_for(plan: Plan) -> list[OutputRequest]:
     """Every object some chosen destination receives, each once."""
-    seen: dict[str, OutputRequest] = {}
-    for destination in plan.destinations:
-        for request in destination.requests:
-            seen.setdefault(request.key, request)
-    return list(seen.values())
+    return distinct(request for destination in plan.destinations for request in destination.requests)

@@ -17,8 +17,8 @@ import signal
 import socket
 import threading
 from enum import Enum
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from dicom_node.completion import Completion
 from dicom_node.config import Config, ModelPreset, TlsSettings
@@ -309,30 +309,26 @@ class Node:
                 checks[name] = check
         return checks
 
-    def _weights_problems(self) -> dict[str, str]:
-        """What is missing of each preset's weights, by preset (empty: all there)."""
-        problems = {}
+    def _weights_problems(self) -> dict[str, str | None]:
+        """Each checked preset's missing weights (None: all there), named by preset
+        when the config has several."""
+        problems: dict[str, str | None] = {}
         for name, check in self._weights_checks().items():
             try:
                 check()
+                problems[name] = None
             except WeightsMissingError as exc:
-                problems[name] = str(exc)
+                problems[name] = str(exc) if len(self.config.models) == 1 else f"model {name}: {exc}"
         return problems
 
     def _weights_problem(self) -> str | None:
         """What is missing of the configured models' weights (None: all there)."""
-        problems = self._weights_problems()
-        if not problems:
-            return None
-        if len(self.config.models) == 1:
-            return next(iter(problems.values()))
-        return "; ".join(f"model {name}: {problem}" for name, problem in problems.items())
+        return "; ".join(problem for problem in self._weights_problems().values() if problem) or None
 
     def _report_weights(self) -> None:
-        problems = self._weights_problems()
-        for name in self._weights_checks():
-            if name in problems:
-                log.error("%s", problems[name] if len(self.config.models) == 1 else f"model {name}: {problems[name]}")
+        for name, problem in self._weights_problems().items():
+            if problem:
+                log.error("%s", problem)
             else:
                 log.info("model weights present for %s", self.segmenters[name].describe())
 

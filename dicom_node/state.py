@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Mapping
 
 __all__ = ["JobState", "SeriesRef", "Job", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore", "TERMINAL_STATES"]
 
@@ -219,6 +219,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at     REAL NOT NULL DEFAULT 0,
     last_error          TEXT,
     warning             TEXT,
+    series_uid          TEXT,
     sent_at             REAL,
     UNIQUE (job_id, destination, object)
 );
@@ -280,6 +281,7 @@ _ADDED_COLUMNS = (
     ("jobs", "routing", "TEXT"),
     ("jobs", "model_outcomes", "TEXT"),
     ("sends", "destination", "TEXT"),
+    ("outbox", "series_uid", "TEXT"),
 )
 
 _JOB_COLUMNS = """
@@ -476,6 +478,21 @@ class StateStore:
             ).fetchone()
         return row[0] if row else None
 
+    def sent_object_series(self, series_instance_uid: str, before_job: int, key: str) -> str | None:
+        """The series of object ``key`` (``seg``, ``kidney.seg``, ...) that the latest
+        earlier job of this series sent somewhere, if that job covered fewer instances:
+        what the new object of a grown series says it replaces. None also for jobs of a
+        release whose outbox did not record series (``sent_seg_series`` knows their SEG)."""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT o.series_uid FROM outbox o JOIN jobs j ON j.id = o.job_id
+                   WHERE j.series_instance_uid = ? AND j.id < ? AND o.object = ? AND o.state = ?
+                   AND o.series_uid IS NOT NULL
+                   AND j.upto_seq < (SELECT upto_seq FROM jobs WHERE id = ?) ORDER BY j.id DESC LIMIT 1""",
+                (series_instance_uid, before_job, key, OutboxState.SENT.value, before_job),
+            ).fetchone()
+        return row[0] if row else None
+
     # -- jobs -----------------------------------------------------------------------
     def job(self, job_id: int) -> Job | None:
         with self._lock:
@@ -555,21 +572,25 @@ class StateStore:
         job_id: int,
         items: list[tuple[str, str, Path]],
         *,
+        object_series: Mapping[str, str] | None = None,
         now: float | None = None,
         **recorded,
     ) -> bool:
         """Move a ``processing`` job to ``sending`` with its outbox rows, (destination,
-        object key, folder) each, due now; ``recorded`` as for ``update_job``. False (and
-        nothing written) when the job is no longer ``processing`` (superseded)."""
+        object key, folder) each, due now; ``object_series``: each object's
+        SeriesInstanceUID by key (what a later job's object replaces, see
+        ``sent_object_series``); ``recorded`` as for ``update_job``. False (and nothing
+        written) when the job is no longer ``processing`` (superseded)."""
+        series = object_series or {}
         now = time.time() if now is None else now
         with self._transaction() as db:
             if not self._update(db, job_id, JobState.SENDING, expect=JobState.PROCESSING, now=now,
                                 next_attempt_at=now, **recorded):
                 return False
             db.executemany(
-                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at)
-                   VALUES (?, ?, ?, ?, ?, ?)""",
-                [(job_id, destination, key, str(folder), OutboxState.PENDING.value, now)
+                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at, series_uid)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(job_id, destination, key, str(folder), OutboxState.PENDING.value, now, series.get(key))
                  for destination, key, folder in items],
             )
         return True
@@ -737,9 +758,9 @@ class StateStore:
     def update_job(self, job_id: int, state: JobState, **fields) -> bool:
         """Move a job to ``state``, setting ``fields`` (``reason``, ``sequence_class``,
         ``preprocessing``, ``result_path``, ``seg_series_uid``, ``last_error``,
-        ``model_run``, ``routing``, ``model_outcomes``, ``attempts``, ``next_attempt_at``, ``now``); with ``expect``, only
-        if it is still in that state (a job superseded meanwhile keeps its state). True
-        if the row changed."""
+        ``model_run``, ``routing``, ``model_outcomes``, ``attempts``, ``next_attempt_at``,
+        ``now``); with ``expect``, only if it is still in that state (a job superseded
+        meanwhile keeps its state). True if the row changed."""
         with self._transaction() as db:
             return self._update(db, job_id, state, **fields)
 

@@ -29,25 +29,49 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError
 from dicom_node.metrics import Metrics
-from dicom_node.routing import plan_series, requests_for
+from dicom_node.routing import Plan, plan_series, requests_for
 from dicom_node.scu import SendOutcome, send_files
 from dicom_node.spool import Spool
 from dicom_node.state import Job, JobState, OutboxItem, OutboxState, StateStore
 from dicom_node.stow import stow_files
 from pipeline.errors import PipelineError
-from pipeline.run import Outcome, SegResult, process_series, read_series
+from pipeline.run import Outcome, SegResult, SeriesHeaders, process_series, read_series
 from pipeline.runner import RunnerStopped
 from pipeline.segment import Segmenter
 
-__all__ = ["Worker", "retry_delay"]
+__all__ = ["Worker", "ModelRun", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """What one model preset did with a job's series: its result, or why there is none."""
+
+    preset: str
+    text: str  # the result's reason, the policy's reason for skipping, or the error
+    result: SegResult | None = None
+    failed: bool = False
+
+    @property
+    def line(self) -> str:
+        return f"{self.preset}: {'failed: ' if self.failed else ''}{self.text}"
+
+    @property
+    def timing(self) -> str:
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.result.seconds.items()) if self.result else ""
+
+    @property
+    def produced(self) -> bool:
+        return self.result is not None and self.result.outcome is Outcome.SEG and bool(self.result.objects)
 
 
 def retry_delay(attempts: int, base: float) -> float:
@@ -127,83 +151,92 @@ class Worker:
         if plan.skip_reason is not None:
             return self._end_without_result(job, JobState.SKIPPED, Outcome.SKIPPED, plan.skip_reason, recorded)
 
-        supersedes = self.state.sent_seg_series(series_uid, before_job=job.id)
-        runs = self._run_models(job, paths, headers, plan, supersedes)
-        several = len(plan.models) > 1
-        outcomes = [f"{name}: {'failed: ' * failed}{text}" for name, text, _, failed in runs]
-        recorded["model_outcomes"] = "\n".join(outcomes)
-        reports = [(name, report) for name, _, result, _ in runs if result is not None
-                   for report in [self._model_report(name, result)] if report]
+        runs = self._run_models(job, paths, headers, plan)
+        several = len(runs) > 1
+        # one model: its reason as it says it; several: a line each, named
+        reason = "; ".join(run.line for run in runs) if several else runs[0].text
+        recorded["model_outcomes"] = "\n".join(run.line for run in runs)
+        reports = [(run.preset, report) for run in runs for report in [self._model_report(run)] if report]
         if reports:
             recorded["model_run"] = "; ".join(f"{name}: {report}" if several else report for name, report in reports)
-        results = [(name, result) for name, _, result, _ in runs if result is not None]
-        produced = [(name, result) for name, result in results if result.outcome is Outcome.SEG and result.objects]
-        reason = "; ".join(outcomes) if several else runs[0][1]  # one model: its reason, as it says it
-        first_run = next((result for _, result in results), None)
-        if first_run is not None and first_run.preprocessing is not None:
-            recorded["preprocessing"] = first_run.preprocessing.value
+        results = [run for run in runs if run.result is not None]
+        if results and results[0].result.preprocessing is not None:  # type: ignore[union-attr]
+            recorded["preprocessing"] = results[0].result.preprocessing.value  # type: ignore[union-attr]
+        produced = [run for run in results if run.produced]
         if not produced:
-            if any(failed for *_, failed in runs):
+            if any(run.failed for run in runs):
                 return self._fail(job, reason, **recorded)
-            outcome = results[0][1].outcome
+            outcome = results[0].result.outcome  # type: ignore[union-attr]
             state = JobState.SKIPPED if outcome is Outcome.SKIPPED else JobState.NO_RESULT
             return self._end_without_result(job, state, outcome, reason, recorded)
         if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
             return self._superseded(job)
+        key = self.config.result_key
         try:
-            saved = {(name, obj.key): [self.spool.store_result(job.id, self.config.result_key(name, obj),
-                                                               str(ds.SOPInstanceUID), _encode(ds))
-                                       for ds in obj.datasets]
-                     for name, result in produced for obj in result.objects}
+            saved = {key(run.preset, obj): [self.spool.store_result(job.id, key(run.preset, obj),
+                                                                    str(ds.SOPInstanceUID), _encode(ds))
+                                            for ds in obj.datasets]
+                     for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
         except OSError as exc:
             return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", **recorded)
-        items = [(destination.name, key, self.spool.result_folder(job.id, key))
-                 for destination in plan.destinations for name, _ in produced for request in destination.requests
-                 if (name, request.key) in saved for key in [self.config.result_key(name, request)]]
-        seg = next((result.seg for name, result in produced if name == plan.running[0].preset), None)
-        first = next(iter(saved.values()))[0]
+        items = [(destination.name, name, self.spool.result_folder(job.id, name))
+                 for destination in plan.destinations for run in produced for request in destination.requests
+                 for name in [key(run.preset, request)] if name in saved]
+        # the job's SEG, which a later job of a grown series replaces: the first preset's
+        first = produced[0]
+        seg = first.result.seg if first.result is not None and first.preset == plan.running[0].preset else None
+        series = {key(run.preset, obj): obj.series_instance_uid
+                  for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
         if not self.state.start_sending(
-            job.id, items, result_path=first, seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID),
-            reason=reason, **recorded,
+            job.id, items, object_series=series, result_path=next(iter(saved.values()))[0],
+            seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID), reason=reason, **recorded,
         ):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
-        made = ", ".join(f"{self.config.result_key(name, obj)} ({len(obj.datasets)})"
-                         for name, result in produced for obj in result.objects)
-        timing = "; ".join(f"{name}: " * several + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
-                           for name, result in results)
+        made = ", ".join(f"{name} ({len(files)})" for name, files in saved.items())
+        timing = "; ".join(f"{run.preset}: " * several + run.timing for run in results)
         log.info("job %d: made %s with %s (%s)", job.id, made, reason, timing)
         return JobState.SENDING
 
-    def _run_models(self, job: Job, paths, headers, plan, supersedes: str | None):
-        """Run each preset the plan names, in turn: (name, what happened, result or None,
-        failed) each. A model that fails is recorded and the next one runs."""
+    def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan) -> list[ModelRun]:
+        """Run each preset the plan names, in turn. A model that fails is recorded and the
+        next one runs."""
         requests = requests_for(plan)
-        runs: list[tuple[str, str, SegResult | None, bool]] = []
+        runs: list[ModelRun] = []
         for model in plan.models:
             if not model.runs:
-                runs.append((model.preset, model.reason, None, False))
+                runs.append(ModelRun(model.preset, model.reason))
                 continue
-            segmenter = self.segmenters[model.preset]
             try:
                 result = process_series(
-                    paths, self.config.pipeline_for(model.preset), segmenter, requests,
-                    supersedes=supersedes if model is plan.running[0] else None, series_headers=headers,
+                    paths, self.config.pipeline_for(model.preset), self.segmenters[model.preset], requests,
+                    supersedes=self._superseded_seg(job, model.preset, requests, first=model is plan.running[0]),
+                    series_headers=headers, **self.config.preset_marks(model.preset),
                 )
             except PipelineError as exc:
                 log.warning("job %d: model %s failed: %s", job.id, model.preset, exc)
-                runs.append((model.preset, str(exc), None, True))
+                runs.append(ModelRun(model.preset, str(exc), failed=True))
                 continue
             except RunnerStopped:
                 raise
             except Exception as exc:  # one model's unexpected error: the others still run
                 log.exception("job %d: model %s: unexpected error", job.id, model.preset)
-                runs.append((model.preset, f"internal error: {type(exc).__name__}: {exc}", None, True))
+                runs.append(ModelRun(model.preset, f"internal error: {type(exc).__name__}: {exc}", failed=True))
                 continue
             for stage, seconds in result.seconds.items():
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
-            runs.append((model.preset, result.reason, result, False))
+            runs.append(ModelRun(model.preset, result.reason, result))
         return runs
+
+    def _superseded_seg(self, job: Job, preset: str, requests: list, *, first: bool) -> str | None:
+        """The SEG series of this preset that an earlier job of the series sent, which the
+        new SEG replaces (the job's first preset: also a SEG of an earlier release)."""
+        seg = next((request for request in requests if request.kind == "seg"), None)
+        if seg is None:
+            return None
+        series_uid = job.series.series_instance_uid
+        return (self.state.sent_object_series(series_uid, job.id, self.config.result_key(preset, seg))
+                or (self.state.sent_seg_series(series_uid, before_job=job.id) if first else None))
 
     def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str, recorded: dict) -> JobState:
         if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, reason=reason, **recorded):
@@ -212,11 +245,11 @@ class Worker:
         log.info("job %d: %s: %s", job.id, state.value, reason)
         return state
 
-    def _model_report(self, preset: str, result: SegResult) -> str | None:
-        """The model process's report of this thread's last run of ``preset``, into the
-        metrics and a line (None when the model did not run)."""
-        report = getattr(self.segmenters[preset], "last_report", None)
-        if report is None or "segment" not in result.seconds:
+    def _model_report(self, run: ModelRun) -> str | None:
+        """The model process's report of this thread's last run of the preset, into the
+        metrics and a line (None when its model did not run)."""
+        report = getattr(self.segmenters[run.preset], "last_report", None)
+        if report is None or run.result is None or "segment" not in run.result.seconds:
             return None
         self.metrics.model_runs.labels(report.worker, report.device).inc()
         for part, seconds in (("load", report.load_seconds), ("forward", report.forward_seconds),

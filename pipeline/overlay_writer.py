@@ -268,7 +268,7 @@ def _common_attributes(label_map: LabelMap, algorithm: Algorithm, identity: str,
     # Type 2C (a paired body part): the source's, else empty; dciodvfy wants it present
     ds.Laterality = header.get("Laterality")
     ds.SeriesInstanceUID = output_uid(identity, "OVERLAY", "series")
-    ds.SeriesNumber = output_series_number(series, "OVERLAY")
+    ds.SeriesNumber = output_series_number(series, "OVERLAY", algorithm)
     ds.SeriesDescription = output_description(algorithm, "OVERLAY")
     ds.Manufacturer = "dicom-node"
     ds.ConversionType = "WSD"

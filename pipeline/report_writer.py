@@ -346,7 +346,7 @@ def encode_report(
             evidence=evidence,
             content=_first_item_only(content),
             series_instance_uid=output_uid(identity, "REPORT", "series"),
-            series_number=output_series_number(series, "REPORT"),
+            series_number=output_series_number(series, "REPORT", algorithm),
             sop_instance_uid=output_uid(identity, "REPORT", "instance"),
             instance_number=1,
             manufacturer="dicom-node",

@@ -135,10 +135,11 @@ def output_description(algorithm: Algorithm, object_type: str) -> str:
     return text
 
 
-def output_series_number(series: Series, object_type: str) -> int:
-    """The source's SeriesNumber plus an offset per object type (the SEG's is 1000)."""
+def output_series_number(series: Series, object_type: str, algorithm: Algorithm) -> int:
+    """The source's SeriesNumber plus an offset per object type (the SEG's is 1000) and
+    the algorithm's own offset (one per model preset)."""
     number = series.header.get("SeriesNumber")
-    return (int(number) if number is not None else 0) + _SERIES_OFFSETS[object_type]
+    return (int(number) if number is not None else 0) + _SERIES_OFFSETS[object_type] + algorithm.series_number_offset
 
 
 def patient_and_study(source: pydicom.Dataset) -> Dataset:
@@ -514,7 +515,7 @@ def encode_rtstruct(label_map: LabelMap, algorithm: Algorithm) -> Dataset | None
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = output_uid(identity, "RTSTRUCT", "series")
-    ds.SeriesNumber = output_series_number(series, "RTSTRUCT")
+    ds.SeriesNumber = output_series_number(series, "RTSTRUCT", algorithm)
     ds.SeriesDescription = output_description(algorithm, "RTSTRUCT")
     ds.OperatorsName = None
     ds.Manufacturer = "dicom-node"

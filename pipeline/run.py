@@ -37,6 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # At most 46 characters with the class, so that "Replaces earlier: " fits in front (LO, 64).
+_DESCRIPTION_ROOM = 46
 _DESCRIPTIONS = {
     PreprocessingMode.NONE: "Auto SEG, {kind} model on unprocessed {cls} MR",
     PreprocessingMode.INVERT: "Auto SEG, CT model on inverted {cls} MR",
@@ -68,13 +69,23 @@ class SegResult:
 
 def algorithm_for(
     settings: PipelineSettings, mode: PreprocessingMode, classification: Classification,
-    model: ModelIdentity | None = None,
+    model: ModelIdentity | None = None, *, preset: str | None = None, series_number_offset: int = 0,
 ) -> Algorithm:
     """The algorithm as the SEG records it: the model with its weights' digest (as the
     model process identified it, else from the settings), and the preprocessing
-    parameters the mode uses (none for ``none``, no percentile for ``invert``)."""
+    parameters the mode uses (none for ``none``, no percentile for ``invert``).
+
+    ``preset``: the model preset's name when a node runs several; the series description
+    then names it (shortened to fit), and ``series_number_offset`` keeps its objects'
+    SeriesNumbers apart from another preset's."""
     model = model or describe_model(settings.model)
     cls = classification.sequence_class.value
+    kind = _model_kind(settings)
+    if preset is None:
+        description = _DESCRIPTIONS[mode].format(cls=cls, kind=kind)
+    else:
+        tail = f", {kind} model, {'unprocessed' if mode is PreprocessingMode.NONE else 'inverted'} {cls}"
+        description = f"Auto SEG {preset[:_DESCRIPTION_ROOM - len('Auto SEG ') - len(tail)]}{tail}"
     options = settings.preprocessing
     clipped = mode is not PreprocessingMode.NONE
     return Algorithm(
@@ -84,13 +95,14 @@ def algorithm_for(
         preprocessing=mode.value,
         sequence_class=cls,
         classification=classification.reason,
-        series_description=_DESCRIPTIONS[mode].format(cls=cls, kind=_model_kind(settings)),
+        series_description=description,
         software_version=f"dicom-node {version('dicom-node')}",
         clip_min=options.clip_min if clipped else None,
         clip_max=options.clip_max if clipped else None,
         background_percentile=(
             options.background_percentile if mode is PreprocessingMode.INVERT_BLACK_BACKGROUND else None
         ),
+        series_number_offset=series_number_offset,
     )
 
 
@@ -133,7 +145,9 @@ def read_series(paths: Sequence[Path], settings: PipelineSettings) -> SeriesHead
     return SeriesHeaders(headers, classification)
 
 
-def preprocessing_for(settings: PipelineSettings, classification: Classification) -> tuple[PreprocessingMode | None, str]:
+def preprocessing_for(
+    settings: PipelineSettings, classification: Classification,
+) -> tuple[PreprocessingMode | None, str]:
     """The policy's preprocessing for the series, or None with the reason it is skipped."""
     mode = settings.policy.mode_for(classification.sequence_class) if classification.anatomical else None
     if mode is None:
@@ -151,6 +165,8 @@ def process_series(
     supersedes: str | None = None,
     on_stage: Callable[[str], None] | None = None,
     series_headers: SeriesHeaders | None = None,
+    preset: str | None = None,
+    series_number_offset: int = 0,
 ) -> SegResult:
     """Run the whole pipeline over the instance files of one series, making the result
     objects ``outputs`` names (each once).
@@ -158,7 +174,8 @@ def process_series(
     ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
     to the PACS; the new SEG then says it replaces that one (see ``encode_seg``).
     ``on_stage`` is told the name of each stage as it starts (for progress bars).
-    ``series_headers``: the series already read by ``read_series`` (else it is read here)."""
+    ``series_headers``: the series already read by ``read_series`` (else it is read here).
+    ``preset``, ``series_number_offset``: see ``algorithm_for``."""
     stage = on_stage or (lambda name: None)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -196,8 +213,9 @@ def process_series(
 
     start = time.perf_counter()
     stage("encode")
-    objects = encode_results(label_map, algorithm_for(settings, mode, classification, label_map.model), outputs,
-                             source=volume, supersedes=supersedes)
+    algorithm = algorithm_for(settings, mode, classification, label_map.model, preset=preset,
+                              series_number_offset=series_number_offset)
+    objects = encode_results(label_map, algorithm, outputs, source=volume, supersedes=supersedes)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if series.selection:

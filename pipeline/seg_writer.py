@@ -115,6 +115,7 @@ class Algorithm:
     clip_min: float | None = None
     clip_max: float | None = None
     background_percentile: float | None = None
+    series_number_offset: int = 0  # added to each object's SeriesNumber (several model presets); no content
 
     def __post_init__(self) -> None:
         room = _LO_MAX - len(REPLACES)
@@ -273,7 +274,8 @@ def encode_seg(
             segmentation_type=hd.seg.SegmentationTypeValues(options.segmentation_type),
             segment_descriptions=_describe_segments(label_map, algorithm),
             series_instance_uid=series_uid,
-            series_number=int(source_number) + 1000 if source_number is not None else 1000,
+            series_number=(int(source_number) if source_number is not None else 0) + 1000
+            + algorithm.series_number_offset,
             sop_instance_uid=generate_uid(entropy_srcs=["instance", identity]),
             instance_number=1,
             manufacturer="dicom-node",

@@ -122,7 +122,7 @@ def test_kidney_model_labels_inverted_t1_brain_mri(derived, t1_volume):
     assert table["kidney_right"].type_modifier.value == "24028007"
     tumor = table["kidney_tumor"]
     assert (tumor.category.value, tumor.category.scheme_designator, tumor.category.meaning) == (
-        "49755003", "SCT", "Morphologically Abnormal Structure")
+        "49755003", "SCT", "Morphologically Altered Structure")
     assert (tumor.property_type.value, tumor.property_type.scheme_designator, tumor.property_type.meaning) == (
         "108369006", "SCT", "Neoplasm")
     assert (tumor.region.value, tumor.region.scheme_designator, tumor.region.meaning) == ("64033007", "SCT", "Kidney")

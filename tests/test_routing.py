@@ -2,8 +2,9 @@
 
 * Two presets named by one rule (the phantom total model and the phantom "kidney"
   nnU-Net model) give two SEGs with their own UIDs at Orthanc, counted by receptions.
-* When the kidney preset's weights are missing, the total preset's SEG still goes out
-  and the job records the missing weights.
+* When the kidney preset's weights are missing, the total preset's SEG still goes out,
+  and so does the SEG of a third preset, TotalSegmentator's native MR model ``total_mr``
+  on the T1 as acquired (policy none); the job records the missing weights.
 * A rule naming an unknown preset or destination stops ``serve`` at start, naming the key.
 * ``dicom-node rules test`` on every shared series prints the decision that the node
   records when the same series arrives over DICOM.
@@ -27,6 +28,7 @@ from dicom_node.config import DEFAULT_MODEL, parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.routing import plan_series
 from dicom_node.state import JobState
+from pipeline.labels import total_class_names
 from pipeline.run import read_series
 from tests.derived import copy_series
 from tests.peers import (LOCALHOST, RECEPTION_LOG, NodeProcess, Orthanc, StoreSCP, free_port, node_config,
@@ -94,13 +96,21 @@ def test_a_rule_naming_two_models_gives_two_segs_at_the_destination(tmp_path, no
     assert '"model_outcomes": ["total: ' in status
 
 
-def test_missing_weights_of_one_model_do_not_stop_the_other(tmp_path, node_port, phantom_weights, t1_dir):
+def test_missing_weights_of_one_model_do_not_stop_the_others(tmp_path, node_port, phantom_weights, t1_dir):
+    """total (inverted), kidney (no weights) and total_mr (the MR as acquired), one rule."""
+    from demo.phantom_model import make_total_mr_weights
+
     storescp = StoreSCP(tmp_path / "pacs").start()
     destination = {"name": "pacs", "ae_title": storescp.ae_title, "host": LOCALHOST, "port": storescp.port}
     empty = tmp_path / "no-weights"
     empty.mkdir()
+    mr_weights = tmp_path / "total-mr-weights"
+    make_total_mr_weights(phantom_weights, mr_weights)
     config = _two_model_config(tmp_path / "node", node_port, destination, phantom_weights,
                                (empty, "Dataset502_PhantomKidney/nnUNetTrainer__nnUNetPlans__3d_fullres"))
+    config["models"].append({"name": "total_mr", "task": "total_mr", "weights_dir": str(mr_weights),
+                             "home_dir": str(tmp_path / "node" / "totalseg"), "policy": {"T1": "none"}})
+    config["rules"][1]["models"].append("total_mr")
     node = NodeProcess(tmp_path / "node", config).start()
     try:
         storescu(node_port, t1_dir)
@@ -111,13 +121,26 @@ def test_missing_weights_of_one_model_do_not_stop_the_other(tmp_path, node_port,
     storescp.stop()
 
     assert job.state is JobState.SENT, job.reason
-    [received] = storescp.receptions()  # the total model's SEG, once
-    seg = pydicom.dcmread(received, stop_before_pixels=True)
-    assert str(seg.SOPClassUID) == SEG
-    assert not {item.SegmentLabel for item in seg.SegmentSequence} & {"kidney_right", "kidney_left", "kidney_tumor"}
+    # the total model's SEG and the total_mr model's SEG, once each
+    segs = [pydicom.dcmread(path, stop_before_pixels=True) for path in storescp.receptions()]
+    assert [str(ds.SOPClassUID) for ds in segs] == [SEG, SEG]
+    # each names its preset and model, in its own SeriesNumber (10 apart per preset, in the order of models)
+    by_description = {str(ds.SeriesDescription): ds for ds in segs}
+    assert set(by_description) == {"Auto SEG total, CT model, inverted T1",
+                                   "Auto SEG total_mr, MR model, unprocessed T1"}
+    source_number = int(pydicom.dcmread(next(t1_dir.glob("*.dcm")), stop_before_pixels=True).SeriesNumber)
+    assert by_description["Auto SEG total, CT model, inverted T1"].SeriesNumber == source_number + 1000
+    mr_seg = by_description["Auto SEG total_mr, MR model, unprocessed T1"]
+    assert mr_seg.SeriesNumber == source_number + 1020
+    mr_labels = {item.SegmentLabel for item in mr_seg.SegmentSequence}
+    assert mr_labels <= set(total_class_names("total_mr").values())
+    for ds in segs:
+        assert not {item.SegmentLabel for item in ds.SegmentSequence} & {"kidney_right", "kidney_left", "kidney_tumor"}
     outcomes = dict(line.split(": ", 1) for line in job.model_outcomes.splitlines())
+    assert list(outcomes) == ["total", "kidney", "total_mr"]
     assert outcomes["kidney"].startswith("failed: ") and "weights" in outcomes["kidney"]
     assert str(empty) in outcomes["kidney"]  # where they were looked for
+    assert "preprocessing none" in outcomes["total_mr"] and "preprocessing invert_black_background" in outcomes["total"]
     assert "kidney: failed: " in job.reason and "total: " in job.reason
 
 
@@ -264,3 +287,86 @@ def test_a_rule_sends_to_the_destinations_it_names(tmp_path, mri_dir):
     assert [d.name for d in plan.destinations] == ["research"]
     assert plan.result_keys == {"research": ("rtstruct", "report")}  # one preset: plain keys
     assert plan.explanation.endswith("send to research (RES@127.0.0.1:105): rtstruct, report")
+
+
+def test_a_celery_task_names_its_preset_and_the_worker_takes_its_own_paths_for_it(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from dicom_node.celery_models import CeleryModels, _WorkerModels
+    from dicom_node.config import WorkerSettings
+    from pipeline.settings import ModelSettings
+
+    node = ModelSettings(kind="nnunet", nnunet_model="D/T", weights_dir=tmp_path / "node-weights")
+    image = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.float32), np.eye(4))
+    request = CeleryModels(node, WorkerSettings(backend="celery"), "kidney").request(image)
+    assert request["preset"] == "kidney" and "weights_dir" not in request["model"]
+
+    worker = _WorkerModels({"total": ModelSettings(weights_dir=tmp_path / "w-total"),
+                            "kidney": ModelSettings(weights_dir=tmp_path / "w-kidney", device="gpu")})
+    settings = worker.settings_for(request)
+    assert (settings.weights_dir, settings.device, settings.nnunet_model) == (tmp_path / "w-kidney", "gpu", "D/T")
+    unknown = worker.settings_for({**request, "preset": "elsewhere"})  # a preset this worker lacks: its first
+    assert unknown.weights_dir == tmp_path / "w-total"
+
+
+def test_each_presets_seg_of_a_grown_series_says_what_it_replaces(tmp_path, t1_dir):
+    """A series that grows after its SEGs were sent: each preset's new SEG names its own earlier one."""
+    from dicom_node.metrics import Metrics
+    from dicom_node.spool import Spool
+    from dicom_node.state import OutboxState, SeriesRef, StateStore
+    from dicom_node.worker import Worker
+    from pipeline.seg_writer import REPLACES
+    from tests.test_worker import FakeSegmenter
+
+    config = parse_config(_config(models=[{"name": "total"}, {"name": "total_mr", "task": "total_mr",
+                                                                  "policy": {"T1": "none"}}]), tmp_path)
+    state, spool = StateStore(tmp_path / "state.db"), Spool(tmp_path / "spool")
+    segmenters = {"total": FakeSegmenter(90), "total_mr": FakeSegmenter(90)}
+    worker = Worker(config, state, spool, segmenters, Metrics(state))
+    headers = sorted(((pydicom.dcmread(path, stop_before_pixels=True), path) for path in t1_dir.glob("*.dcm")),
+                     key=lambda pair: int(pair[0].InstanceNumber))
+
+    def receive(pairs) -> int:
+        for ds, path in pairs:
+            target = spool.store_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                                          path.read_bytes())
+            series = SeriesRef(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MODALITY", target.parent)
+            state.record_instance(series, ds.SOPInstanceUID, ds.SOPClassUID, target)
+        return state.complete_series(series.series_instance_uid)
+
+    def process(job_id: int) -> dict[str, pydicom.Dataset]:
+        assert worker.process(state.claim_next_processing()) is JobState.SENDING
+        segs = {}
+        for item in state.outbox(job_id):
+            if item.object.endswith(".seg"):
+                segs[item.object] = pydicom.dcmread(next(item.path.glob("*.dcm")), stop_before_pixels=True)
+        return segs
+
+    first = process(receive(headers[:-1]))  # the last slice is late
+    assert set(first) == {"total.seg", "total_mr.seg"}
+    for item in state.outbox(first_job := state.jobs()[0].id):
+        state.record_send(item.id, ok=True)
+    assert state.job(first_job).state is JobState.SENT
+    grown = process(receive(headers[-1:]))
+    for key, seg in grown.items():
+        assert seg.SeriesDescription == REPLACES + first[key].SeriesDescription, key
+        assert seg.SeriesInstanceUID != first[key].SeriesInstanceUID
+    assert all(item.state is OutboxState.PENDING for item in state.outbox(state.jobs()[-1].id))
+
+
+def test_readiness_names_the_preset_whose_weights_are_missing(tmp_path, phantom_weights):
+    from dicom_node.service import Node
+
+    config = parse_config({**_config(models=[
+        {"name": "total", "weights_dir": str(phantom_weights), "home_dir": str(tmp_path / "totalseg")},
+        {"name": "kidney", "kind": "nnunet", "nnunet_model": "Dataset502_PhantomKidney/T", "weights_dir": "empty"},
+    ]), "node": {"port": free_port()}, "http": {"port": 0},
+        "storage": {"spool_dir": "spool", "state_db": "state.db", "min_free_bytes": 0}}, tmp_path)
+    node = Node(config)
+    try:
+        problem = node._weights_problem()
+    finally:
+        node.state.close()
+    assert problem is not None and problem.startswith("model kidney: ") and "model total" not in problem
+    assert str(tmp_path / "empty") in problem
