@@ -254,7 +254,8 @@ class Node:
         for name, service in self.models.items():
             if isinstance(service, ModelRunner):
                 service.start()
-                log.info("model runner %s started (pid %s): %s", name, service.pid, self.segmenters[name].describe())
+                log.info("model runner started (pid %s): %s (model preset %s)", service.pid,
+                         self.segmenters[name].describe(), name)
 
     def _listen(self, part: StorageSCP | HttpEndpoint, section: str, address: str, port: int) -> None:
         try:

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 _DESCRIPTION_ROOM = 46
 _DESCRIPTIONS = {
     PreprocessingMode.NONE: "Auto SEG, {kind} model on unprocessed {cls} MR",
-    PreprocessingMode.INVERT: "Auto SEG, CT model on inverted {cls} MR",
-    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, CT model on inverted {cls} MR, black bg",
+    PreprocessingMode.INVERT: "Auto SEG, {kind} model on inverted {cls} MR",
+    PreprocessingMode.INVERT_BLACK_BACKGROUND: "Auto SEG, {kind} model on inverted {cls} MR, black bg",
 }
 
 

@@ -15,7 +15,9 @@ from pipeline.classify import ClassRule, SequenceClass
 from pipeline.preprocess import PreprocessingMode
 from pipeline.series import FourD
 
-__all__ = ["ModelSettings", "PreprocessingSettings", "Policy", "ModelPreset", "ClassRuleSettings", "PipelineSettings"]
+__all__ = [
+    "ModelSettings", "PreprocessingSettings", "Policy", "ModelPreset", "ClassRuleSettings", "PipelineSettings",
+]
 
 SKIP = "skip"
 UNPROCESSED = "unprocessed"
@@ -29,9 +31,10 @@ class ModelSettings(_Frozen):
     """Which segmentation model runs, and where its weights live.
 
     ``kind`` is ``totalsegmentator`` (its ``task``: ``total``, the CT model, or
-    ``total_mr``, its native MR model; ``fast`` or full; loaded by TotalSegmentator's API) or ``nnunet``: any nnU-Net v2 trained model folder
-    ``nnunet_model`` under ``weights_dir`` (as ``dicom-node weights import`` installs
-    it), run by nnU-Net's predictor, its structures coded by the ``labels.csv`` there.
+    ``total_mr``, its native MR model; ``fast`` or full; loaded by TotalSegmentator's
+    API) or ``nnunet``: any nnU-Net v2 trained model folder ``nnunet_model`` under
+    ``weights_dir`` (as ``dicom-node weights import`` installs it), run by nnU-Net's
+    predictor, its structures coded by the ``labels.csv`` there.
     """
 
     kind: Literal["totalsegmentator", "nnunet"] = "totalsegmentator"
