@@ -575,6 +575,20 @@ def _totalseg_model_folders(weights_dir: Path, *, fast: bool,
     return folders
 
 
+def _derived_dataset_json(fast_dataset: dict[str, Any], labels: dict[str, int], name: str,
+                          description: str) -> dict[str, Any]:
+    """The ``dataset.json`` of a model derived from the fast phantom: its channels and
+    case count, with the derived model's labels, name and description."""
+    return {
+        "channel_names": fast_dataset["channel_names"],
+        "labels": labels,
+        "numTraining": fast_dataset["numTraining"],
+        "file_ending": ".nii.gz",
+        "name": name,
+        "description": description,
+    }
+
+
 def _task_plans(fast_plans: dict[str, Any], folder: Path, config: dict[str, Any],
                 patch_size: tuple[int, ...] | None = None) -> dict[str, Any]:
     """The fast phantom's plans for a TotalSegmentator task's model folder: its dataset and
@@ -633,16 +647,12 @@ def make_full_total_weights(fast_weights_dir: Path, weights_dir: Path) -> list[P
 
         plans = _task_plans(fast_plans, folder, config, patch_size=_FULL_PATCH_SIZE)
         in_part = [name for name in labels if name in learned]
-        dataset_json = {
-            "channel_names": fast_dataset["channel_names"],
-            "labels": labels,
-            "numTraining": fast_dataset["numTraining"],
-            "file_ending": ".nii.gz",
-            "name": folder.parent.name,
-            "description": "SYNTHETIC phantom part-model (anatomically meaningless, derived from the fast "
-                           "phantom without training) standing in for TotalSegmentator 'total' full weights; "
-                           "for tests and demos only. Learned classes: " + (", ".join(in_part) or "none"),
-        }
+        dataset_json = _derived_dataset_json(
+            fast_dataset, labels, folder.parent.name,
+            "SYNTHETIC phantom part-model (anatomically meaningless, derived from the fast "
+            "phantom without training) standing in for TotalSegmentator 'total' full weights; "
+            "for tests and demos only. Learned classes: " + (", ".join(in_part) or "none"),
+        )
         _install_model(folder, ckpt, weights, plans, dataset_json, configuration=config.get("model") or "3d_fullres",
                        trainer=config["trainer"])
         written.append(folder)
@@ -775,17 +785,13 @@ def make_kidney_model(phantom_weights: Path, weights_dir: Path) -> str:
     plans["dataset_name"] = KIDNEY_DATASET
     plans["plans_name"] = "nnUNetPlans"
     plans["configurations"]["3d_fullres"]["patch_size"] = list(_KIDNEY_PATCH_SIZE)
-    dataset_json = {
-        "channel_names": fast_dataset["channel_names"],
-        "labels": labels,
-        "numTraining": fast_dataset["numTraining"],
-        "file_ending": ".nii.gz",
-        "name": KIDNEY_DATASET,
-        "description": "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom without "
-                       "training) standing in for a clear-cell renal carcinoma model; for tests and demos only. "
-                       "Its labels take the phantom's rows of: " +
-                       ", ".join(f"{name} <- {source}" for name, source in KIDNEY_SOURCE_ROWS.items()),
-    }
+    dataset_json = _derived_dataset_json(
+        fast_dataset, labels, KIDNEY_DATASET,
+        "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom without "
+        "training) standing in for a clear-cell renal carcinoma model; for tests and demos only. "
+        "Its labels take the phantom's rows of: " +
+        ", ".join(f"{name} <- {source}" for name, source in KIDNEY_SOURCE_ROWS.items()),
+    )
     target = Path(weights_dir) / KIDNEY_MODEL
     _install_model(target, ckpt, weights, plans, dataset_json, configuration="3d_fullres", trainer="nnUNetTrainer")
     tumor = SegmentInfo(
@@ -861,18 +867,13 @@ def make_total_mr_weights(fast_weights_dir: Path, weights_dir: Path) -> list[Pat
     written = []
     for _, folder, config in _totalseg_model_folders(Path(weights_dir), fast=True, task="total_mr"):
         plans = _task_plans(fast_plans, folder, config)
-        dataset_json = {
-            "channel_names": fast_dataset["channel_names"],
-            "labels": labels,
-            "numTraining": fast_dataset["numTraining"],
-            "file_ending": ".nii.gz",
-            "name": folder.parent.name,
-            "description": "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom "
-                           "without training) standing in for TotalSegmentator 'total_mr' fast weights; for tests "
-                           "and demos only. Learned classes: " +
-                           ", ".join(name if name == source else f"{name} <- {source}"
-                                     for name, source in rows.items()),
-        }
+        dataset_json = _derived_dataset_json(
+            fast_dataset, labels, folder.parent.name,
+            "SYNTHETIC phantom model (anatomically meaningless, derived from the fast phantom "
+            "without training) standing in for TotalSegmentator 'total_mr' fast weights; for tests "
+            "and demos only. Learned classes: " +
+            ", ".join(name if name == source else f"{name} <- {source}" for name, source in rows.items()),
+        )
         _install_model(folder, ckpt, weights, plans, dataset_json, configuration=config.get("model") or "3d_fullres",
                        trainer=config["trainer"])
         written.append(folder)

@@ -171,14 +171,14 @@ class Node:
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
         self.models: dict[str, ModelService] = {}  # by preset name
-        if segmenter is None:
+        segmenters: Segmenter | dict[str, Segmenter] | None = segmenter
+        if segmenters is None:
             self.models = {preset.name: model_service(config, preset) for preset in config.models}
-            self.segmenters = {name: make_segmenter(config.preset(name).settings, service)
-                               for name, service in self.models.items()}
+            segmenters = {name: make_segmenter(config.preset(name).settings, service)
+                          for name, service in self.models.items()}
             self.metrics.worker_queue_depth = getattr(next(iter(self.models.values())), "queue_depth", None)
-        else:
-            self.segmenters = {preset.name: segmenter for preset in config.models}
-        worker = Worker(config, self.state, self.spool, self.segmenters, self.metrics)
+        worker = Worker(config, self.state, self.spool, segmenters, self.metrics)
+        self.segmenters = worker.segmenters  # by preset name
         self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
         self.completion = Completion(config.completion, self.state, self.queue.submit)

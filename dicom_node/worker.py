@@ -180,8 +180,7 @@ class Worker:
         except OSError as exc:
             return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", **recorded)
         items = [(destination.name, name, self.spool.result_folder(job.id, name))
-                 for destination in plan.destinations for run in produced for request in destination.requests
-                 for name in [key(run.preset, request)] if name in saved]
+                 for destination in plan.destinations for name in plan.result_keys[destination.name] if name in saved]
         # the job's SEG, which a later job of a grown series replaces: the first preset's
         first = produced[0]
         seg = first.result.seg if first.result is not None and first.preset == plan.running[0].preset else None
