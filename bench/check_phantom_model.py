@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from demo.phantom_model import segment_with_totalseg  # noqa: E402
-from pipeline.preprocess import preprocess  # noqa: E402
+from pipeline.input.preprocess import preprocess  # noqa: E402
 
 DEFAULT_WEIGHTS = ROOT / "models" / "phantom_total_fast"
 DEFAULT_SERIES = [

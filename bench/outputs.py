@@ -32,9 +32,9 @@ from tests.peers import data_dir  # noqa: E402
 
 
 def _label_map(series_dir: Path):
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import LabelMap, read_volume
     from pipeline.labels import total_class_names
-    from pipeline.series import load_series
-    from pipeline.volume import LabelMap, read_volume
 
     volume = read_volume(load_series(sorted(series_dir.glob("*.dcm"))))
     shape = (len(volume.series.slices), volume.series.rows, volume.series.columns)
@@ -75,13 +75,13 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
-    from pipeline.classify import Classification, SequenceClass
-    from pipeline.overlay_writer import encode_overlay
-    from pipeline.preprocess import PreprocessingMode
-    from pipeline.report_writer import encode_report
-    from pipeline.rtstruct_writer import encode_rtstruct
-    from pipeline.run import algorithm_for
-    from pipeline.seg_writer import encode_seg
+    from pipeline.input.classify import Classification, SequenceClass
+    from pipeline.input.preprocess import PreprocessingMode
+    from pipeline.outputs.overlay import encode_overlay
+    from pipeline.outputs.report import encode_report
+    from pipeline.outputs.rtstruct import encode_rtstruct
+    from pipeline.outputs.seg import encode_seg
+    from pipeline.process import algorithm_for
     from pipeline.settings import PipelineSettings
 
     label_map, volume = _label_map(args.series)

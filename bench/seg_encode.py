@@ -35,8 +35,8 @@ import numpy as np
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 from pipeline.labels import total_class_names
-from pipeline.series import load_series
-from pipeline.volume import LabelMap, read_volume
+from pipeline.input.series import load_series
+from pipeline.input.volume import LabelMap, read_volume
 
 kind, series_dir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 paths = sorted(series_dir.glob("*.dcm"))
@@ -53,10 +53,11 @@ names = total_class_names()
 
 def encode():
     if kind in ("BINARY", "LABELMAP"):
-        from pipeline.classify import Classification, SequenceClass
-        from pipeline.preprocess import PreprocessingMode
-        from pipeline.run import algorithm_for
-        from pipeline.seg_writer import SegOptions, encode_seg
+        from pipeline.input.classify import Classification, SequenceClass
+        from pipeline.input.preprocess import PreprocessingMode
+        from pipeline.process import algorithm_for
+        from pipeline.outputs.options import SegOptions
+        from pipeline.outputs.seg import encode_seg
         from pipeline.settings import PipelineSettings
         seg = encode_seg(LabelMap(array, names, volume), algorithm_for(
             PipelineSettings(), PreprocessingMode.INVERT_BLACK_BACKGROUND,

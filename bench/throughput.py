@@ -5,8 +5,8 @@ network's forward pass) for four ways of running the model, on the same series, 
                                          [--weights DIR] [--paths a,b,c,d]
 
 (a) cold: a fresh spawned process per series running TotalSegmentator's own, unchanged
-    ``totalsegmentator()`` (``pipeline.runner.run_model_on_nifti`` with
-    ``pipeline.totalseg.run_in_child``), the node's former path;
+    ``totalsegmentator()`` (``pipeline.model.runner.run_model_on_nifti`` with
+    ``pipeline.model.totalseg.run_in_child``), the node's former path;
 (b) warm: the embedded warm runner, one ``ModelRunner`` for all series;
 (c) celery: two ``dicom-node worker`` processes over a ``redis-server`` on 127.0.0.1,
     two series in flight (``CeleryModels`` from two threads);
@@ -15,7 +15,7 @@ network's forward pass) for four ways of running the model, on the same series, 
     process per series, as its command line would run it (the command line itself cannot
     be used: on MR input it silently swaps ``total`` for ``total_mr``).
 
-(a) to (c) run the node's pipeline, ``pipeline.run.process_series``: read the DICOM
+(a) to (c) run the node's pipeline, ``pipeline.process.process_series``: read the DICOM
 series, invert it (Equation 1), segment, encode the SEG (in memory). (d) reads the raw
 series (no inversion: the same grid, so the same network work; fine for timing) and
 writes its SEG to disk. All use the same weights (default: the phantom model).
@@ -64,9 +64,9 @@ sys.path.insert(0, str(REPO))
 # The project is imported where it is used, not here: every spawned model process runs
 # this file again as its main module, and should pay for nothing it does not need.
 if TYPE_CHECKING:
-    from pipeline.run import SegResult
+    from pipeline.input.volume import LabelMap, Volume
+    from pipeline.process import SegResult
     from pipeline.settings import ModelSettings, PipelineSettings
-    from pipeline.volume import LabelMap, Volume
 
 DEFAULT_SERIES = "t1_philips_3t_mprage_sag"
 DEFAULT_WEIGHTS = REPO / "models" / "phantom_total_fast"
@@ -148,7 +148,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _check_seg(result: SegResult, folder: Path) -> None:
-    from pipeline.run import Outcome
+    from pipeline.process import Outcome
 
     if result.outcome is not Outcome.SEG:
         raise RuntimeError(f"{folder.name}: no SEG ({result.outcome.value}: {result.reason})")
@@ -237,7 +237,7 @@ class ColdSegmenter:
     fresh spawned process per volume (the node's path before the warm runner)."""
 
     def __init__(self, settings: ModelSettings) -> None:
-        from pipeline.totalseg import TotalSegmentator
+        from pipeline.model.totalseg import TotalSegmentator
 
         self.settings = settings
         self.model = TotalSegmentator(settings)
@@ -246,11 +246,11 @@ class ColdSegmenter:
         return f"{self.model.describe()} (cold process)"
 
     def segment(self, volume: Volume) -> LabelMap:
-        from pipeline.model_identity import describe_model
-        from pipeline.nifti import nifti_to_array, volume_to_nifti
-        from pipeline.runner import run_model_on_nifti
-        from pipeline.totalseg import run_in_child
-        from pipeline.volume import LabelMap
+        from pipeline.input.nifti import nifti_to_array, volume_to_nifti
+        from pipeline.input.volume import LabelMap
+        from pipeline.model.identity import describe_model
+        from pipeline.model.runner import run_model_on_nifti
+        from pipeline.model.totalseg import run_in_child
 
         self.model.check_weights()
         labels = run_model_on_nifti(volume_to_nifti(volume), run_in_child, self.settings, "TotalSegmentator")
@@ -259,7 +259,7 @@ class ColdSegmenter:
 
 
 def run_cold(bench: Bench) -> PathResult:
-    from pipeline.run import process_series
+    from pipeline.process import process_series
 
     segmenter = ColdSegmenter(bench.model)
     result = PathResult("a", loads=len(bench.series))  # one load per process, by construction
@@ -275,9 +275,9 @@ def run_cold(bench: Bench) -> PathResult:
 # --- (b) the embedded warm runner ---------------------------------------------------------
 
 def run_warm(bench: Bench) -> PathResult:
-    from pipeline.run import process_series
-    from pipeline.runner import ModelRunner
-    from pipeline.segment import make_segmenter
+    from pipeline.model.runner import ModelRunner
+    from pipeline.model.segment import make_segmenter
+    from pipeline.process import process_series
 
     result = PathResult("b")
     with ModelRunner(bench.model) as runner:
@@ -400,10 +400,10 @@ def run_celery(bench: Bench) -> PathResult:
     for package in ("celery", "redis"):
         if importlib.util.find_spec(package) is None:
             raise PathUnavailable(f"the package {package} is not installed in this environment")
-    from dicom_node.celery_models import CeleryModels
     from dicom_node.config import WorkerSettings
-    from pipeline.run import process_series
-    from pipeline.segment import make_segmenter
+    from dicom_node.remote.client import CeleryModels
+    from pipeline.model.segment import make_segmenter
+    from pipeline.process import process_series
 
     result = PathResult("c")
     with celery_workers(bench, bench.work / "celery") as (broker_url, own_gpu):
@@ -448,7 +448,7 @@ def _totalseg_dicom_child(dicom_dir: str, seg_path: str, weights_dir: str, home_
     log = os.open(Path(seg_path).with_name("totalsegmentator.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    from pipeline.totalseg import write_totalseg_config
+    from pipeline.model.totalseg import write_totalseg_config
 
     os.environ["TOTALSEG_WEIGHTS_PATH"] = weights_dir
     os.environ["TOTALSEG_HOME_DIR"] = home_dir
@@ -668,8 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     if not source.is_dir() or not _files(source):
         print(f"throughput: no series at {source} (set DICOM_NODE_TEST_DATA or pass --series DIR)", file=sys.stderr)
         return 2
+    from pipeline.model.totalseg import TotalSegmentator
     from pipeline.settings import ModelSettings, PipelineSettings
-    from pipeline.totalseg import TotalSegmentator
 
     weights = args.weights.resolve()
     model = ModelSettings(weights_dir=weights, device=args.device)

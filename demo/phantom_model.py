@@ -14,7 +14,7 @@ How it works (see :func:`train_phantom_model`):
    lungs, heart, aorta, liver, spleen, kidneys - see :func:`phantom_class_names`).
 2. Every phantom is rendered with one of three intensity styles: CT (Hounsfield units),
    an inverted T1-weighted look (a T1-like rendering passed through the preprint's
-   inversion, :func:`pipeline.preprocess.invert_t1`), or a random intensity remap. The
+   inversion, :func:`pipeline.input.preprocess.invert_t1`), or a random intensity remap. The
    last two make the model depend on shapes rather than on exact HU values, so that it
    also finds something (mostly "brain" and "skull") in real inverted T1 brain MRI.
 3. nnU-Net v2's own fingerprinting, experiment planning and preprocessing run on the
@@ -477,7 +477,7 @@ def render_phantom(tissue: np.ndarray, rng: np.random.Generator, style: PhantomS
     * ``"ct"``: Hounsfield units, air -1000, with noise and a little blur.
     * ``"inverted_t1"``: a T1-weighted-looking rendering (dark air with Rician-like noise,
       bright fat, random scanner scale, bias field) passed through the preprint's
-      inversion (:func:`pipeline.preprocess.invert_t1`, clip 0..3000, 1st percentile
+      inversion (:func:`pipeline.input.preprocess.invert_t1`, clip 0..3000, 1st percentile
       to 0) - like the real inverted MR input, including a partly bright background.
     * ``"random"``: every tissue gets a random value in 0..3000 (random order), the air
       stays the lowest (black); noise and bias field.
@@ -492,7 +492,7 @@ def render_phantom(tissue: np.ndarray, rng: np.random.Generator, style: PhantomS
         img = _blur(img, rng) + rng.normal(0, rng.uniform(3, 25), size=img.shape).astype(np.float32)
         return np.clip(img, -1024, 3071).astype(np.float32)
     if style == "inverted_t1":
-        from pipeline.preprocess import invert_t1
+        from pipeline.input.preprocess import invert_t1
 
         for t, (lo, hi) in _T1_REL.items():
             lut[t] = rng.uniform(lo, hi)
@@ -545,13 +545,13 @@ def segment_with_totalseg(image: "nib.Nifti1Image", weights_dir: Path, home_dir:
 
     ``fast`` picks the 3 mm model (task 297), otherwise the full task's five part-models
     (as :func:`make_full_total_weights` writes them). The node's own call
-    (:func:`pipeline.totalseg.run_in_child`, i.e. ``totalsegmentator()``) in a spawned
+    (:func:`pipeline.model.totalseg.run_in_child`, i.e. ``totalsegmentator()``) in a spawned
     process: the variables TotalSegmentator and nnU-Net read are set there, never in this
     process. Returns the label image on ``image``'s grid.
     """
-    from pipeline.runner import run_model_on_nifti
+    from pipeline.model.runner import run_model_on_nifti
+    from pipeline.model.totalseg import run_in_child
     from pipeline.settings import ModelSettings
-    from pipeline.totalseg import run_in_child
 
     settings = ModelSettings(kind="totalsegmentator", task="total", fast=fast, device=device,
                              weights_dir=Path(weights_dir).resolve(), home_dir=Path(home_dir).resolve())
@@ -1034,9 +1034,8 @@ def _shrink_plans(plans: dict[str, Any]) -> dict[str, Any]:
 
 def _make_trainer_class():
     import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainer_PhantomCPU(nnUNetTrainer):
         """Short CPU training (AdamW: the default SGD needs far more iterations) without
@@ -1172,7 +1171,9 @@ def _training_job(job_file: str) -> None:
     print(f"[phantom] wrote {job['num_cases']} phantoms in {time.time() - t0:.1f}s", flush=True)
 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset, plan_experiment_dataset)
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+    )
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
     n_proc = max(1, min(2, os.cpu_count() or 1))

@@ -19,8 +19,27 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from demo.phantom_model import (
-    AIR, AIR_IN, BLOOD, BOWEL, CORD, CORTICAL, CSF, EYE, FAT, GM, KIDNEY, LIVER, LUNG, MARROW, SOFT,
-    SPACING_MM, SPLEEN, WM, _T1_REL, make_phantom_anatomy, total_class_map,
+    _T1_REL,
+    AIR,
+    AIR_IN,
+    BLOOD,
+    BOWEL,
+    CORD,
+    CORTICAL,
+    CSF,
+    EYE,
+    FAT,
+    GM,
+    KIDNEY,
+    LIVER,
+    LUNG,
+    MARROW,
+    SOFT,
+    SPACING_MM,
+    SPLEEN,
+    WM,
+    make_phantom_anatomy,
+    total_class_map,
 )
 
 __all__ = ["render_mr", "write_phantom_study"]
@@ -90,9 +109,9 @@ def write_phantom_study(
     Each phantom is rendered once as T1 and once as T2 (the same anatomy, so the two
     sequence classes are comparable). Returns (images, references).
     """
-    from pipeline.nifti import volume_to_nifti
-    from pipeline.series import load_series
-    from pipeline.volume import read_volume
+    from pipeline.input.nifti import volume_to_nifti
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import read_volume
 
     rng = np.random.default_rng(seed)
     images, references = output / "images", output / "references"

@@ -23,7 +23,7 @@ import pydicom
 from dicom_node.config import Config, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
-from dicom_node.state import Job, JobState, OutboxCounts, OutboxItem, OutboxState, StateStore
+from dicom_node.store.state import Job, JobState, OutboxCounts, OutboxItem, OutboxState, StateStore
 
 __all__ = ["ExitStatus", "main"]
 
@@ -73,9 +73,9 @@ def _group_by_series(root: Path) -> dict[str, list[Path]]:
 
 def _cmd_process(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
-    from pipeline.run import Outcome, process_series
-    from pipeline.runner import ModelRunner
-    from pipeline.segment import make_segmenter
+    from pipeline.model.runner import ModelRunner
+    from pipeline.model.segment import make_segmenter
+    from pipeline.process import Outcome, process_series
 
     config = _load(args)  # the same file and path rules as serve
     preset = _preset(config, args.model)
@@ -125,9 +125,9 @@ def _preset(config: Config, name: str | None):
 
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     """What the node would do with each series under the folder, without running a model."""
-    from dicom_node.routing import plan_series
+    from dicom_node.work.plan import plan_series
     from pipeline.errors import PipelineError
-    from pipeline.run import read_series
+    from pipeline.process import read_series
 
     config = _load(args)
     setup_logging("WARNING")
@@ -196,7 +196,7 @@ class _Progress:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from dicom_node.celery_models import run_worker
+    from dicom_node.remote.worker import run_worker
 
     config = _load(args)
     setup_logging(config.logging.level, config.logging.format)
@@ -204,7 +204,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _job_json(job: Job, now: float, outbox=()) -> str:
-    from dicom_node.ui import job_record
+    from dicom_node.web.status_page import job_record
 
     return json.dumps(job_record(job, now, outbox))
 
@@ -282,7 +282,7 @@ def _workers_line(config: Config, jobs: list[Job]) -> str:
     in_flight = sum(job.state is JobState.PROCESSING for job in jobs)
     waiting = sum(job.state is JobState.RECEIVED for job in jobs)
     if config.workers.backend == "celery":
-        from dicom_node.celery_models import queue_depth
+        from dicom_node.remote.client import queue_depth
 
         depth = queue_depth(config.workers)
         queued = "Redis unreachable" if depth is None else f"{depth} task(s) in the Redis queue"
@@ -380,7 +380,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from dicom_node.retention import expired, purge
+    from dicom_node.store.retention import expired, purge
 
     config = _load(args)
     state = StateStore(config.storage.state_db)
@@ -398,10 +398,10 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from contextlib import ExitStack
 
-    from pipeline.evaluate import Arm, evaluate_cases, evaluate_presets, write_preset_reports, write_reports
-    from pipeline.label_groups import mapping_for
-    from pipeline.preprocess import PreprocessingMode
-    from pipeline.segment import make_segmenter
+    from pipeline.evaluation.evaluate import Arm, evaluate_cases, evaluate_presets, write_preset_reports, write_reports
+    from pipeline.evaluation.label_groups import mapping_for
+    from pipeline.input.preprocess import PreprocessingMode
+    from pipeline.model.segment import make_segmenter
     from pipeline.settings import PipelineSettings
 
     config = _load(args) if args.config else None
@@ -446,8 +446,12 @@ def _cmd_demo_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_model(args: argparse.Namespace) -> int:
-    from demo.phantom_model import (make_full_total_weights, make_kidney_model, make_total_mr_weights,
-                                    train_phantom_model)
+    from demo.phantom_model import (
+        make_full_total_weights,
+        make_kidney_model,
+        make_total_mr_weights,
+        train_phantom_model,
+    )
 
     setup_logging("INFO")
     if args.full_from or args.kidney_from or args.total_mr_from:  # derived from a fast phantom, no training

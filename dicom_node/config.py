@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
-from pipeline.results import OUTPUT_KINDS, OutputRequest, distinct
-from pipeline.rules import Rule, RuleSet
-from pipeline.seg_writer import SegOptions
+from pipeline.outputs.options import OUTPUT_KINDS, OutputRequest, SegOptions, distinct
+from pipeline.routing.rules import Rule, RuleSet
 from pipeline.settings import ModelPreset, PipelineSettings
 
 __all__ = [
@@ -397,7 +396,7 @@ class Config(_Frozen):
         """How the objects of preset ``name`` tell their model apart when the config names
         several: the preset in their SeriesDescription, and SeriesNumbers 10 apart per
         preset (in the order of ``models``). Nothing with one preset. Keyword arguments
-        of ``pipeline.run.process_series``."""
+        of ``pipeline.process.process_series``."""
         if len(self.models) == 1:
             return {}
         index = [preset.name for preset in self.models].index(name)

@@ -3,7 +3,7 @@
 ``NodeError`` is the root. ``ConfigError`` stops start-up with the offending key named;
 ``InvalidUIDError`` refuses a UID before it can become part of a path; ``SendError``
 marks a send of a result object to a destination that did not succeed, by DIMSE
-C-STORE (``dicom_node.scu``) or DICOMweb STOW-RS (``dicom_node.stow``): it carries the
+C-STORE (``dicom_node.send.dimse``) or DICOMweb STOW-RS (``dicom_node.send.dicomweb``): it carries the
 peer, the DICOM status where one came back, whether a retry can help (``permanent``)
 and the kind of failure (``kind``), so that callers branch on fields, never on text.
 """

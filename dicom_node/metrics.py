@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
-from dicom_node.state import JobState, StateStore
+from dicom_node.store.state import JobState, StateStore
 
 __all__ = ["Metrics"]
 

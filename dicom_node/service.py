@@ -20,21 +20,22 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
-from dicom_node.completion import Completion
 from dicom_node.config import Config, ModelPreset, TlsSettings
 from dicom_node.errors import ConfigError, NodeError
-from dicom_node.handoff import InProcessQueue
-from dicom_node.http import HttpEndpoint, destination_check, disk_check
 from dicom_node.metrics import Metrics
-from dicom_node.retention import expired, purge
-from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
-from dicom_node.state import StateStore
-from dicom_node.ui import StatusPage
-from dicom_node.worker import Worker
+from dicom_node.receive.completion import Completion
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.store.retention import expired, purge
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import StateStore
+from dicom_node.web.http import HttpEndpoint, destination_check, disk_check
+from dicom_node.web.status_page import StatusPage
+from dicom_node.work.processor import Processor
+from dicom_node.work.queue import InProcessQueue
 from pipeline.errors import WeightsMissingError
-from pipeline.runner import ModelRunner, ModelService
-from pipeline.segment import Segmenter, make_segmenter
+from pipeline.model.runner import ModelRunner
+from pipeline.model.segment import Segmenter, make_segmenter
+from pipeline.model.types import ModelService
 
 __all__ = ["StartupProblem", "StartupError", "check_startup", "Node", "model_service", "serve"]
 
@@ -177,9 +178,9 @@ class Node:
             segmenters = {name: make_segmenter(config.preset(name).settings, service)
                           for name, service in self.models.items()}
             self.metrics.worker_queue_depth = getattr(next(iter(self.models.values())), "queue_depth", None)
-        worker = Worker(config, self.state, self.spool, segmenters, self.metrics)
-        self.segmenters = worker.segmenters  # by preset name
-        self.queue = InProcessQueue(self.state, worker, processing_slots=config.workers.max_in_flight,
+        processor = Processor(config, self.state, self.spool, segmenters, self.metrics)
+        self.segmenters = processor.segmenters  # by preset name
+        self.queue = InProcessQueue(self.state, processor, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
         self.completion = Completion(config.completion, self.state, self.queue.submit)
         self.scp = StorageSCP(
@@ -350,7 +351,7 @@ def _ui_token(config: Config) -> str | None:
 def model_service(config: Config, preset: ModelPreset) -> ModelService:
     """Where a preset's model runs: its own embedded warm runner, or GPU workers over Celery."""
     if config.workers.backend == "celery":
-        from dicom_node.celery_models import CeleryModels
+        from dicom_node.remote.client import CeleryModels
 
         return CeleryModels(preset.settings, config.workers, preset.name)
     return ModelRunner(preset.settings)

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.classify import ClassRule, SequenceClass
-from pipeline.preprocess import PreprocessingMode
-from pipeline.series import FourD
+from pipeline.input.classify import ClassRule, SequenceClass
+from pipeline.input.preprocess import PreprocessingMode
+from pipeline.input.series import FourD
 
 __all__ = [
     "ModelSettings", "PreprocessingSettings", "Policy", "ModelPreset", "ClassRuleSettings", "PipelineSettings",
@@ -60,7 +60,7 @@ class ModelSettings(_Frozen):
 
 
 class PreprocessingSettings(_Frozen):
-    """Parameters of Equation 1 of the preprint; see ``pipeline.preprocess``."""
+    """Parameters of Equation 1 of the preprint; see ``pipeline.input.preprocess``."""
 
     clip_min: float = 0.0
     clip_max: float = 3000.0

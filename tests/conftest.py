@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.completion import Completion
 from dicom_node.config import parse_config
 from dicom_node.metrics import Metrics
-from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
-from dicom_node.state import StateStore
+from dicom_node.receive.completion import Completion
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import StateStore
 from tests.peers import DATA_ENV, NODE_LOGS, REPO, Orthanc, StoreSCP, data_dir, free_port
 
 PHANTOM_MODEL = REPO / "models" / "phantom_total_fast"

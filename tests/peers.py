@@ -396,7 +396,7 @@ class NodeProcess:
 
     def jobs(self) -> list:
         """The node's jobs, read from its state store."""
-        from dicom_node.state import StateStore
+        from dicom_node.store.state import StateStore
 
         state = StateStore(Path(self.config["storage"]["state_db"]))
         try:
@@ -432,7 +432,7 @@ def status_of(config: Path, *args: str) -> subprocess.CompletedProcess:
 
 def node_settled(node: NodeProcess, count: int) -> bool:
     """``count`` jobs, all ended, and no series still receiving (no job still to come)."""
-    from dicom_node.state import TERMINAL_STATES, StateStore
+    from dicom_node.store.state import TERMINAL_STATES, StateStore
 
     state = StateStore(Path(node.config["storage"]["state_db"]))
     try:

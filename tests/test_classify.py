@@ -5,8 +5,8 @@ import re
 import pydicom
 import pytest
 
-from pipeline.classify import ClassRule, SequenceClass, classify_series
-from pipeline.run import read_image_headers
+from pipeline.input.classify import ClassRule, SequenceClass, classify_series
+from pipeline.process import read_image_headers
 
 # folder -> (class, anatomical, a word the MANIFEST row must contain to back this up)
 EXPECTED = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from pipeline.completeness import Placement, is_whole, placement_of
+from pipeline.input.wholeness import Placement, is_whole, placement_of
 
 
 def _placements(folder) -> list[Placement]:

@@ -1,8 +1,7 @@
 from pathlib import Path
 
-from pydantic import BaseModel
-
 import pytest
+from pydantic import BaseModel
 
 from dicom_node.config import load_config, parse_config
 from dicom_node.errors import ConfigError

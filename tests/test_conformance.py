@@ -22,7 +22,7 @@ def test_scp_sop_classes_match_the_code(scp):
 
 
 def test_processed_sop_classes_match_the_pipeline():
-    from pipeline.series import MR_IMAGE_CLASSES
+    from pipeline.input.series import MR_IMAGE_CLASSES
 
     section = DOC[DOC.index("### 3.2"):DOC.index("### 3.3")]
     documented = re.findall(r"^\|[^|]*\| `([0-9.]+)` \| yes \|$", section, re.M)
@@ -42,13 +42,14 @@ def test_scp_transfer_syntaxes_match_the_code(scp):
 def test_scu_context_matches_what_the_seg_writer_produces(t1_dir, segmentation_type):
     import numpy as np
 
-    from pipeline.classify import Classification, SequenceClass
-    from pipeline.preprocess import PreprocessingMode
-    from pipeline.run import algorithm_for
-    from pipeline.seg_writer import SegOptions, encode_seg
-    from pipeline.series import load_series
+    from pipeline.input.classify import Classification, SequenceClass
+    from pipeline.input.preprocess import PreprocessingMode
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import LabelMap, read_volume
+    from pipeline.outputs.options import SegOptions
+    from pipeline.outputs.seg import encode_seg
+    from pipeline.process import algorithm_for
     from pipeline.settings import PipelineSettings
-    from pipeline.volume import LabelMap, read_volume
 
     volume = read_volume(load_series(sorted(t1_dir.glob("*.dcm"))))
     labels = np.zeros((35, 256, 256), np.uint16)

@@ -18,9 +18,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.state import JobState, OutboxState, StateStore
-from tests.peers import (LOCALHOST, RECEPTION_LOG, NodeProcess, Orthanc, StoreSCP, free_port, node_config,
-                         storescu, wait_until)
+from dicom_node.store.state import JobState, OutboxState, StateStore
+from tests.peers import (
+    LOCALHOST,
+    RECEPTION_LOG,
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    free_port,
+    node_config,
+    storescu,
+    wait_until,
+)
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -3,9 +3,9 @@ run through TotalSegmentator's real API, dciodvfy and highdicom to check the SEG
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,22 +14,19 @@ import pydicom
 import pytest
 import requests
 
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
 from tests.conftest import patient_strings
 from tests.peers import (
-    series_uid_of,
     REPO,
     NodeProcess,
     assert_exactly_one_seg,
     free_port,
     node_config,
+    series_uid_of,
     storescu,
     wait_until,
 )
 from tests.segcheck import check_seg_against_source
-
-
-
 
 
 def _all_sent(node: NodeProcess) -> bool:

@@ -4,11 +4,19 @@ import numpy as np
 import pytest
 from totalsegmentator.map_to_binary import class_map
 
-from pipeline.evaluate import (
-    Evaluation, NotScored, Score, dice, mean_ci, preset_table, score_case, summary_table, write_preset_reports,
+from pipeline.evaluation.evaluate import (
+    Evaluation,
+    NotScored,
+    Score,
+    dice,
+    mean_ci,
+    preset_table,
+    score_case,
+    summary_table,
+    write_preset_reports,
     write_reports,
 )
-from pipeline.label_groups import MERGED, mapping_between, mapping_for
+from pipeline.evaluation.label_groups import MERGED, mapping_between, mapping_for
 from pipeline.settings import ModelSettings
 
 

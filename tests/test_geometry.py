@@ -10,11 +10,11 @@ import highdicom as hd
 import numpy as np
 import pytest
 
+from pipeline.input.nifti import nifti_to_array, volume_to_nifti
+from pipeline.input.volume import LabelMap
 from pipeline.labels import total_class_names
-from pipeline.run import Outcome, process_series
-from pipeline.segment import nifti_to_array, volume_to_nifti
+from pipeline.process import Outcome, process_series
 from pipeline.settings import PipelineSettings
-from pipeline.volume import LabelMap
 from tests.segcheck import check_seg_against_source, referenced_planes
 
 
@@ -58,7 +58,7 @@ def _seg_centroid(seg: hd.seg.Segmentation) -> np.ndarray:
 ])
 def test_label_centroid_survives_into_the_seg(mri_dir, folder, tmp_path):
     paths = sorted((mri_dir / folder).glob("*.dcm"))
-    from pipeline.series import load_series
+    from pipeline.input.series import load_series
 
     series = load_series(paths)
     middle = series.slices[len(series.slices) // 2]
@@ -83,9 +83,11 @@ def test_label_centroid_survives_into_the_seg_of_a_multi_frame_source(
 ):
     """Multi-frame sources: each SEG frame references the one source frame it lies on,
     and the label comes back where it was placed."""
-    from pipeline.seg_writer import Algorithm, SegOptions, encode_seg
-    from pipeline.series import load_series
-    from pipeline.volume import read_volume
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import read_volume
+    from pipeline.outputs.common import Algorithm
+    from pipeline.outputs.options import SegOptions
+    from pipeline.outputs.seg import encode_seg
     from tests.derived import legacy_converted
 
     if source == "legacy_converted":

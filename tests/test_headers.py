@@ -15,13 +15,14 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pipeline.classify import Classification, SequenceClass
-from pipeline.preprocess import PreprocessingMode, preprocess
-from pipeline.run import Outcome, algorithm_for, process_series
-from pipeline.seg_writer import Algorithm, encode_seg
-from pipeline.series import assemble_series, read_headers
+from pipeline.input.classify import Classification, SequenceClass
+from pipeline.input.preprocess import PreprocessingMode, preprocess
+from pipeline.input.series import assemble_series, read_headers
+from pipeline.input.volume import LabelMap, read_volume
+from pipeline.outputs.common import Algorithm
+from pipeline.outputs.seg import encode_seg
+from pipeline.process import Outcome, algorithm_for, process_series
 from pipeline.settings import PipelineSettings
-from pipeline.volume import LabelMap, read_volume
 from tests.test_viewers import _dciodvfy_errors
 from tests.test_worker import FakeSegmenter
 

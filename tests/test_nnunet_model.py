@@ -17,18 +17,18 @@ import pydantic
 import pytest
 
 from demo.phantom_model import make_custom_model
-from pipeline.classify import Classification, SequenceClass
 from pipeline.errors import WeightsMissingError
+from pipeline.input.classify import Classification, SequenceClass
+from pipeline.input.preprocess import PreprocessingMode
+from pipeline.input.series import load_series
+from pipeline.input.volume import LabelMap, read_volume
 from pipeline.labels import read_label_table
-from pipeline.model_identity import describe_model
-from pipeline.nnunet import NnUNet
-from pipeline.preprocess import PreprocessingMode
-from pipeline.run import algorithm_for
-from pipeline.seg_writer import encode_seg
-from pipeline.segment import make_segmenter
-from pipeline.series import load_series
+from pipeline.model.identity import describe_model
+from pipeline.model.nnunet import NnUNet
+from pipeline.model.segment import make_segmenter
+from pipeline.outputs.seg import encode_seg
+from pipeline.process import algorithm_for
 from pipeline.settings import ModelSettings, PipelineSettings
-from pipeline.volume import LabelMap, read_volume
 from tests.peers import REPO
 from tests.segcheck import check_seg_against_source
 

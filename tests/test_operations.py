@@ -11,10 +11,10 @@ import requests
 
 from dicom_node.config import parse_config
 from dicom_node.logs import setup_logging
-from dicom_node.retention import expired, purge
 from dicom_node.service import Node
-from dicom_node.state import JobState
-from pipeline.volume import LabelMap
+from dicom_node.store.retention import expired, purge
+from dicom_node.store.state import JobState
+from pipeline.input.volume import LabelMap
 from tests.peers import assert_exactly_one_seg, free_port, storescu, wait_until
 
 

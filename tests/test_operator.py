@@ -25,9 +25,8 @@ from dicom_node.cli import ExitStatus, _parser
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.service import Node, StartupError, StartupProblem
-from dicom_node.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, SeriesRef, StateStore
 from tests.peers import LOCALHOST, REPO, NodeProcess, free_port, node_config, status_of
-
 
 # -- start-up failures ------------------------------------------------------------------
 

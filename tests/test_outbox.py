@@ -10,12 +10,11 @@ import pytest
 
 from dicom_node.config import parse_config
 from dicom_node.metrics import Metrics
-from dicom_node.spool import Spool
-from dicom_node.state import JobState, OutboxState, StateStore
-from dicom_node.worker import Worker
-from pipeline.results import OutputRequest
-from pipeline.run import Outcome, process_series
-from pipeline.seg_writer import SegOptions
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import JobState, OutboxState, StateStore
+from dicom_node.work.processor import Processor
+from pipeline.outputs.options import OutputRequest, SegOptions
+from pipeline.process import Outcome, process_series
 from pipeline.settings import PipelineSettings
 from tests.peers import StoreSCP
 from tests.test_worker import FakeSegmenter, received_job
@@ -69,7 +68,7 @@ def two_destinations(tmp_path, t1_dir):
     state = StateStore(tmp_path / "state.db")
     spool = Spool(tmp_path / "spool")
     job_id = received_job(t1_dir, state, spool)
-    worker = Worker(config, state, spool, FakeSegmenter(90), Metrics(state))
+    worker = Processor(config, state, spool, FakeSegmenter(90), Metrics(state))
     yield worker, state, job_id, pacs, research
     pacs.stop()
     research.stop()
@@ -80,7 +79,7 @@ def _sop_classes(scp: StoreSCP) -> list[str]:
     return sorted(str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID) for path in scp.receptions())
 
 
-def _send_due(worker: Worker, state: StateStore) -> None:
+def _send_due(worker: Processor, state: StateStore) -> None:
     """What the send threads do now: one attempt of each due outbox row."""
     while (item := state.claim_next_send()) is not None:
         worker.send(item)

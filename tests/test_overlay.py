@@ -12,13 +12,18 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from pipeline.input.volume import LabelMap
 from pipeline.labels import segment_info
-from pipeline.overlay_writer import (
-    DISCLAIMER, SECONDARY_CAPTURE_IMAGE_STORAGE, check_overlay_geometry, encode_overlay, image_area,
+from pipeline.outputs.common import OutputEncodingError
+from pipeline.outputs.overlay import (
+    DISCLAIMER,
+    SECONDARY_CAPTURE_IMAGE_STORAGE,
+    check_overlay_geometry,
+    encode_overlay,
+    image_area,
 )
-from pipeline.rtstruct_writer import OutputEncodingError, encode_rtstruct
-from pipeline.seg_writer import encode_seg
-from pipeline.volume import LabelMap
+from pipeline.outputs.rtstruct import encode_rtstruct
+from pipeline.outputs.seg import encode_seg
 from tests.test_rtstruct import SERIES, Segmented, segmented_series, source_headers
 from tests.test_viewers import _dciodvfy_errors
 

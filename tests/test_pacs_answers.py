@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
 from tests.derived import copy_series
 from tests.peers import NodeProcess, node_config, storescu, wait_until
 from tests.scripted_pacs import ScriptedPACS

@@ -24,15 +24,16 @@ from demo.phantom_model import (
     phantom_class_names,
     total_mr_source_rows,
 )
+from pipeline.input.nifti import volume_to_nifti
+from pipeline.input.preprocess import PreprocessingMode, preprocess
+from pipeline.input.series import load_series
+from pipeline.input.volume import read_volume
 from pipeline.labels import read_label_table, segment_info, total_class_names
-from pipeline.nifti import volume_to_nifti
-from pipeline.preprocess import PreprocessingMode, preprocess
-from pipeline.runner import ModelRunner
-from pipeline.segment import make_segmenter
-from pipeline.series import load_series
+from pipeline.model.identity import expected_weights
+from pipeline.model.runner import ModelRunner
+from pipeline.model.segment import make_segmenter
+from pipeline.model.totalseg import TotalSegmentator
 from pipeline.settings import ModelSettings
-from pipeline.totalseg import TotalSegmentator, expected_weights
-from pipeline.volume import read_volume
 from tests.peers import REPO
 
 KIDNEY_NAMES = {1: "kidney_right", 2: "kidney_left", 3: "kidney_tumor"}

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.preprocess import PreprocessingMode, invert_t1, preprocess
+from pipeline.input.preprocess import PreprocessingMode, invert_t1, preprocess
 
 # A hand-computed case: 10 voxels, one above the clip range, one below.
 X = np.array([-5, 0, 10, 100, 200, 500, 1000, 2000, 2999, 4000], dtype=np.int16)

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from dicom_node.config import Destination
-from dicom_node.http import destination_check
-from dicom_node.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import SeriesRef, StateStore
+from dicom_node.web.http import destination_check
 from tests.conftest import CHECKPOINT
 from tests.peers import NodeProcess, free_port, node_config, wait_until
 

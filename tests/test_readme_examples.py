@@ -32,7 +32,7 @@ import pytest
 import requests
 import yaml
 
-from dicom_node.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, SeriesRef, StateStore
 from tests.peers import REPO, data_dir, free_port, wait_until
 
 README = REPO / "README.md"

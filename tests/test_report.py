@@ -17,10 +17,12 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from pipeline.report_writer import COMPREHENSIVE_3D_SR_STORAGE, encode_report
-from pipeline.rtstruct_writer import OutputEncodingError, encode_rtstruct
-from pipeline.seg_writer import SegOptions, encode_seg
-from pipeline.volume import LabelMap
+from pipeline.input.volume import LabelMap
+from pipeline.outputs.common import OutputEncodingError
+from pipeline.outputs.options import SegOptions
+from pipeline.outputs.report import COMPREHENSIVE_3D_SR_STORAGE, encode_report
+from pipeline.outputs.rtstruct import encode_rtstruct
+from pipeline.outputs.seg import encode_seg
 from tests.test_rtstruct import SERIES, Segmented, segmented_series, source_headers
 from tests.test_viewers import _dciodvfy_errors
 

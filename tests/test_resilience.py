@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -21,23 +20,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
 from tests.peers import (
-    node_settled,
-    series_uid_of,
     LOCALHOST,
     NodeProcess,
     assert_exactly_one_seg,
     assert_no_conflicting_duplicates,
     node_config,
+    node_settled,
     seg_receptions,
+    series_uid_of,
     storescu,
     wait_until,
 )
 from tests.segcheck import check_seg_against_source
-
-
-
 
 
 @pytest.fixture

@@ -26,13 +26,23 @@ import yaml
 
 from dicom_node.config import DEFAULT_MODEL, parse_config
 from dicom_node.errors import ConfigError
-from dicom_node.routing import plan_series
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
+from dicom_node.work.plan import plan_series
 from pipeline.labels import total_class_names
-from pipeline.run import read_series
+from pipeline.process import read_series
 from tests.derived import copy_series
-from tests.peers import (LOCALHOST, RECEPTION_LOG, NodeProcess, Orthanc, StoreSCP, free_port, node_config,
-                         node_settled, storescu, wait_until)
+from tests.peers import (
+    LOCALHOST,
+    RECEPTION_LOG,
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    free_port,
+    node_config,
+    node_settled,
+    storescu,
+    wait_until,
+)
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -293,8 +303,9 @@ def test_a_celery_task_names_its_preset_and_the_worker_takes_its_own_paths_for_i
     import nibabel as nib
     import numpy as np
 
-    from dicom_node.celery_models import CeleryModels, _WorkerModels
     from dicom_node.config import WorkerSettings
+    from dicom_node.remote.client import CeleryModels
+    from dicom_node.remote.worker import _WorkerModels
     from pipeline.settings import ModelSettings
 
     node = ModelSettings(kind="nnunet", nnunet_model="D/T", weights_dir=tmp_path / "node-weights")
@@ -313,17 +324,17 @@ def test_a_celery_task_names_its_preset_and_the_worker_takes_its_own_paths_for_i
 def test_each_presets_seg_of_a_grown_series_says_what_it_replaces(tmp_path, t1_dir):
     """A series that grows after its SEGs were sent: each preset's new SEG names its own earlier one."""
     from dicom_node.metrics import Metrics
-    from dicom_node.spool import Spool
-    from dicom_node.state import OutboxState, SeriesRef, StateStore
-    from dicom_node.worker import Worker
-    from pipeline.seg_writer import REPLACES
+    from dicom_node.store.spool import Spool
+    from dicom_node.store.state import OutboxState, SeriesRef, StateStore
+    from dicom_node.work.processor import Processor
+    from pipeline.outputs.common import REPLACES
     from tests.test_worker import FakeSegmenter
 
     config = parse_config(_config(models=[{"name": "total"}, {"name": "total_mr", "task": "total_mr",
                                                                   "policy": {"T1": "none"}}]), tmp_path)
     state, spool = StateStore(tmp_path / "state.db"), Spool(tmp_path / "spool")
     segmenters = {"total": FakeSegmenter(90), "total_mr": FakeSegmenter(90)}
-    worker = Worker(config, state, spool, segmenters, Metrics(state))
+    worker = Processor(config, state, spool, segmenters, Metrics(state))
     headers = sorted(((pydicom.dcmread(path, stop_before_pixels=True), path) for path in t1_dir.glob("*.dcm")),
                      key=lambda pair: int(pair[0].InstanceNumber))
 

@@ -19,19 +19,19 @@ import pytest
 import SimpleITK as sitk
 from skimage.draw import polygon as fill_polygon
 
-from pipeline.classify import classify_series
 from pipeline.errors import PipelineError
+from pipeline.input.classify import classify_series
+from pipeline.input.preprocess import preprocess
+from pipeline.input.series import load_series
+from pipeline.input.volume import LabelMap, Volume, read_volume
 from pipeline.labels import segment_info
-from pipeline.preprocess import preprocess
-from pipeline.rtstruct_writer import (
-    OutputEncodingError, _keyhole, _slice_polygons, check_rtstruct_geometry, encode_rtstruct,
-)
-from pipeline.run import algorithm_for, read_image_headers
-from pipeline.seg_writer import Algorithm, encode_seg
-from pipeline.segment import make_segmenter
-from pipeline.series import load_series
+from pipeline.model.segment import make_segmenter
+from pipeline.outputs.common import Algorithm, OutputEncodingError
+from pipeline.outputs.contours import _keyhole, _slice_polygons
+from pipeline.outputs.rtstruct import check_rtstruct_geometry, encode_rtstruct
+from pipeline.outputs.seg import encode_seg
+from pipeline.process import algorithm_for, read_image_headers
 from pipeline.settings import ModelSettings, PipelineSettings
-from pipeline.volume import LabelMap, Volume, read_volume
 from tests.segcheck import MR_IMAGE_CLASSES
 from tests.test_viewers import _dciodvfy_errors
 
@@ -51,7 +51,7 @@ class Segmented:
 
 def segmented_series(mri_dir: Path, weights: Path, home: Path) -> dict[str, Segmented]:
     """Each of ``SERIES`` classified, preprocessed by its policy and segmented by one warm
-    phantom model, as ``pipeline.run.process_series`` does."""
+    phantom model, as ``pipeline.process.process_series`` does."""
     settings = PipelineSettings(model=ModelSettings(weights_dir=weights, home_dir=home))
     segmenter = make_segmenter(settings.model)
     found = {}
@@ -284,7 +284,7 @@ def test_the_contour_tracer_equals_scikit_image_find_contours():
     changes either shows here). Every 3x3 interior, and random masks with holes and islands."""
     from skimage.measure import find_contours
 
-    from pipeline.rtstruct_writer import _contours
+    from pipeline.outputs.contours import _contours
 
     def masks():
         for bits in range(1, 1 << 9):

@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
-import pipeline.rules
-from pipeline.classify import SequenceClass, classify_series
-from pipeline.rules import Match, Range, Rule, RuleSet, SeriesFacts, route, series_facts
-from pipeline.run import read_image_headers
+import pipeline.routing.rules
+from pipeline.input.classify import SequenceClass, classify_series
+from pipeline.process import read_image_headers
+from pipeline.routing.rules import Match, Range, Rule, RuleSet, SeriesFacts, route, series_facts
 from tests.conftest import patient_strings
 
 T1_SERIES = "t1_siemens_3t_fl2d_sag_hfs"  # MANIFEST: Siemens Prisma 3T FLASH T1, 4 mm slices
@@ -374,7 +374,7 @@ def test_config_objects_are_frozen_and_continue_takes_either_name(t1_header):
 
 
 def test_the_docstring_example_is_a_valid_rule_set(t1_header):
-    doc = pipeline.rules.__doc__
+    doc = pipeline.routing.rules.__doc__
     block = doc.split("::\n", 1)[1]
     example = yaml.safe_load(textwrap.dedent(block))
     rules = RuleSet.model_validate(example)

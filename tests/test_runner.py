@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SegmentationError
-from pipeline.nifti import volume_to_nifti
-from pipeline.preprocess import PreprocessingMode, preprocess
-from pipeline.runner import ModelRunner
-from pipeline.series import load_series
+from pipeline.input.nifti import volume_to_nifti
+from pipeline.input.preprocess import PreprocessingMode, preprocess
+from pipeline.input.series import load_series
+from pipeline.input.volume import read_volume
+from pipeline.model.runner import ModelRunner
 from pipeline.settings import ModelSettings
-from pipeline.volume import read_volume
 from tests.peers import process_alive
 
 SERIES = ("t1_philips_3t_mprage_sag", "t1_siemens_3t_fl2d_sag_hfs")
@@ -95,7 +95,7 @@ def test_the_model_process_dies_with_a_killed_parent(settings, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from pipeline.runner import ModelRunner
+        from pipeline.model.runner import ModelRunner
         from pipeline.settings import ModelSettings
         if __name__ == "__main__":
             runner = ModelRunner(ModelSettings(weights_dir=Path({str(settings.weights_dir)!r}),

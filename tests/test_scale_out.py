@@ -10,7 +10,7 @@ import signal
 import pytest
 import requests
 
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
 from tests.derived import copy_series
 from tests.peers import (
     CeleryWorker,

@@ -8,7 +8,6 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 
-
 def _associate(port, calling="MODALITY", bind="127.0.0.1"):
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)

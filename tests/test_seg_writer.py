@@ -10,25 +10,25 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.sr.codedict import codes
 
 from dicom_node.weights import import_weights
 from pipeline.errors import SegEncodingError
-from pipeline.classify import Classification, SequenceClass, classify_series
-from pipeline.preprocess import PreprocessingMode
-from pipeline.run import algorithm_for, process_series, read_image_headers
-from pipeline.seg_writer import (
-    REPLACES, Algorithm, SegOptions, algorithm_parameters, check_seg_geometry, encode_seg, parameter_value,
-)
-from pipeline.segment import describe_model, expected_weights
-from pipeline.series import load_series
+from pipeline.input.classify import Classification, SequenceClass, classify_series
+from pipeline.input.preprocess import PreprocessingMode
+from pipeline.input.series import load_series
+from pipeline.input.volume import LabelMap, read_volume
+from pipeline.model.identity import describe_model, expected_weights
+from pipeline.outputs.common import REPLACES, Algorithm, algorithm_parameters, parameter_value
+from pipeline.outputs.options import SegOptions
+from pipeline.outputs.seg import check_seg_geometry, encode_seg
+from pipeline.process import algorithm_for, process_series, read_image_headers
 from pipeline.settings import ModelSettings, PipelineSettings, PreprocessingSettings
-from pipeline.volume import LabelMap, read_volume
 from tests.segcheck import check_seg_against_source
 from tests.test_viewers import _dciodvfy_errors
 from tests.test_worker import FakeSegmenter
-
 
 T1 = Classification(SequenceClass.T1, True, "test")
 
@@ -296,7 +296,7 @@ def _mr_headers(draw) -> list[pydicom.Dataset]:
 @settings(max_examples=200, deadline=None)
 @given(headers=_mr_headers())
 def test_every_reason_the_classifier_gives_reads_back_through_highdicom(headers):
-    from pipeline.classify import classify_series
+    from pipeline.input.classify import classify_series
 
     reason = classify_series(headers).reason
     algorithm = Algorithm("model", "1", "total (fast)", "invert_black_background", "T1", reason, "Auto SEG test",

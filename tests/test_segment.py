@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SegmentationError, WeightsMissingError
-from pipeline.nifti import nifti_to_array, volume_to_nifti
-from pipeline.series import load_series
+from pipeline.input.nifti import nifti_to_array, volume_to_nifti
+from pipeline.input.series import load_series
+from pipeline.input.volume import read_volume
+from pipeline.model.identity import expected_weights
+from pipeline.model.segment import make_segmenter
 from pipeline.settings import ModelSettings
-from pipeline.segment import make_segmenter
-from pipeline.totalseg import expected_weights
-from pipeline.volume import read_volume
 
 
 @pytest.fixture(scope="module")

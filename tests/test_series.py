@@ -1,8 +1,8 @@
 import pytest
 
 from pipeline.errors import SeriesError
-from pipeline.series import load_series
-from pipeline.volume import read_volume
+from pipeline.input.series import load_series
+from pipeline.input.volume import read_volume
 
 
 def _files(folder):

@@ -1,7 +1,7 @@
 import pytest
 
 from dicom_node.errors import InvalidUIDError
-from dicom_node.spool import Spool, validate_uid
+from dicom_node.store.spool import Spool, validate_uid
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, SeriesRef, StateStore
 
 
 def _series(uid: str) -> SeriesRef:

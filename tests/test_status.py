@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from dicom_node.state import JobState, StateStore
+from dicom_node.store.state import JobState, StateStore
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, series_uid_of, status_of, wait_until
 
 # The schema of the release before the timestamps (commit 04995b0), as its databases are on disk.
@@ -80,7 +80,7 @@ def test_a_database_of_the_previous_release_gets_the_timestamps_on_open(tmp_path
 
 def test_every_send_attempt_is_logged_per_destination(tmp_path):
     state = StateStore(tmp_path / "s.db")
-    from dicom_node.state import SeriesRef
+    from dicom_node.store.state import SeriesRef
 
     state.record_instance(SeriesRef("1.2.3", "1.2.3.1", "MODALITY", tmp_path), "1.2.3.1.1", "1.2", tmp_path / "a",
                           now=10)

@@ -17,8 +17,8 @@ import pytest
 import requests
 from PIL import Image
 
-from dicom_node.state import JobState
-from dicom_node.ui import middle_image, overlay, render_preview
+from dicom_node.store.state import JobState
+from dicom_node.web.status_page import middle_image, overlay, render_preview
 from tests.conftest import patient_strings
 from tests.peers import REPO, NodeProcess, Orthanc, free_port, node_config, wait_until
 
@@ -53,13 +53,13 @@ def seg_on_t1(t1_dir, tmp_path_factory):
     """SEGs of the shared T1 series written by the node's encoder from label maps placed by
     the test: one with a box over every slice and a mark on the middle slice, one whose
     structures lie only on the first slices."""
-    from pipeline.classify import Classification, SequenceClass
-    from pipeline.preprocess import PreprocessingMode
-    from pipeline.run import algorithm_for
-    from pipeline.seg_writer import encode_seg
-    from pipeline.series import load_series
+    from pipeline.input.classify import Classification, SequenceClass
+    from pipeline.input.preprocess import PreprocessingMode
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import LabelMap, read_volume
+    from pipeline.outputs.seg import encode_seg
+    from pipeline.process import algorithm_for
     from pipeline.settings import PipelineSettings
-    from pipeline.volume import LabelMap, read_volume
 
     paths = sorted(t1_dir.glob("*.dcm"))
     volume = read_volume(load_series(paths))
@@ -293,9 +293,9 @@ def page_endpoint(tmp_path):
     """The status page on a real HTTP endpoint over a state store with a failed and a
     received job (no node, no model)."""
     from dicom_node.config import Destination
-    from dicom_node.http import HttpEndpoint
-    from dicom_node.state import SeriesRef, StateStore
-    from dicom_node.ui import StatusPage
+    from dicom_node.store.state import SeriesRef, StateStore
+    from dicom_node.web.http import HttpEndpoint
+    from dicom_node.web.status_page import StatusPage
 
     state = StateStore(tmp_path / "state.db")
     for n in (1, 2):

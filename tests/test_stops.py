@@ -16,7 +16,7 @@ from datetime import datetime
 
 import pytest
 
-from dicom_node.state import JobState
+from dicom_node.store.state import JobState
 from tests.derived import copy_series
 from tests.peers import (
     NodeProcess,

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import Destination, HttpAuth
 from dicom_node.errors import ConfigError, SendError
-from dicom_node.stow import _authorization, _outcome, stow_files
+from dicom_node.send.dicomweb import _authorization, _outcome, stow_files
 from tests.peers import LOCALHOST, Orthanc, data_dir, free_port
 
 USER, PASSWORD = "node", "s3cret-Passw0rd"
@@ -101,11 +101,11 @@ def _stored(orthanc: Orthanc) -> set[str]:
 def test_stow_stores_every_file_in_one_request_with_basic_auth(make_orthanc, instances, password_file, caplog):
     orthanc = make_orthanc(users={USER: PASSWORD})
     destination = _destination(orthanc.dicomweb_url + "/", auth=_basic(password_file))  # a trailing slash is fine
-    with caplog.at_level(logging.INFO, logger="dicom_node.stow"):
+    with caplog.at_level(logging.INFO, logger="dicom_node.send.dicomweb"):
         outcome = stow_files(instances, destination, timeout=60)
     assert (outcome.status, outcome.warning) == (200, None)
     assert _stored(orthanc) == _uids(instances) and len(orthanc.get("/instances")) == len(instances)
-    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.stow"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.send.dicomweb"]
     assert lines == [f"stored 4 instances at {destination.url} (STOW-RS, HTTP 200 OK)"]
     header = pydicom.dcmread(instances[0], stop_before_pixels=True)
     assert str(header.PatientName) not in caplog.text and str(header.PatientID) not in caplog.text

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from dicom_node.config import parse_config
-from dicom_node.scu import send_file
+from dicom_node.send.dimse import send_file
 from tests.peers import LOCALHOST, free_port, loopback_env, wait_for_port
 
 

@@ -13,22 +13,21 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.state import TERMINAL_STATES, JobState, StateStore
+from dicom_node.store.state import JobState
 from tests.derived import copy_series
 from tests.peers import (
-    node_settled,
-    series_uid_of,
     NodeProcess,
     StoreSCP,
     assert_exactly_one_seg,
     assert_no_conflicting_duplicates,
     node_config,
+    node_settled,
     seg_receptions,
+    series_uid_of,
     storescu,
     wait_until,
 )
 from tests.segcheck import check_seg_against_source
-
 
 
 def _node(tmp_path: Path, pacs: StoreSCP, weights: Path, **overrides) -> NodeProcess:

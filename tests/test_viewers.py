@@ -13,14 +13,15 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.classify import Classification, SequenceClass
+from pipeline.input.classify import Classification, SequenceClass
+from pipeline.input.preprocess import PreprocessingMode
+from pipeline.input.series import load_series
+from pipeline.input.volume import LabelMap, read_volume
 from pipeline.labels import total_class_names
-from pipeline.preprocess import PreprocessingMode
-from pipeline.run import algorithm_for
-from pipeline.seg_writer import SegOptions, encode_seg
-from pipeline.series import load_series
+from pipeline.outputs.options import SegOptions
+from pipeline.outputs.seg import encode_seg
+from pipeline.process import algorithm_for
 from pipeline.settings import PipelineSettings
-from pipeline.volume import LabelMap, read_volume
 from tests.peers import REPO, wait_until
 from tests.segcheck import check_seg_against_source
 
@@ -147,7 +148,7 @@ def test_uids_are_deterministic_and_change_with_the_segmentation_type(few_labels
 def test_orthanc_round_trip_of_a_labelmap_seg(orthanc, few_labels, t1_dir, tmp_path):
     """Orthanc needs UnknownSopClassAccepted for the Label Map SOP class (the fixture sets it)."""
     from dicom_node.config import Destination
-    from dicom_node.scu import send_file
+    from dicom_node.send.dimse import send_file
 
     assert orthanc.config["UnknownSopClassAccepted"] is True
     orthanc.upload(t1_dir)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from demo.phantom_model import make_full_total_weights, segment_with_totalseg
-from pipeline.nifti import volume_to_nifti
-from pipeline.preprocess import preprocess
-from pipeline.runner import ModelRunner
-from pipeline.series import assemble_series, read_headers
+from pipeline.input.nifti import volume_to_nifti
+from pipeline.input.preprocess import preprocess
+from pipeline.input.series import assemble_series, read_headers
+from pipeline.input.volume import read_volume
+from pipeline.model.identity import expected_weights
+from pipeline.model.runner import ModelRunner
 from pipeline.settings import ModelSettings, PipelineSettings
-from pipeline.totalseg import expected_weights
-from pipeline.volume import read_volume
 from tests.peers import REPO
 
 # the T1 series the MANIFEST says the node classifies, inverts and segments

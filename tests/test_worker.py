@@ -9,10 +9,10 @@ import pytest
 
 from dicom_node.config import parse_config
 from dicom_node.metrics import Metrics
-from dicom_node.spool import Spool
-from dicom_node.state import JobState, SeriesRef, StateStore
-from dicom_node.worker import Worker, retry_delay
-from pipeline.volume import LabelMap
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import JobState, SeriesRef, StateStore
+from dicom_node.work.processor import Processor, retry_delay
+from pipeline.input.volume import LabelMap
 from tests.peers import StoreSCP, assert_exactly_one_seg, free_port
 
 
@@ -50,7 +50,7 @@ def setup(tmp_path, t1_dir):
         state = StateStore(tmp_path / "state.db")
         spool = Spool(tmp_path / "spool")
         job_id = received_job(t1_dir, state, spool)
-        return Worker(config, state, spool, FakeSegmenter(label, shift_mm), Metrics(state)), state, job_id
+        return Processor(config, state, spool, FakeSegmenter(label, shift_mm), Metrics(state)), state, job_id
 
     return make
 

@@ -1,0 +1,229 @@
+"""The storage SCP: C-ECHO and C-STORE, answered after the instance is safe on disk.
+
+The C-STORE handler does little: check the UIDs, write the encoded bytes atomically
+into the spool, record the instance in the state store, return a status. Pixels are
+never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
+disk is below its free-space threshold, the series exceeds its size bound or the write
+fails; 0xC210 (cannot understand) for invalid identifiers; 0xC211 for anything else.
+Only callers listed in the security settings may associate, and only to the node's own
+AE title (unless ``security.accept_any_called_ae_title``); any other association is
+rejected with A-ASSOCIATE-RJ (calling, or called, AE title not recognised) and logged. MR images (classic,
+Enhanced and Legacy Converted) are processed later; every other storage class of the
+study is accepted and kept but never processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
+from dicom_node.errors import InvalidUIDError
+from dicom_node.metrics import Metrics
+from dicom_node.receive.completion import Completion
+from dicom_node.store.spool import Spool, validate_uid
+from dicom_node.store.state import SeriesRef, StateStore
+from dicom_node.tls import server_context
+from pipeline.input.wholeness import placement_of
+
+__all__ = ["TRANSFER_SYNTAXES", "StorageSCP"]
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+_OUT_OF_RESOURCES = 0xA700
+_CANNOT_UNDERSTAND = 0xC210
+_PROCESSING_FAILURE = 0xC211
+
+
+class StorageSCP:
+    """The listening side of the node; its handlers get their dependencies explicitly."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        security: SecuritySettings,
+        storage: StorageSettings,
+        spool: Spool,
+        state: StateStore,
+        completion: Completion,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.security = security
+        self.storage = storage
+        self.spool = spool
+        self.state = state
+        self.completion = completion
+        self.metrics = metrics
+        self._series_by_assoc: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.maximum_associations = settings.max_associations
+        self.ae.maximum_pdu_size = settings.max_pdu_size
+        # A peer that stalls or sends garbage must not hold an association slot for long.
+        timeout = settings.network_timeout_seconds
+        self.ae.network_timeout = self.ae.acse_timeout = self.ae.dimse_timeout = timeout
+        self.ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        self._server = None
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_REQUESTED, self._handle_requested),
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_aborted),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
+        ]
+        tls = self.settings.tls
+        self._server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_context(tls) if tls else None,
+        )
+        log.info(
+            "listening as %s on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.bind_address,
+            self.settings.port,
+            " (DICOM TLS)" if tls else "",
+        )
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.socket.fileno() >= 0
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers ---------------------------------------------------------------------
+    def _handle_requested(self, event: evt.Event) -> None:
+        """Reject (A-ASSOCIATE-RJ, rejected-permanent, service-user) an unknown calling AE
+        title (reason 0x03), then a called AE title other than ours (reason 0x07) unless
+        ``security.accept_any_called_ae_title``."""
+        requestor = event.assoc.requestor
+        primitive = requestor.primitive
+        calling = primitive.calling_ae_title if primitive else ""
+        called = primitive.called_ae_title if primitive else ""
+        if not self.security.admits(calling, requestor.address):
+            log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
+            self._reject(event, 0x03)  # calling AE title not recognised
+        elif not self.security.accept_any_called_ae_title and called.strip() != self.settings.ae_title.strip():
+            log.warning("association rejected: %r from %s called AE %r, this node is %r",
+                        calling, requestor.address, called, self.settings.ae_title)
+            self._reject(event, 0x07)  # called AE title not recognised
+
+    @staticmethod
+    def _reject(event: evt.Event, reason: int) -> None:
+        """Send A-ASSOCIATE-RJ (rejected-permanent, service-user, ``reason``) and close."""
+        try:
+            event.assoc.acse.send_reject(0x01, 0x01, reason)
+        except Exception as exc:  # the peer already broke the protocol: just drop it
+            log.warning("could not send the rejection (%s); dropping the connection", type(exc).__name__)
+        finally:
+            event.assoc.kill()
+
+    def _handle_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            self._series_by_assoc[id(event.assoc)] = set()
+        requestor = event.assoc.requestor
+        log.info("association accepted from %s (%s:%s)", requestor.ae_title, requestor.address, requestor.port)
+
+    def _handle_store(self, event: evt.Event) -> int:
+        try:
+            dataset = event.dataset
+            study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
+            series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+            sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+            if sop_uid != event.request.AffectedSOPInstanceUID:
+                raise InvalidUIDError("SOPInstanceUID differs from the request's AffectedSOPInstanceUID")
+            placement = placement_of(dataset).to_json()
+        except InvalidUIDError as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return _CANNOT_UNDERSTAND
+        except Exception as exc:  # an undecodable dataset
+            log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
+            return _CANNOT_UNDERSTAND
+        free = shutil.disk_usage(self.spool.root).free
+        if free < self.storage.min_free_bytes:
+            log.error("C-STORE of %s refused: %d bytes free, below storage.min_free_bytes", sop_uid, free)
+            return _OUT_OF_RESOURCES
+        if self.state.instance_count(series_uid) >= self.storage.max_series_instances:
+            log.error("C-STORE of %s refused: series %s exceeds storage.max_series_instances", sop_uid, series_uid)
+            return _OUT_OF_RESOURCES
+        try:
+            path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
+        except OSError as exc:
+            log.error("C-STORE of %s failed: cannot write to the spool: %s", sop_uid, exc)
+            return _OUT_OF_RESOURCES
+        try:
+            ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title, path.parent)
+            with self._lock:
+                carried = self._series_by_assoc.setdefault(id(event.assoc), set())
+                first_in_assoc = series_uid not in carried
+                carried.add(series_uid)
+            if first_in_assoc:
+                self.completion.association_started([series_uid])
+            self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
+                                       placement=placement)
+        except Exception:
+            log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
+            return _PROCESSING_FAILURE
+        self.metrics.instances_received.inc()
+        return 0x0000
+
+    def _end(self, event: evt.Event, *, released: bool) -> None:
+        with self._lock:
+            carried = self._series_by_assoc.pop(id(event.assoc), None)
+        if carried is not None:
+            self.completion.association_ended(carried, released=released)
+
+    def _handle_released(self, event: evt.Event) -> None:
+        log.info("association released by %s", event.assoc.requestor.ae_title)
+        self._end(event, released=True)
+
+    def _handle_aborted(self, event: evt.Event) -> None:
+        log.info("association aborted (%s)", event.assoc.requestor.ae_title)
+        self._end(event, released=False)
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        self._end(event, released=False)
+
+
+def _handle_echo(event: evt.Event) -> int:
+    return 0x0000

@@ -1,0 +1,101 @@
+"""What the node and its GPU workers say to each other over Celery: the task, its
+request and its reply, all JSON (nothing travels as pickle).
+
+A request is ``{"model": settings without the local paths, "preset": name, "image":
+compressed NIfTI}``; a reply is the label image (compressed), the label names and codes,
+the model's identity and its ``RunReport``, or ``{"error": [kind, message]}``. The
+client (``dicom_node.remote.client``) and the worker process
+(``dicom_node.remote.worker``) both build their Celery application here.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import zlib
+from typing import Any
+
+import nibabel as nib
+
+from dicom_node.config import WorkerSettings
+from pipeline.errors import error_of_kind
+from pipeline.labels import Code, SegmentInfo
+from pipeline.model.types import ModelIdentity, ModelReply, RunReport
+
+__all__ = ["TASK_NAME", "LOCAL_KEYS", "make_app", "pack", "unpack", "encode_reply", "decode_reply"]
+
+TASK_NAME = "dicom_node.segment"
+LOCAL_KEYS = ("weights_dir", "home_dir", "device")  # each worker's own
+
+
+def make_app(settings: WorkerSettings):
+    """The Celery application both sides use (JSON only, late acknowledgement)."""
+    from celery import Celery
+
+    app = Celery("dicom_node", broker=settings.broker_url, backend=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+
+def pack(image: nib.Nifti1Image) -> str:
+    return base64.b64encode(zlib.compress(image.to_bytes(), 1)).decode("ascii")
+
+
+def unpack(text: str) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(zlib.decompress(base64.b64decode(text)))
+
+
+def _codes_to_json(codes) -> dict | None:
+    return None if codes is None else {name: dataclasses.asdict(info) for name, info in codes.items()}
+
+
+def _codes_from_json(data: dict | None):
+    if data is None:
+        return None
+
+    def code(value):
+        return None if value is None else Code(**value)
+
+    return {
+        name: SegmentInfo(**{**info, "category": code(info["category"]), "property_type": code(info["property_type"]),
+                             "type_modifier": code(info["type_modifier"]), "region": code(info.get("region")),
+                             "region_modifier": code(info.get("region_modifier")), "rgb": tuple(info["rgb"])})
+        for name, info in data.items()
+    }
+
+
+def encode_reply(reply: ModelReply) -> dict[str, Any]:
+    return {
+        "labels": pack(reply.labels),
+        "names": {str(k): v for k, v in reply.names.items()},
+        "codes": _codes_to_json(reply.codes),
+        "model": dataclasses.asdict(reply.model),
+        "report": dataclasses.asdict(reply.report),
+    }
+
+
+def decode_reply(data: dict[str, Any]) -> ModelReply:
+    if "error" in data:
+        kind, message = data["error"]
+        raise error_of_kind(str(kind), str(message))
+    return ModelReply(
+        labels=unpack(data["labels"]),
+        names={int(k): v for k, v in data["names"].items()},
+        codes=_codes_from_json(data["codes"]),
+        model=ModelIdentity(**data["model"]),
+        report=RunReport(**data["report"]),
+    )

@@ -1,0 +1,72 @@
+"""A GPU worker: the ``dicom-node worker`` process, one Celery worker with a warm model
+runner per model preset (``pipeline.model.runner.ModelRunner``, with this machine's own
+``weights_dir``, ``home_dir`` and ``device``).
+
+It takes one task at a time (``--pool solo``, prefetch 1) and acknowledges it only when
+it has ended (late acknowledgement), so a worker that is lost leaves its task to
+another. A model error goes back as a reply naming its ``PipelineError`` kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from dicom_node.config import Config
+from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, encode_reply, make_app, unpack
+from pipeline.errors import PipelineError
+from pipeline.model.runner import ModelRunner
+from pipeline.settings import ModelSettings
+
+__all__ = ["run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+
+class _WorkerModels:
+    """The worker process's warm runners, one per model. Each takes the worker's own
+    paths and device from the worker's preset of the same name (else its first preset)."""
+
+    def __init__(self, local: dict[str, ModelSettings]) -> None:
+        self.local = local
+        self.runners: dict[str, ModelRunner] = {}
+
+    def settings_for(self, request: dict[str, Any]) -> ModelSettings:
+        """The request's model with this worker's paths and device for its preset."""
+        local = self.local.get(request.get("preset") or "", next(iter(self.local.values())))
+        return ModelSettings.model_validate({**request["model"], **{key: getattr(local, key) for key in LOCAL_KEYS}})
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        settings = self.settings_for(request)
+        key = settings.model_dump_json()
+        runner = self.runners.get(key)
+        if runner is None:
+            runner = self.runners[key] = ModelRunner(settings)
+        try:
+            return encode_reply(runner.run(unpack(request["image"])))
+        except PipelineError as exc:
+            log.warning("task failed: %s", exc)
+            return {"error": [type(exc).__name__, str(exc)]}
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+
+
+def run_worker(config: Config, *, name: str | None = None) -> int:
+    """Run a Celery worker (one process, one task at a time) until it is stopped."""
+    app = make_app(config.workers)
+    models = _WorkerModels({preset.name: preset.settings for preset in config.models})
+    app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)(models.run)
+    hostname = name or f"dicom-node-{os.getpid()}@%h"
+    try:
+        app.worker_main([
+            "worker", "--pool=solo", "--concurrency=1", "--prefetch-multiplier=1", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", f"--queues={config.workers.queue}", f"--hostname={hostname}",
+            f"--loglevel={config.logging.level}",
+        ])
+    finally:
+        models.close()
+    return 0

@@ -1,0 +1,969 @@
+"""The durable state store (SQLite): instances, series and jobs.
+
+Every received instance is recorded here before its C-STORE success goes back, so the
+store and the spool together are the node's memory across crashes. The database runs
+in WAL mode with ``synchronous=FULL``: a committed row survives a power cut.
+
+Job life cycle (``JobState``)::
+
+    received -> processing -> sending -> sent
+                    |             |
+                    +-> no_result  +-> failed (after the last send attempt, or a permanent refusal)
+                    +-> skipped (policy: e.g. a T2 series, a localizer)
+                    +-> failed (pipeline error, with its reason)
+    received, processing, sending -> superseded (the series grew: a newer job replaces it)
+
+``received`` jobs wait for the worker. A ``sending`` job has its result objects in the
+outbox: one row per (job, destination, object) with its own state (``pending``,
+``sent``, ``failed``), attempts and next attempt, so a destination that is down never
+holds up another. The job is ``sent`` when every row is sent, ``failed`` when none is
+pending any more and one failed; its ``attempts`` and ``last_error`` sum up its rows.
+On start, ``processing`` jobs go back to ``received`` (they were interrupted).
+
+A job covers a snapshot of its series: the instances received up to the moment the
+series completed (``Job.upto_seq``, a receive sequence number). An instance that
+arrives later reopens the series; when it completes again, a new job covers the grown
+series and every older job of that series that has not been sent yet is ``superseded``
+(its result is never sent). A series that completes again without any new instance
+(a sender repeating itself) gets no new job unless its last job failed.
+
+An ended job (``sent``, ``skipped``, ``no_result``, ``failed``) can be processed again
+as a new job over the same instances (``reprocess``; ``Job.reprocess_of`` names the
+job it repeats), for example after a policy change.
+
+Timestamps: the database itself stamps every job as its state changes (triggers, so
+that every writer, whichever function moves the job, is covered): ``received_at`` (the
+first instance the job covers arrived), ``completed_at`` (the series completed; the job
+was created), ``processing_at`` (the worker took it), ``processed_at`` (the pipeline
+ended: results to send, skipped, no result or failed) and ``sent_at`` (the last outbox
+row was sent). Every send attempt is logged in ``sends`` with its destination and
+outcome: each destination's recent history, which readiness (``/readyz``) reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Collection, Mapping
+
+__all__ = ["JobState", "SeriesRef", "Job", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore", "TERMINAL_STATES"]
+
+
+class JobState(str, Enum):
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    SENDING = "sending"
+    SENT = "sent"
+    NO_RESULT = "no_result"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class OutboxState(str, Enum):
+    PENDING = "pending"  # waiting for its (next) attempt
+    SENT = "sent"
+    FAILED = "failed"  # refused permanently, or the last attempt failed (``retry`` queues it again)
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED, JobState.SUPERSEDED}
+)
+_UNSENT_STATES = (JobState.RECEIVED.value, JobState.PROCESSING.value, JobState.SENDING.value)
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    study_instance_uid: str
+    series_instance_uid: str
+    calling_ae_title: str
+    folder: Path
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series: SeriesRef
+    state: JobState
+    attempts: int
+    reason: str | None
+    sequence_class: str | None  # T1, T2, PD, other: what the classifier decided
+    preprocessing: str | None  # the preprocessing mode used, if the series was segmented
+    result_path: Path | None
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    upto_seq: int = 0  # the job covers the series' instances received up to this sequence number
+    seg_series_uid: str | None = None  # SeriesInstanceUID of the SEG it produced
+    last_error: str | None = None  # the latest failed attempt, kept apart from the outcome's reason
+    received_at: float | None = None  # the first instance the job covers arrived
+    completed_at: float | None = None  # its series completed (the job was created)
+    processing_at: float | None = None  # the worker took it (the latest time)
+    processed_at: float | None = None  # the pipeline ended (SEG made, skipped, no result, failed)
+    sent_at: float | None = None  # the destination took its SEG
+    reprocess_of: int | None = None  # the ended job this one processes again
+    model_run: str | None = None  # where the model ran and what it cost: "WORKER on DEVICE, load Xs, ..."
+    routing: str | None = None  # the routing decision and why (``dicom_node.work.plan.Plan.explanation``)
+    model_outcomes: str | None = None  # one line per model preset that the rules chose: "NAME: what happened"
+
+    def stage_seconds(self) -> dict[str, float | None]:
+        """Seconds per stage: receiving (first instance to completion), queued (to the
+        worker), processing (the pipeline) and sending (SEG made to sent); None for a
+        stage not reached (or from a database older than the timestamps)."""
+        def between(start: float | None, end: float | None) -> float | None:
+            return None if start is None or end is None else round(max(end - start, 0.0), 3)
+
+        return {
+            "receiving": between(self.received_at, self.completed_at),
+            "queued": between(self.created_at, self.processing_at),
+            "processing": between(self.processing_at, self.processed_at),
+            "sending": between(self.processed_at, self.sent_at),
+        }
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One result object of a job, for one destination."""
+
+    id: int
+    job_id: int
+    destination: str
+    object: str  # the object's key: seg, seg-labelmap, rtstruct, overlay, report
+    path: Path  # the folder of its files
+    state: OutboxState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    warning: str | None
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    """A destination's outbox: rows pending (of jobs still sending), sent and failed."""
+
+    pending: int = 0
+    sent: int = 0
+    failed: int = 0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    calling_ae_title    TEXT NOT NULL,
+    folder              TEXT NOT NULL,
+    first_received_at   REAL NOT NULL,
+    last_received_at    REAL NOT NULL,
+    receiving           INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
+    sop_class_uid       TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    received_at         REAL NOT NULL,
+    seq                 INTEGER NOT NULL DEFAULT 0,
+    placement           TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_by_seq ON instances(seq);
+CREATE TABLE IF NOT EXISTS jobs (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    reason              TEXT,
+    sequence_class      TEXT,
+    preprocessing       TEXT,
+    result_path         TEXT,
+    next_attempt_at     REAL NOT NULL DEFAULT 0,
+    purged              INTEGER NOT NULL DEFAULT 0,
+    created_at          REAL NOT NULL,
+    updated_at          REAL NOT NULL,
+    upto_seq            INTEGER NOT NULL DEFAULT 0,
+    seg_series_uid      TEXT,
+    last_error          TEXT,
+    received_at         REAL,
+    completed_at        REAL,
+    processing_at       REAL,
+    processed_at        REAL,
+    sent_at             REAL,
+    reprocess_of        INTEGER,
+    model_run           TEXT,
+    routing             TEXT,
+    model_outcomes      TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS sends (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id              INTEGER NOT NULL,
+    at                  REAL NOT NULL,
+    ok                  INTEGER NOT NULL,
+    error               TEXT,
+    destination         TEXT
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id              INTEGER NOT NULL REFERENCES jobs(id),
+    destination         TEXT NOT NULL,
+    object              TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     REAL NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    warning             TEXT,
+    series_uid          TEXT,
+    sent_at             REAL,
+    UNIQUE (job_id, destination, object)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+"""
+
+# The timestamps, kept by the database on every write (see the module docstring).
+# Dropped and created again on open, so that a change here reaches old databases too.
+_DROPPED_TRIGGERS = ("jobs_log_send",)  # triggers of earlier releases
+_TRIGGERS = {
+    "jobs_stamp_created": """AFTER INSERT ON jobs BEGIN
+        UPDATE jobs SET
+            completed_at = COALESCE(NEW.completed_at, NEW.created_at),
+            received_at = COALESCE(NEW.received_at,
+                (SELECT MIN(i.received_at) FROM instances i
+                 WHERE i.series_instance_uid = NEW.series_instance_uid AND i.seq <= NEW.upto_seq
+                   AND i.seq > (SELECT COALESCE(MAX(o.upto_seq), 0) FROM jobs o
+                                WHERE o.series_instance_uid = NEW.series_instance_uid AND o.id < NEW.id)),
+                (SELECT first_received_at FROM series WHERE series_instance_uid = NEW.series_instance_uid))
+        WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_processing": """AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'processing' AND OLD.state IS NOT 'processing' BEGIN
+        UPDATE jobs SET processing_at = NEW.updated_at, processed_at = NULL, sent_at = NULL WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_processed": """AFTER UPDATE OF state ON jobs
+        WHEN OLD.state = 'processing' AND NEW.state IN ('sending', 'sent', 'no_result', 'skipped', 'failed') BEGIN
+        UPDATE jobs SET processed_at = NEW.updated_at WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_sent": """AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'sent' AND OLD.state IS NOT 'sent' BEGIN
+        UPDATE jobs SET sent_at = NEW.updated_at WHERE id = NEW.id;
+    END""",
+}
+
+# what the outbox adds to a job's reason when it ends (taken off again when it is retried)
+_SEND_FAILED = "; send failed: "
+_SENT_WITH_WARNING = "; sent with warning "
+
+_REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED})
+
+
+# Columns added since the first release: (table, column, declaration). A database from
+# an earlier release gets them on open; old rows get the defaults (an old job's
+# ``upto_seq`` of 0 is completed below from its series' instances).
+_ADDED_COLUMNS = (
+    ("instances", "seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "placement", "TEXT"),
+    ("jobs", "upto_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "seg_series_uid", "TEXT"),
+    ("jobs", "last_error", "TEXT"),
+    ("jobs", "received_at", "REAL"),
+    ("jobs", "completed_at", "REAL"),
+    ("jobs", "processing_at", "REAL"),
+    ("jobs", "processed_at", "REAL"),
+    ("jobs", "sent_at", "REAL"),
+    ("jobs", "reprocess_of", "INTEGER"),
+    ("jobs", "model_run", "TEXT"),
+    ("jobs", "routing", "TEXT"),
+    ("jobs", "model_outcomes", "TEXT"),
+    ("sends", "destination", "TEXT"),
+    ("outbox", "series_uid", "TEXT"),
+)
+
+_JOB_COLUMNS = """
+    j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
+    j.created_at, j.updated_at, j.upto_seq, j.seg_series_uid, j.last_error,
+    j.received_at, j.completed_at, j.processing_at, j.processed_at, j.sent_at, j.reprocess_of, j.model_run,
+    j.routing, j.model_outcomes, s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
+"""
+
+
+class StateStore:
+    """Thread-safe access to the node's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring a database of an earlier release up to it."""
+        with self._transaction() as db:
+            for table, column, declaration in _ADDED_COLUMNS:
+                existing = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if existing and column not in existing:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db.executescript(_SCHEMA)
+        with self._transaction() as db:
+            for name in _DROPPED_TRIGGERS:
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
+            for name, body in _TRIGGERS.items():
+                db.execute(f"DROP TRIGGER IF EXISTS {name}")
+                db.execute(f"CREATE TRIGGER {name} {body}")
+            # rows of an earlier release: number the instances, give old jobs their whole series
+            unnumbered = db.execute("SELECT rowid FROM instances WHERE seq = 0 ORDER BY received_at, rowid").fetchall()
+            if unnumbered:
+                start = db.execute("SELECT COALESCE(MAX(seq), 0) FROM instances").fetchone()[0]
+                db.executemany("UPDATE instances SET seq = ? WHERE rowid = ?",
+                               [(start + n, row[0]) for n, row in enumerate(unnumbered, start=1)])
+            db.execute(
+                """UPDATE jobs SET upto_seq = (SELECT COALESCE(MAX(i.seq), 0) FROM instances i
+                                               WHERE i.series_instance_uid = jobs.series_instance_uid)
+                   WHERE upto_seq = 0"""
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- transactions ---------------------------------------------------------------
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self)
+
+    # -- instances and series -------------------------------------------------------
+    def record_instance(
+        self,
+        series: SeriesRef,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        now: float | None = None,
+        placement: str | None = None,
+    ) -> None:
+        """Record a received instance; (re)opens its series for receiving.
+
+        A new instance gets the next receive sequence number; an instance received again
+        keeps its number, so a sender repeating itself does not grow the series.
+        ``placement`` is what series completion needs to know of it (JSON, see
+        ``pipeline.input.wholeness``).
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
+                                       folder, first_received_at, last_received_at, receiving)
+                   VALUES (?, ?, ?, ?, ?, ?, 1)
+                   ON CONFLICT(series_instance_uid) DO UPDATE
+                   SET last_received_at = excluded.last_received_at, receiving = 1""",
+                (
+                    series.series_instance_uid,
+                    series.study_instance_uid,
+                    series.calling_ae_title,
+                    str(series.folder),
+                    now,
+                    now,
+                ),
+            )
+            db.execute(
+                """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at,
+                                          seq, placement)
+                   VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM instances), ?)
+                   ON CONFLICT(sop_instance_uid) DO UPDATE
+                   SET path = excluded.path, received_at = excluded.received_at, placement = excluded.placement""",
+                (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now, placement),
+            )
+
+    def instance_paths(self, series_instance_uid: str, upto_seq: int | None = None) -> list[Path]:
+        """The series' instance files (those received up to ``upto_seq``, if given)."""
+        limit = upto_seq if upto_seq is not None else 2**62
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE series_instance_uid = ? AND seq <= ? ORDER BY path",
+                (series_instance_uid, limit),
+            ).fetchall()
+        return [Path(row[0]) for row in rows]
+
+    def placements(self, series_instance_uid: str) -> list[str | None]:
+        """The recorded placement (JSON) of every instance of the series."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT placement FROM instances WHERE series_instance_uid = ? ORDER BY seq",
+                (series_instance_uid,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def instance_count(self, series_instance_uid: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            ).fetchone()
+        return int(row[0])
+
+    def receiving_series(self) -> list[tuple[str, float]]:
+        """(SeriesInstanceUID, last_received_at) of series still receiving."""
+        with self._lock:
+            return list(
+                self._db.execute(
+                    "SELECT series_instance_uid, last_received_at FROM series WHERE receiving = 1"
+                    " ORDER BY first_received_at"
+                )
+            )
+
+    def restart_completion_timers(self, now: float | None = None) -> int:
+        """After a restart, give series still receiving a full stable period again."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE series SET last_received_at = ? WHERE receiving = 1", (now,)
+            ).rowcount
+
+    def complete_series(self, series_instance_uid: str, now: float | None = None) -> int | None:
+        """Close a receiving series and create its job; returns the job id.
+
+        None when the series was not receiving, or when nothing new arrived since its
+        last job and that job did not fail. Older jobs of the series that have not been
+        sent are superseded by the new one in the same transaction.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            updated = db.execute(
+                "UPDATE series SET receiving = 0 WHERE series_instance_uid = ? AND receiving = 1",
+                (series_instance_uid,),
+            ).rowcount
+            if not updated:
+                return None
+            upto, count = db.execute(
+                "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM instances WHERE series_instance_uid = ?",
+                (series_instance_uid,),
+            ).fetchone()
+            last = db.execute(
+                "SELECT id, state, upto_seq FROM jobs WHERE series_instance_uid = ? ORDER BY id DESC LIMIT 1",
+                (series_instance_uid,),
+            ).fetchone()
+            if last is not None and last[2] == upto and last[1] != JobState.FAILED.value:
+                return None  # the same instances again: job last[0] stands
+            cursor = db.execute(
+                """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at, upto_seq)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (series_instance_uid, JobState.RECEIVED.value, now, now, upto),
+            )
+            job_id = int(cursor.lastrowid)
+            db.execute(
+                f"""UPDATE jobs SET state = ?, updated_at = ?,
+                        reason = 'superseded by job ' || ? || ': the series grew to ' || ? || ' instances'
+                    WHERE series_instance_uid = ? AND id < ? AND state IN ({",".join("?" * len(_UNSENT_STATES))})""",
+                (JobState.SUPERSEDED.value, now, job_id, count, series_instance_uid, job_id, *_UNSENT_STATES),
+            )
+            return job_id
+
+    def sent_seg_series(self, series_instance_uid: str, before_job: int) -> str | None:
+        """The SEG series of the latest earlier job of this series that was sent, if any,
+        and that covered fewer instances: a job that processes the same instances again
+        (``reprocess``) makes the same SEG under the same UIDs unless its content changed."""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT seg_series_uid FROM jobs WHERE series_instance_uid = ? AND id < ? AND state = ?
+                   AND seg_series_uid IS NOT NULL
+                   AND upto_seq < (SELECT upto_seq FROM jobs WHERE id = ?) ORDER BY id DESC LIMIT 1""",
+                (series_instance_uid, before_job, JobState.SENT.value, before_job),
+            ).fetchone()
+        return row[0] if row else None
+
+    def sent_object_series(self, series_instance_uid: str, before_job: int, key: str) -> str | None:
+        """The series of object ``key`` (``seg``, ``kidney.seg``, ...) that the latest
+        earlier job of this series sent somewhere, if that job covered fewer instances:
+        what the new object of a grown series says it replaces. None also for jobs of a
+        release whose outbox did not record series (``sent_seg_series`` knows their SEG)."""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT o.series_uid FROM outbox o JOIN jobs j ON j.id = o.job_id
+                   WHERE j.series_instance_uid = ? AND j.id < ? AND o.object = ? AND o.state = ?
+                   AND o.series_uid IS NOT NULL
+                   AND j.upto_seq < (SELECT upto_seq FROM jobs WHERE id = ?) ORDER BY j.id DESC LIMIT 1""",
+                (series_instance_uid, before_job, key, OutboxState.SENT.value, before_job),
+            ).fetchone()
+        return row[0] if row else None
+
+    # -- jobs -----------------------------------------------------------------------
+    def job(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
+                " WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+        return _job(row) if row else None
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        query = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
+        params: tuple = ()
+        if state is not None:
+            query += " WHERE j.state = ?"
+            params = (state.value,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY j.id", params).fetchall()
+        return [_job(row) for row in rows]
+
+    def job_counts(self) -> dict[JobState, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {JobState(state): count for state, count in rows}
+
+    def check_writable(self) -> None:
+        """Raise ``sqlite3.Error`` unless a write transaction can be opened."""
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS health (checked_at REAL)")
+            db.execute("DELETE FROM health")
+            db.execute("INSERT INTO health VALUES (?)", (time.time(),))
+
+    def purgeable_jobs(self, before: float) -> list[Job]:
+        """Sent jobs older than ``before`` whose series has no other job still open or failed."""
+        query = f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
+            WHERE j.state = ? AND j.purged = 0 AND j.updated_at < ? AND s.receiving = 0
+              AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = j.series_instance_uid
+                              AND o.id != j.id AND o.state NOT IN (?, ?) AND o.purged = 0)
+            ORDER BY j.id"""
+        with self._lock:
+            rows = self._db.execute(
+                query, (JobState.SENT.value, before, JobState.SENT.value, JobState.SUPERSEDED.value)
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def mark_purged(self, job_id: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET purged = 1 WHERE id = ?", (job_id,))
+            db.execute(
+                "DELETE FROM instances WHERE series_instance_uid = (SELECT series_instance_uid FROM jobs WHERE id = ?)",
+                (job_id,),
+            )
+
+    def claim_next_processing(self, now: float | None = None) -> Job | None:
+        """The oldest ``received`` job, moved to ``processing``; None when there is none.
+        Read and moved in one transaction, so several processing slots never take the
+        same job and a failed read leaves it ``received``."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
+                " WHERE j.state = ? ORDER BY j.id LIMIT 1",
+                (JobState.RECEIVED.value,),
+            ).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (JobState.PROCESSING.value, now, job.id, JobState.RECEIVED.value),
+            )
+        return dataclasses.replace(job, state=JobState.PROCESSING, updated_at=now, processing_at=now)
+
+    # -- the outbox -----------------------------------------------------------------
+    def start_sending(
+        self,
+        job_id: int,
+        items: list[tuple[str, str, Path]],
+        *,
+        object_series: Mapping[str, str] | None = None,
+        now: float | None = None,
+        **recorded,
+    ) -> bool:
+        """Move a ``processing`` job to ``sending`` with its outbox rows, (destination,
+        object key, folder) each, due now; ``object_series``: each object's
+        SeriesInstanceUID by key (what a later job's object replaces, see
+        ``sent_object_series``); ``recorded`` as for ``update_job``. False (and nothing
+        written) when the job is no longer ``processing`` (superseded)."""
+        series = object_series or {}
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            if not self._update(db, job_id, JobState.SENDING, expect=JobState.PROCESSING, now=now,
+                                next_attempt_at=now, **recorded):
+                return False
+            db.executemany(
+                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at, series_uid)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [(job_id, destination, key, str(folder), OutboxState.PENDING.value, now, series.get(key))
+                 for destination, key, folder in items],
+            )
+        return True
+
+    def adopt_unsent(self, destination: str, now: float | None = None) -> int:
+        """Give ``sending`` jobs of an earlier release (one SEG, no outbox rows) an outbox
+        row for ``destination``; the number adopted."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            rows = db.execute(
+                """SELECT id, result_path, next_attempt_at FROM jobs j WHERE state = ? AND result_path IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)""",
+                (JobState.SENDING.value,),
+            ).fetchall()
+            db.executemany(
+                """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at)
+                   VALUES (?, ?, 'seg', ?, ?, ?)""",
+                [(job_id, destination, str(Path(path).parent), OutboxState.PENDING.value, due)
+                 for job_id, path, due in rows],
+            )
+        return len(rows)
+
+    def fail_unconfigured(self, destinations: Collection[str], now: float | None = None) -> int:
+        """Pending outbox rows for a destination the configuration no longer names fail
+        (``retry --destination`` cannot reach them either; ``retry --reprocess`` makes the
+        job again for the destinations configured now); their jobs are brought up to
+        date. The number of rows."""
+        now = time.time() if now is None else now
+        known = tuple(destinations)
+        with self._transaction() as db:
+            rows = db.execute(
+                f"""SELECT id, job_id, destination FROM outbox WHERE state = ?
+                    AND destination NOT IN ({",".join("?" * len(known))})""",
+                (OutboxState.PENDING.value, *known),
+            ).fetchall()
+            for item_id, _, destination in rows:
+                db.execute("UPDATE outbox SET state = ?, last_error = ? WHERE id = ?",
+                           (OutboxState.FAILED.value, f"destination {destination!r} is no longer in the configuration;"
+                            " not sent", item_id))
+            for job_id in sorted({row[1] for row in rows}):
+                self._settle_job(db, job_id, now)
+        return len(rows)
+
+    def outbox(self, job_id: int) -> list[OutboxItem]:
+        """A job's outbox rows, by destination and object."""
+        return self.outboxes([job_id]).get(job_id, [])
+
+    def outboxes(self, job_ids: list[int] | None = None) -> dict[int, list[OutboxItem]]:
+        """The outbox rows of these jobs (None: of every job), by job, destination and object."""
+        query = f"SELECT {_OUTBOX_COLUMNS} FROM outbox o"
+        if job_ids is not None:
+            query += f" WHERE o.job_id IN ({','.join('?' * len(job_ids))})"
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY o.job_id, o.destination, o.object",
+                                    tuple(job_ids or ())).fetchall()
+        grouped: dict[int, list[OutboxItem]] = {}
+        for row in rows:
+            item = _outbox_item(row)
+            grouped.setdefault(item.job_id, []).append(item)
+        return grouped
+
+    def claim_next_send(self, now: float | None = None, destination: str | None = None) -> OutboxItem | None:
+        """The outbox row (for ``destination``, if named) whose attempt is due first, of a
+        job still ``sending`` (it stays pending)."""
+        now = time.time() if now is None else now
+        where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
+        with self._lock:
+            row = self._db.execute(
+                f"""SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.state = ? AND o.next_attempt_at <= ?
+                    AND (SELECT state FROM jobs WHERE id = o.job_id) = ?{where}
+                    ORDER BY o.next_attempt_at, o.id LIMIT 1""",
+                (OutboxState.PENDING.value, now, JobState.SENDING.value, *params),
+            ).fetchone()
+        return _outbox_item(row) if row else None
+
+    def next_wakeup(self, destination: str | None = None) -> float | None:
+        """When the earliest waiting send attempt (to ``destination``, if named) is due, if any."""
+        where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
+        with self._lock:
+            row = self._db.execute(
+                f"""SELECT MIN(o.next_attempt_at) FROM outbox o JOIN jobs j ON j.id = o.job_id
+                   WHERE o.state = ? AND j.state = ?{where}""",
+                (OutboxState.PENDING.value, JobState.SENDING.value, *params),
+            ).fetchone()
+        return row[0]
+
+    def record_send(
+        self,
+        item_id: int,
+        *,
+        ok: bool,
+        error: str | None = None,
+        warning: str | None = None,
+        retry_at: float | None = None,
+        now: float | None = None,
+    ) -> JobState:
+        """Record one send attempt of an outbox row and bring its job up to date; the
+        job's state after it.
+
+        ``ok``: the destination took the object (with ``warning`` if it gave one).
+        Otherwise ``error`` says why, and ``retry_at`` when to try again (None: the row
+        has failed for good, until ``retry``). The job becomes ``sent`` when all its rows
+        are sent and ``failed`` when none is pending and one failed; a job that is no
+        longer ``sending`` (superseded while the send ran) keeps its state."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            job_id, destination = db.execute(
+                "SELECT job_id, destination FROM outbox WHERE id = ?", (item_id,)).fetchone()
+            if ok:
+                # its last_error stays: a send that went through at the second attempt shows why the first failed
+                db.execute("""UPDATE outbox SET state = ?, attempts = attempts + 1, warning = ?, sent_at = ?
+                              WHERE id = ?""", (OutboxState.SENT.value, warning, now, item_id))
+            else:
+                state = OutboxState.FAILED if retry_at is None else OutboxState.PENDING
+                db.execute("""UPDATE outbox SET state = ?, attempts = attempts + 1, last_error = ?,
+                              next_attempt_at = ? WHERE id = ?""",
+                           (state.value, error, retry_at if retry_at is not None else now, item_id))
+            db.execute("INSERT INTO sends (job_id, destination, at, ok, error) VALUES (?, ?, ?, ?, ?)",
+                       (job_id, destination, now, int(ok), None if ok else error))
+            db.execute("DELETE FROM sends WHERE id <= (SELECT MAX(id) FROM sends) - 5000")
+            return self._settle_job(db, job_id, now)
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> JobState:
+        """Bring a ``sending`` job up to date with its outbox rows (in the caller's transaction)."""
+        job_state = JobState(db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+        rows = db.execute(
+            "SELECT destination, object, state, attempts, next_attempt_at, last_error, warning FROM outbox"
+            " WHERE job_id = ? ORDER BY destination, object", (job_id,)).fetchall()
+        if job_state is not JobState.SENDING or not rows:
+            return job_state
+        attempts = sum(row[3] for row in rows)
+        pending = [row for row in rows if row[2] == OutboxState.PENDING.value]
+        failed = [row for row in rows if row[2] == OutboxState.FAILED.value]
+        errors = [f"{row[0]} {row[1]}: {row[5]}" for row in rows if row[5]]
+        last_error = "; ".join(errors) or None
+        if pending:
+            db.execute("UPDATE jobs SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+                       (attempts, last_error, min(row[4] for row in pending), job_id))
+            return JobState.SENDING
+        reason = db.execute("SELECT reason FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] or ""
+        reason = reason.split(_SEND_FAILED, 1)[0].split(_SENT_WITH_WARNING, 1)[0]
+        if failed:
+            state = JobState.FAILED
+            reason += _SEND_FAILED + "; ".join(f"{row[0]} {row[1]}: {row[5]}" for row in failed)
+        else:
+            state = JobState.SENT
+            warnings = [f"{row[6]} from {row[0]} ({row[1]})" for row in rows if row[6]]
+            if warnings:
+                reason += _SENT_WITH_WARNING + "; ".join(warnings)
+        db.execute("UPDATE jobs SET state = ?, reason = ?, attempts = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                   (state.value, reason, attempts, last_error, now, job_id))
+        return state
+
+    def outbox_counts(self) -> dict[str, OutboxCounts]:
+        """Per destination: its rows pending (of jobs still sending), sent and failed."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT o.destination,
+                          SUM(o.state = 'pending' AND j.state = 'sending'), SUM(o.state = 'sent'),
+                          SUM(o.state = 'failed')
+                   FROM outbox o JOIN jobs j ON j.id = o.job_id GROUP BY o.destination ORDER BY o.destination"""
+            ).fetchall()
+        return {name: OutboxCounts(int(p or 0), int(s or 0), int(f or 0)) for name, p, s, f in rows}
+
+    def update_job(self, job_id: int, state: JobState, **fields) -> bool:
+        """Move a job to ``state``, setting ``fields`` (``reason``, ``sequence_class``,
+        ``preprocessing``, ``result_path``, ``seg_series_uid``, ``last_error``,
+        ``model_run``, ``routing``, ``model_outcomes``, ``attempts``, ``next_attempt_at``,
+        ``now``); with ``expect``, only if it is still in that state (a job superseded
+        meanwhile keeps its state). True if the row changed."""
+        with self._transaction() as db:
+            return self._update(db, job_id, state, **fields)
+
+    @staticmethod
+    def _update(
+        db: sqlite3.Connection,
+        job_id: int,
+        state: JobState,
+        *,
+        reason: str | None = None,
+        sequence_class: str | None = None,
+        preprocessing: str | None = None,
+        result_path: Path | None = None,
+        seg_series_uid: str | None = None,
+        last_error: str | None = None,
+        model_run: str | None = None,
+        routing: str | None = None,
+        model_outcomes: str | None = None,
+        attempts: int | None = None,
+        next_attempt_at: float | None = None,
+        expect: JobState | None = None,
+        now: float | None = None,
+    ) -> bool:
+        now = time.time() if now is None else now
+        sets = ["state = ?", "reason = ?", "updated_at = ?"]
+        params: list = [state.value, reason, now]
+        for column, value in (
+            ("sequence_class", sequence_class),
+            ("preprocessing", preprocessing),
+            ("result_path", None if result_path is None else str(result_path)),
+            ("seg_series_uid", seg_series_uid),
+            ("last_error", last_error),
+            ("model_run", model_run),
+            ("routing", routing),
+            ("model_outcomes", model_outcomes),
+        ):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value)
+        if attempts is not None:
+            sets.append("attempts = ?")
+            params.append(attempts)
+        if next_attempt_at is not None:
+            sets.append("next_attempt_at = ?")
+            params.append(next_attempt_at)
+        where, keys = "id = ?", [job_id]
+        if expect is not None:
+            where += " AND state = ?"
+            keys.append(expect.value)
+        return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*params, *keys)).rowcount > 0
+
+    def resume_interrupted(self, now: float | None = None) -> int:
+        """Jobs that were ``processing`` when the node stopped run again."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
+                (JobState.RECEIVED.value, now, JobState.PROCESSING.value),
+            ).rowcount
+
+    def requeue(self, job_id: int, destination: str | None = None, now: float | None = None) -> Job:
+        """Queue a failed job again: its failed outbox rows (only those for
+        ``destination``, if named) are due now, else, when it made no result to send,
+        its series is processed again. ``KeyError`` for an unknown job, ``ValueError``
+        (with the reason) for one that cannot be retried."""
+        now = time.time() if now is None else now
+        job = self.job(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        if job.state is not JobState.FAILED:
+            raise ValueError(f"job {job_id} is {job.state.value}, only failed jobs can be retried")
+        with self._transaction() as db:
+            newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
+                               (job.series.series_instance_uid, job_id)).fetchone()[0]
+            if newer is not None:
+                raise ValueError(f"job {job_id} covers an older state of its series; job {newer} replaces it")
+            rows = db.execute("SELECT destination, state, path FROM outbox WHERE job_id = ?", (job_id,)).fetchall()
+            if destination is not None and destination not in {row[0] for row in rows}:
+                raise ValueError(f"job {job_id} has nothing for destination {destination!r}")
+            failed = [row for row in rows if row[1] == OutboxState.FAILED.value
+                      and (destination is None or row[0] == destination)]
+            if rows and not failed:
+                raise ValueError(f"job {job_id} has no failed send" + (f" to {destination}" if destination else ""))
+            if failed and any(not Path(row[2]).exists() for row in failed):
+                raise ValueError(f"job {job_id}: its result files are gone ({failed[0][2]}); process it again"
+                                 " (retry --reprocess)")
+            if failed:
+                db.execute(
+                    "UPDATE outbox SET state = ?, attempts = 0, next_attempt_at = ? WHERE job_id = ? AND state = ?"
+                    + ("" if destination is None else " AND destination = ?"),
+                    (OutboxState.PENDING.value, now, job_id, OutboxState.FAILED.value,
+                     *(() if destination is None else (destination,))),
+                )
+                reason = (job.reason or "").split(_SEND_FAILED, 1)[0]
+                self._update(db, job_id, JobState.SENDING, reason=reason, attempts=job.attempts,
+                             next_attempt_at=now, now=now)
+            else:
+                self._update(db, job_id, JobState.RECEIVED, reason=None, attempts=0, next_attempt_at=now, now=now)
+        return self.job(job_id)  # type: ignore[return-value]
+
+    def reprocess(self, job_id: int, now: float | None = None) -> Job:
+        """Queue the instances of an ended job for a new processing run: a new job
+        (``received``, ``reprocess_of`` the old one) over the same instances; the old job
+        keeps its outcome. ``KeyError`` for an unknown job, ``ValueError`` (with the
+        reason) for one that has not ended, whose series grew since or was deleted."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT series_instance_uid, state, upto_seq, purged, received_at, completed_at FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no job {job_id}")
+            uid, state, upto, purged, received_at, completed_at = row
+            if JobState(state) not in _REPROCESSABLE:
+                raise ValueError(f"job {job_id} is {state}; only ended jobs (sent, skipped, no_result, failed)"
+                                 " can be processed again")
+            newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
+                               (uid, job_id)).fetchone()[0]
+            if newer is not None:
+                raise ValueError(f"job {job_id} is not the latest job of its series; process job {newer} again"
+                                 " instead")
+            if purged:
+                raise ValueError(f"job {job_id}: its series was deleted by retention (retention.days)")
+            cursor = db.execute(
+                """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at, upto_seq, received_at,
+                                     completed_at, reprocess_of, reason)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (uid, JobState.RECEIVED.value, now, now, upto, received_at, completed_at, job_id,
+                 f"queued again from job {job_id} (reprocess)"),
+            )
+            new_id = int(cursor.lastrowid)
+        return self.job(new_id)  # type: ignore[return-value]
+
+    def recent_sends(self, limit: int, destination: str | None = None) -> list[tuple[float, bool, str | None]]:
+        """The last ``limit`` send attempts (to ``destination``, if named), newest first:
+        (time, succeeded, error)."""
+        where, params = ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT at, ok, error FROM sends{where} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [(at, bool(ok), error) for at, ok, error in rows]
+
+
+_OUTBOX_COLUMNS = """o.id, o.job_id, o.destination, o.object, o.path, o.state, o.attempts, o.next_attempt_at,
+    o.last_error, o.warning, o.sent_at"""
+
+
+def _outbox_item(row: tuple) -> OutboxItem:
+    item_id, job_id, destination, key, path, state, attempts, due, last_error, warning, sent_at = row
+    return OutboxItem(item_id, job_id, destination, key, Path(path), OutboxState(state), attempts, due,
+                      last_error, warning, sent_at)
+
+
+class _Transaction:
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._store._lock.acquire()
+        try:
+            self._store._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._store._lock.release()
+            raise
+        return self._store._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._store._lock.release()
+
+
+def _job(row: tuple) -> Job:
+    (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
+     created, updated, upto_seq, seg_series_uid, last_error, received_at, completed_at, processing_at,
+     processed_at, sent_at, reprocess_of, model_run, routing, model_outcomes, study, series, calling_ae, folder) = row
+    return Job(
+        id=job_id,
+        series=SeriesRef(study, series, calling_ae, Path(folder)),
+        state=JobState(state),
+        attempts=attempts,
+        reason=reason,
+        sequence_class=sequence_class,
+        preprocessing=preprocessing,
+        result_path=Path(result_path) if result_path else None,
+        next_attempt_at=next_attempt_at,
+        created_at=created,
+        updated_at=updated,
+        upto_seq=upto_seq,
+        seg_series_uid=seg_series_uid,
+        last_error=last_error,
+        received_at=received_at,
+        completed_at=completed_at,
+        processing_at=processing_at,
+        processed_at=processed_at,
+        sent_at=sent_at,
+        reprocess_of=reprocess_of,
+        model_run=model_run,
+        routing=routing,
+        model_outcomes=model_outcomes,
+    )
+
+

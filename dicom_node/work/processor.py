@@ -1,0 +1,306 @@
+"""The worker: processes jobs and sends their results, recording every step.
+
+``Processor.process(job)`` runs the pipeline over the instances a claimed job covers,
+saves the result objects the destinations ask for into the spool and puts one outbox
+row per (destination, object) (state ``sending``); ``Processor.send(item)`` makes one send
+attempt of one outbox row, by DIMSE C-STORE or DICOMweb STOW-RS. They run on their own
+threads (``dicom_node.work.queue``), so a due send never waits behind a segmentation;
+``run(job)`` does both in turn. Each is a job boundary: whatever goes wrong inside one
+job ends that job (or that send) with a reason naming the cause, and never escapes to
+the loop that runs the next job.
+
+* A model stopped because the node is stopping (``RunnerStopped``) hands the job back:
+  it stays ``processing`` and the next start runs it again.
+
+* A pipeline error fails the job with its reason; the received series is never touched.
+* A result that cannot be saved (a full disk, an unwritable results folder) fails the job.
+* A send the destination refuses permanently (``SendError.permanent``) fails that
+  outbox row at once; a transient failure is retried with exponential back-off up to
+  ``send.max_attempts``, then the row has failed. The job is ``sent`` when every row
+  is, ``failed`` when none is pending and one failed; its files stay on disk for
+  ``dicom-node retry [--destination NAME]``. A warning status is a success, recorded
+  in the reason.
+* A job superseded while it ran (its series grew, see ``dicom_node.store.state``) keeps its
+  state and its result is never sent. A SEG that replaces one already sent says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.config import Config, Destination
+from dicom_node.errors import SendError
+from dicom_node.metrics import Metrics
+from dicom_node.send.dicomweb import stow_files
+from dicom_node.send.dimse import SendOutcome, send_files
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import Job, JobState, OutboxItem, OutboxState, StateStore
+from dicom_node.work.plan import Plan, plan_series, requests_for
+from pipeline.errors import PipelineError
+from pipeline.model.segment import Segmenter
+from pipeline.model.types import RunnerStopped
+from pipeline.process import Outcome, SegResult, SeriesHeaders, process_series, read_series
+
+__all__ = ["Processor", "ModelRun", "retry_delay"]
+
+log = logging.getLogger(__name__)
+
+_MAX_RETRY_DELAY = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """What one model preset did with a job's series: its result, or why there is none."""
+
+    preset: str
+    text: str  # the result's reason, the policy's reason for skipping, or the error
+    result: SegResult | None = None
+    failed: bool = False
+
+    @property
+    def line(self) -> str:
+        return f"{self.preset}: {'failed: ' if self.failed else ''}{self.text}"
+
+    @property
+    def timing(self) -> str:
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.result.seconds.items()) if self.result else ""
+
+    @property
+    def produced(self) -> bool:
+        return self.result is not None and self.result.outcome is Outcome.SEG and bool(self.result.objects)
+
+
+def retry_delay(attempts: int, base: float) -> float:
+    """Seconds before the next send attempt after ``attempts`` failures (capped)."""
+    return min(base * 2 ** max(attempts - 1, 0), _MAX_RETRY_DELAY)
+
+
+class Processor:
+    def __init__(
+        self, config: Config, state: StateStore, spool: Spool, segmenters: Segmenter | Mapping[str, Segmenter],
+        metrics: Metrics,
+    ) -> None:
+        """``segmenters``: one per model preset, by name (one segmenter: the same for every preset)."""
+        self.metrics = metrics
+        self.config = config
+        self.state = state
+        self.spool = spool
+        if not isinstance(segmenters, Mapping):
+            segmenters = {preset.name: segmenters for preset in config.models}
+        self.segmenters = dict(segmenters)
+
+    def run(self, job: Job) -> JobState:
+        """Advance one claimed job as far as it can go now (each due send attempted
+        once); return its new state."""
+        state = self.process(job) if job.state is JobState.PROCESSING else job.state
+        for item in self.state.outbox(job.id):
+            if state is JobState.SENDING and item.state is OutboxState.PENDING and item.next_attempt_at <= time.time():
+                state = self.send(item)
+        return state
+
+    def process(self, job: Job) -> JobState:
+        """Run the pipeline for a ``processing`` job; its new state."""
+        try:
+            return self._process(job)
+        except RunnerStopped:
+            log.info("job %d: handed back (the node is stopping); it runs again at the next start", job.id)
+            return JobState.PROCESSING
+        except Exception as exc:  # the job boundary: one job fails, the worker goes on
+            return self._unexpected(job, exc)
+
+    def send(self, item: OutboxItem) -> JobState:
+        """One send attempt of an outbox row; its job's new state."""
+        try:
+            return self._send(item)
+        except Exception as exc:  # the send boundary: this row fails, the sender goes on
+            log.exception("job %d: unexpected error sending %s to %s", item.job_id, item.object, item.destination)
+            return self.state.record_send(item.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _unexpected(self, job: Job, exc: Exception) -> JobState:
+        log.exception("job %d: unexpected error", job.id)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        self.metrics.series_outcomes.labels("failed").inc()
+        self.state.update_job(job.id, JobState.FAILED, reason=reason)
+        return JobState.FAILED
+
+    def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING, **recorded) -> JobState:
+        log.warning("job %d: failed: %s", job.id, reason)
+        self.metrics.series_outcomes.labels("failed").inc()
+        if not self.state.update_job(job.id, JobState.FAILED, reason=reason, expect=expect, **recorded):
+            return self._superseded(job)
+        return JobState.FAILED
+
+    def _superseded(self, job: Job) -> JobState:
+        log.info("job %d: superseded by a newer job of its series while it ran; its result is not sent", job.id)
+        return JobState.SUPERSEDED
+
+    def _process(self, job: Job) -> JobState:
+        series_uid = job.series.series_instance_uid
+        paths = self.state.instance_paths(series_uid, upto_seq=job.upto_seq)
+        log.info("job %d: processing series %s (%d instances)", job.id, series_uid, len(paths))
+        try:
+            headers = read_series(paths, self.config.pipeline)
+        except PipelineError as exc:
+            return self._fail(job, str(exc))
+        plan = plan_series(self.config, headers, job.series.calling_ae_title)
+        recorded: dict = {"routing": plan.explanation, "sequence_class": headers.classification.sequence_class.value}
+        if plan.skip_reason is not None:
+            return self._end_without_result(job, JobState.SKIPPED, Outcome.SKIPPED, plan.skip_reason, recorded)
+
+        runs = self._run_models(job, paths, headers, plan)
+        several = len(runs) > 1
+        # one model: its reason as it says it; several: a line each, named
+        reason = "; ".join(run.line for run in runs) if several else runs[0].text
+        recorded["model_outcomes"] = "\n".join(run.line for run in runs)
+        reports = [(run.preset, report) for run in runs for report in [self._model_report(run)] if report]
+        if reports:
+            recorded["model_run"] = "; ".join(f"{name}: {report}" if several else report for name, report in reports)
+        results = [run for run in runs if run.result is not None]
+        if results and results[0].result.preprocessing is not None:  # type: ignore[union-attr]
+            recorded["preprocessing"] = results[0].result.preprocessing.value  # type: ignore[union-attr]
+        produced = [run for run in results if run.produced]
+        if not produced:
+            if any(run.failed for run in runs):
+                return self._fail(job, reason, **recorded)
+            outcome = results[0].result.outcome  # type: ignore[union-attr]
+            state = JobState.SKIPPED if outcome is Outcome.SKIPPED else JobState.NO_RESULT
+            return self._end_without_result(job, state, outcome, reason, recorded)
+        if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
+            return self._superseded(job)
+        key = self.config.result_key
+        try:
+            saved = {key(run.preset, obj): [self.spool.store_result(job.id, key(run.preset, obj),
+                                                                    str(ds.SOPInstanceUID), _encode(ds))
+                                            for ds in obj.datasets]
+                     for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
+        except OSError as exc:
+            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", **recorded)
+        items = [(destination.name, name, self.spool.result_folder(job.id, name))
+                 for destination in plan.destinations for name in plan.result_keys[destination.name] if name in saved]
+        # the job's SEG, which a later job of a grown series replaces: the first preset's
+        first = produced[0]
+        seg = first.result.seg if first.result is not None and first.preset == plan.running[0].preset else None
+        series = {key(run.preset, obj): obj.series_instance_uid
+                  for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
+        if not self.state.start_sending(
+            job.id, items, object_series=series, result_path=next(iter(saved.values()))[0],
+            seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID), reason=reason, **recorded,
+        ):
+            return self._superseded(job)
+        self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
+        made = ", ".join(f"{name} ({len(files)})" for name, files in saved.items())
+        timing = "; ".join(f"{run.preset}: " * several + run.timing for run in results)
+        log.info("job %d: made %s with %s (%s)", job.id, made, reason, timing)
+        return JobState.SENDING
+
+    def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan) -> list[ModelRun]:
+        """Run each preset the plan names, in turn. A model that fails is recorded and the
+        next one runs."""
+        requests = requests_for(plan)
+        runs: list[ModelRun] = []
+        for model in plan.models:
+            if not model.runs:
+                runs.append(ModelRun(model.preset, model.reason))
+                continue
+            try:
+                result = process_series(
+                    paths, self.config.pipeline_for(model.preset), self.segmenters[model.preset], requests,
+                    supersedes=self._superseded_seg(job, model.preset, requests, first=model is plan.running[0]),
+                    series_headers=headers, **self.config.preset_marks(model.preset),
+                )
+            except PipelineError as exc:
+                log.warning("job %d: model %s failed: %s", job.id, model.preset, exc)
+                runs.append(ModelRun(model.preset, str(exc), failed=True))
+                continue
+            except RunnerStopped:
+                raise
+            except Exception as exc:  # one model's unexpected error: the others still run
+                log.exception("job %d: model %s: unexpected error", job.id, model.preset)
+                runs.append(ModelRun(model.preset, f"internal error: {type(exc).__name__}: {exc}", failed=True))
+                continue
+            for stage, seconds in result.seconds.items():
+                self.metrics.stage_seconds.labels(stage).observe(seconds)
+            runs.append(ModelRun(model.preset, result.reason, result))
+        return runs
+
+    def _superseded_seg(self, job: Job, preset: str, requests: list, *, first: bool) -> str | None:
+        """The SEG series of this preset that an earlier job of the series sent, which the
+        new SEG replaces (the job's first preset: also a SEG of an earlier release)."""
+        seg = next((request for request in requests if request.kind == "seg"), None)
+        if seg is None:
+            return None
+        series_uid = job.series.series_instance_uid
+        return (self.state.sent_object_series(series_uid, job.id, self.config.result_key(preset, seg))
+                or (self.state.sent_seg_series(series_uid, before_job=job.id) if first else None))
+
+    def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str, recorded: dict) -> JobState:
+        if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, reason=reason, **recorded):
+            return self._superseded(job)
+        self.metrics.series_outcomes.labels(outcome.value).inc()
+        log.info("job %d: %s: %s", job.id, state.value, reason)
+        return state
+
+    def _model_report(self, run: ModelRun) -> str | None:
+        """The model process's report of this thread's last run of the preset, into the
+        metrics and a line (None when its model did not run)."""
+        report = getattr(self.segmenters[run.preset], "last_report", None)
+        if report is None or run.result is None or "segment" not in run.result.seconds:
+            return None
+        self.metrics.model_runs.labels(report.worker, report.device).inc()
+        for part, seconds in (("load", report.load_seconds), ("forward", report.forward_seconds),
+                              ("overhead", report.overhead_seconds)):
+            self.metrics.model_seconds.labels(part).observe(seconds)
+        return (f"{report.worker} on {report.device}: load {report.load_seconds:.1f}s, forward"
+                f" {report.forward_seconds:.1f}s, overhead {report.overhead_seconds:.1f}s (model loads: {report.loads})")
+
+    def _send(self, item: OutboxItem) -> JobState:
+        settings = self.config.send
+        attempts = item.attempts + 1
+        try:
+            destination = self.config.destination(item.destination)
+        except KeyError:
+            return self.state.record_send(item.id, ok=False, error=(
+                f"destination {item.destination!r} is no longer in the configuration; not sent"))
+        files = sorted(item.path.glob("*.dcm"))
+        self.metrics.send_attempts.labels(item.destination).inc()
+        try:
+            if not files:
+                raise SendError(f"the {item.object} files are gone from {item.path}", peer=destination.peer,
+                                permanent=True)
+            outcome = self._deliver(files, destination)
+        except (SendError, OSError) as exc:
+            kind = exc.kind if isinstance(exc, SendError) else "local error"
+            self.metrics.send_failures.labels(item.destination, kind).inc()
+            permanent = isinstance(exc, SendError) and exc.permanent
+            what = f"job {item.job_id}: {item.object} to {item.destination}"
+            if permanent or attempts >= settings.max_attempts:
+                error = (f"send refused, not retried: {exc}" if permanent
+                         else f"send failed after {attempts} attempt(s): {exc}")
+                log.error("%s: %s", what, error)
+                return self.state.record_send(item.id, ok=False, error=error)
+            delay = retry_delay(attempts, settings.retry_delay_seconds)
+            log.warning("%s: send attempt %d failed (%s); next in %.0fs", what, attempts, exc, delay)
+            return self.state.record_send(item.id, ok=False, error=f"send attempt {attempts} failed: {exc}",
+                                          retry_at=time.time() + delay)
+        state = self.state.record_send(item.id, ok=True, warning=outcome.warning)
+        log.info("job %d: %s sent to %s%s", item.job_id, item.object, item.destination,
+                 "" if outcome.warning is None else f" with warning {outcome.warning}")
+        return state
+
+    def _deliver(self, files: list, destination: Destination) -> SendOutcome:
+        timeout = self.config.send.timeout_seconds
+        if destination.protocol == "dicomweb":
+            return stow_files(files, destination, timeout=timeout)
+        return send_files(files, destination, calling_ae_title=self.config.node.ae_title, timeout=timeout)
+
+
+def _encode(dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

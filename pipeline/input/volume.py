@@ -1,0 +1,94 @@
+"""The 3D volume of a series, with its geometry (LPS), never separated from it.
+
+Pixels are decoded with pydicom (pylibjpeg / gdcm handle the compressed transfer
+syntaxes), each file once, slice by slice (or frame by frame) in the ``Series`` order,
+each plane's modality LUT (rescale slope and intercept) is applied, and the result becomes a SimpleITK image whose origin, spacing
+and direction come from the validated header geometry. Slice ``k`` of the array is
+``series.slices[k]``: this correspondence is what the SEG relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from pipeline.errors import SeriesError
+from pipeline.input.series import Series
+from pipeline.labels import SegmentInfo
+from pipeline.model.types import ModelIdentity
+
+__all__ = ["Volume", "LabelMap", "read_volume"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A SimpleITK image (float32) and the series it was built from."""
+
+    image: sitk.Image
+    series: Series
+
+    @property
+    def array(self) -> np.ndarray:
+        """Voxels as (slice, row, column), a copy."""
+        return sitk.GetArrayFromImage(self.image)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """The same geometry with other voxels (e.g. after preprocessing)."""
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(self.image)
+        return Volume(image=image, series=self.series)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A label volume on the grid of ``volume`` and the names of its labels."""
+
+    array: np.ndarray  # (slice, row, column), integer labels, 0 = background
+    names: dict[int, str]  # label id -> structure name, for every id the model knows
+    volume: Volume
+    codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
+    model: ModelIdentity | None = None  # the model that made it, as its process identified it
+
+    def __post_init__(self) -> None:
+        expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)
+        if self.array.shape != expected:
+            raise ValueError(f"label map shape {self.array.shape} does not match the volume {expected}")
+
+    @property
+    def present(self) -> list[int]:
+        """Label ids that occur in the map, ascending (background excluded)."""
+        return [int(v) for v in np.unique(self.array) if v != 0]
+
+
+def read_volume(series: Series) -> Volume:
+    """Decode every slice of ``series`` into one float32 SimpleITK image."""
+    planes = []
+    decoded: tuple[object, np.ndarray] | None = None  # (path, pixels) of the last file read
+    for index, slice_ in enumerate(series.slices):
+        try:
+            if decoded is None or decoded[0] != slice_.path:
+                decoded = (slice_.path, pydicom.dcmread(slice_.path).pixel_array)
+            pixels = decoded[1]
+            if slice_.frame_number is not None and pixels.ndim == 3:  # a one-frame object decodes to 2D
+                pixels = pixels[slice_.frame_number - 1]
+        except Exception as exc:  # decoder errors come in many types
+            raise SeriesError(f"cannot decode the pixels of slice {index + 1} ({slice_.path.name}): {exc}") from exc
+        if pixels.shape != (series.rows, series.columns):
+            raise SeriesError(
+                f"slice {index + 1} has pixels of shape {pixels.shape}, header says"
+                f" {series.rows}x{series.columns}"
+            )
+        slope, intercept = slice_.rescale
+        planes.append(np.asarray(pixels, dtype=np.float32) * np.float32(slope) + np.float32(intercept))
+    image = sitk.GetImageFromArray(np.stack(planes))
+    image.SetOrigin(series.slices[0].position)
+    row_spacing, column_spacing = series.pixel_spacing
+    image.SetSpacing((column_spacing, row_spacing, series.slice_spacing))
+    # Columns of the direction matrix: along a row (x), down a column (y), the normal (z).
+    direction = np.column_stack([series.row_direction, series.column_direction, series.normal])
+    image.SetDirection(tuple(direction.flatten()))
+    return Volume(image=image, series=series)

@@ -1,0 +1,243 @@
+"""The warm model runner: one long-lived process that loads the model once and then
+segments volume after volume.
+
+``ModelRunner`` starts a process with ``spawn`` (a process forked from the node's many
+threads can inherit a held lock and hang; the model's environment variables, library
+globals and any crash or leak stay out of the node). The process builds the back-end
+the settings name (``pipeline.model.totalseg.TotalSegBackend`` or
+``pipeline.model.nnunet.NnUNetBackend``), which keeps nnU-Net's predictors initialised
+between requests, and then answers requests over a pipe: a NIfTI image in, a
+``ModelReply`` out (the label image, the label names and codes, the model's identity,
+and a ``RunReport`` with the load count and the time of each stage).
+
+* A runner that dies (killed, out of memory) is started again and the request is sent
+  once more; a second death fails the request with the reason
+  (``SegmentationError``). Errors the back-end raises (missing weights, a failing
+  model) come back as the same ``PipelineError`` kind with the same message.
+* The process watches its parent and exits when the parent is gone, even after
+  ``kill -9`` of the parent, so no model process outlives the node.
+* ``close()`` stops it; a request that ``close()`` interrupts raises ``RunnerStopped``
+  (the job is handed back, not failed).
+
+``ModelService`` is the small interface the node uses: ``ModelRunner`` is the
+embedded implementation, ``dicom_node.remote.client.CeleryModels`` sends the same
+request to a GPU worker over Celery. ``run_model_on_nifti`` is the cold path (a fresh
+process per image, which loads the model every time), kept as the comparison in
+``bench/throughput.py`` and as the reference in the equality tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import PipelineError, SegmentationError, error_of_kind
+from pipeline.model.types import Backend, ModelReply, RunnerStopped
+from pipeline.settings import ModelSettings
+
+__all__ = ["ModelRunner", "make_backend", "ModelChild", "run_model_on_nifti"]
+
+log = logging.getLogger(__name__)
+
+_PARENT_CHECK_SECONDS = 0.5
+
+
+def make_backend(settings: ModelSettings) -> Backend:
+    """The back-end the settings name (imported here: it runs in the model process)."""
+    if settings.kind == "nnunet":
+        from pipeline.model.nnunet import NnUNetBackend
+
+        return NnUNetBackend(settings)
+    from pipeline.model.totalseg import TotalSegBackend
+
+    return TotalSegBackend(settings)
+
+
+class ModelRunner:
+    """A warm model process for one ``ModelSettings``; one request at a time."""
+
+    def __init__(self, settings: ModelSettings, *, what: str | None = None) -> None:
+        self.settings = settings
+        self.what = what or ("nnU-Net" if settings.kind == "nnunet" else "TotalSegmentator")
+        self._lock = threading.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._closed = False
+        self._loads_before = 0  # loads of processes that ended
+        self._loads_now = 0
+        self.starts = 0
+
+    def describe(self) -> str:
+        return f"{self.what} (warm runner)"
+
+    @property
+    def loads(self) -> int:
+        """Model loads over the runner's life, restarts included."""
+        return self._loads_before + self._loads_now
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self._process.is_alive() else None
+
+    def __enter__(self) -> "ModelRunner":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the model process now (otherwise the first request starts it)."""
+        with self._lock:
+            self._ensure_started()
+
+    def run(self, image: nib.Nifti1Image) -> ModelReply:
+        """Segment ``image``; restarts a dead runner and tries once more."""
+        payload = image.to_bytes()
+        with self._lock:
+            for attempt in (1, 2):
+                self._ensure_started()
+                try:
+                    self._conn.send_bytes(payload)
+                    status, value = self._conn.recv()
+                except (EOFError, OSError) as exc:
+                    if self._closed:
+                        raise RunnerStopped(f"{self.what}: the model process was stopped") from exc
+                    code = self._reap()
+                    if attempt == 2:
+                        raise SegmentationError(
+                            f"{self.what}: the model process died twice on this series (exit code {code});"
+                            " not tried again"
+                        ) from exc
+                    log.warning("%s: the model process died (exit code %s); starting it again", self.what, code)
+                    continue
+                if status == "ok":
+                    self._loads_now = value.report.loads
+                    return value
+                kind, message = value
+                raise error_of_kind(kind, message)
+        raise AssertionError("unreachable")
+
+    def segment_nifti(self, image: nib.Nifti1Image) -> nib.Nifti1Image:
+        """Only the label image of ``run``."""
+        return self.run(image).labels
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the model process: asked first, then terminated."""
+        self._closed = True
+        process, conn = self._process, self._conn
+        if process is None:
+            return
+        idle = self._lock.acquire(blocking=False)  # else a request is in flight: terminate it
+        if idle:
+            try:
+                conn.send_bytes(b"")  # the stop request
+            except (OSError, ValueError):
+                pass
+            finally:
+                self._lock.release()
+            process.join(timeout=min(timeout, 2.0))
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        conn.close()
+
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise RunnerStopped(f"{self.what}: the runner is closed")
+        if self._process is not None and self._process.is_alive():
+            return
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        process = context.Process(
+            target=_serve, args=(child_end, self.settings.model_dump(mode="json"), os.getpid()),
+            name=f"{self.what} runner", daemon=True,
+        )
+        process.start()
+        child_end.close()  # so that the child's death reads as EOF here
+        self._process, self._conn = process, parent_end
+        self.starts += 1
+
+    def _reap(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        self._conn.close()
+        self._process = self._conn = None
+        self._loads_before += self._loads_now
+        self._loads_now = 0
+        return process.exitcode
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the parent is gone (re-parented), whatever the model is doing."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _serve(conn, settings: dict, parent_pid: int) -> None:
+    """The model process: build the back-end, then answer requests until told to stop."""
+    _watch_parent(parent_pid)
+    backend: Backend | None = None
+    while True:
+        try:
+            payload = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if not payload:
+            return
+        try:
+            if backend is None:
+                backend = make_backend(ModelSettings.model_validate(settings))
+            conn.send(("ok", backend.run(nib.Nifti1Image.from_bytes(payload))))
+        except PipelineError as exc:
+            conn.send(("error", (type(exc).__name__, str(exc))))
+        except BaseException as exc:  # SystemExit too: TotalSegmentator exits on some errors
+            log.exception("the model failed")
+            conn.send(("error", ("SegmentationError", f"{type(exc).__name__}: {exc}")))
+
+
+# --- the cold path: one fresh process per image (comparison and reference only) -----------
+
+ModelChild = Callable[[dict, str, str, str], None]
+"""A child entry point: (settings as JSON data, input NIfTI, output NIfTI, error file)."""
+
+
+def run_model_on_nifti(image: nib.Nifti1Image, child: ModelChild, settings: ModelSettings,
+                       what: str) -> nib.Nifti1Image:
+    """Run ``child`` in a fresh spawned process on ``image``; the label image it wrote."""
+    with tempfile.TemporaryDirectory(prefix="dicom-node-segment-") as tmp:
+        source, target, error = Path(tmp) / "image.nii", Path(tmp) / "labels.nii", Path(tmp) / "error.txt"
+        nib.save(image, source)
+        process = multiprocessing.get_context("spawn").Process(
+            target=child, args=(settings.model_dump(mode="json"), str(source), str(target), str(error)), name=what
+        )
+        process.start()
+        process.join()
+        if process.exitcode != 0 or not target.exists():
+            reason = error.read_text().strip() if error.exists() else f"exit code {process.exitcode}"
+            raise SegmentationError(f"{what} failed: {reason}")
+        labels = nib.load(target)
+        data = np.array(np.asanyarray(labels.dataobj))  # read into memory before the folder goes
+        return nib.Nifti1Image(data, labels.affine, labels.header)
