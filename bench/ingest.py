@@ -18,7 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import NodeProcess, Orthanc, StoreSCP, data_dir, free_port, node_config, storescu  # noqa: E402
+from tests.support.dcmtk import StoreSCP, storescu  # noqa: E402
+from tests.support.node import NodeProcess, node_config  # noqa: E402
+from tests.support.orthanc import Orthanc  # noqa: E402
+from tests.support.paths import data_dir, free_port  # noqa: E402
 
 
 def _rate(port: int, called: str, files: list[Path], repeat: int) -> float:

@@ -28,13 +28,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.peers import data_dir  # noqa: E402
+from tests.support.paths import data_dir  # noqa: E402
 
 
 def _label_map(series_dir: Path):
     from pipeline.input.series import load_series
-    from pipeline.input.volume import LabelMap, read_volume
+    from pipeline.input.volume import read_volume
     from pipeline.labels import total_class_names
+    from pipeline.model.types import LabelMap
 
     volume = read_volume(load_series(sorted(series_dir.glob("*.dcm"))))
     shape = (len(volume.series.slices), volume.series.rows, volume.series.columns)

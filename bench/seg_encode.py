@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.peers import data_dir  # noqa: E402
+from tests.support.paths import data_dir  # noqa: E402
 
 _WORKER = r"""
 import json, sys, time, resource, io, warnings, logging
@@ -36,7 +36,8 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 from pipeline.labels import total_class_names
 from pipeline.input.series import load_series
-from pipeline.input.volume import LabelMap, read_volume
+from pipeline.input.volume import read_volume
+from pipeline.model.types import LabelMap
 
 kind, series_dir, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 paths = sorted(series_dir.glob("*.dcm"))

@@ -64,7 +64,8 @@ sys.path.insert(0, str(REPO))
 # The project is imported where it is used, not here: every spawned model process runs
 # this file again as its main module, and should pay for nothing it does not need.
 if TYPE_CHECKING:
-    from pipeline.input.volume import LabelMap, Volume
+    from pipeline.input.volume import Volume
+    from pipeline.model.types import LabelMap
     from pipeline.process import SegResult
     from pipeline.settings import ModelSettings, PipelineSettings
 
@@ -247,10 +248,10 @@ class ColdSegmenter:
 
     def segment(self, volume: Volume) -> LabelMap:
         from pipeline.input.nifti import nifti_to_array, volume_to_nifti
-        from pipeline.input.volume import LabelMap
         from pipeline.model.identity import describe_model
         from pipeline.model.runner import run_model_on_nifti
         from pipeline.model.totalseg import run_in_child
+        from pipeline.model.types import LabelMap
 
         self.model.check_weights()
         labels = run_model_on_nifti(volume_to_nifti(volume), run_in_child, self.settings, "TotalSegmentator")

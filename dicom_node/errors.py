@@ -10,7 +10,9 @@ and the kind of failure (``kind``), so that callers branch on fields, never on t
 
 from __future__ import annotations
 
-__all__ = ["NodeError", "ConfigError", "InvalidUIDError", "SendError"]
+from enum import StrEnum
+
+__all__ = ["NodeError", "ConfigError", "InvalidUIDError", "SendFailure", "SendError"]
 
 
 class NodeError(Exception):
@@ -25,6 +27,20 @@ class InvalidUIDError(NodeError):
     """A value that should be a DICOM UID is not one."""
 
 
+class SendFailure(StrEnum):
+    """What kind of failure a ``SendError`` is (see there); its value is the label."""
+
+    CONNECTION_REFUSED = "connection refused"
+    TIMED_OUT = "timed out"
+    ABORTED_BY_PEER = "aborted by peer"
+    ASSOCIATION_REJECTED = "association rejected"
+    CONTEXT_REJECTED = "context rejected"
+    FAILURE_STATUS = "failure status"
+    NOT_AUTHORISED = "not authorised"
+    TLS_ERROR = "tls error"
+    LOCAL_ERROR = "local error"
+
+
 class SendError(NodeError):
     """A send to a destination failed: a C-STORE (DIMSE) or a STOW-RS request (DICOMweb).
 
@@ -34,7 +50,7 @@ class SendError(NodeError):
     otherwise (an HTTP status alone is in the message). ``permanent``: a retry cannot
     help (the outbox row fails at once); otherwise it is retried with back-off.
 
-    ``kind`` tells the failures apart in reasons and in
+    ``kind`` (a ``SendFailure``) tells the failures apart in reasons and in
     ``dicom_node_send_failures_total{destination,kind}``:
 
     * ``connection refused``: nothing listens there, or no connection can be made;
@@ -51,9 +67,9 @@ class SendError(NodeError):
     """
 
     def __init__(self, message: str, *, peer: str, status: int | None = None, permanent: bool = False,
-                 kind: str = "local error") -> None:
+                 kind: SendFailure = SendFailure.LOCAL_ERROR) -> None:
         super().__init__(message)
         self.peer = peer
         self.status = status
         self.permanent = permanent
-        self.kind = kind
+        self.kind = SendFailure(kind)

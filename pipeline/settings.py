@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.input.classify import ClassRule, SequenceClass
 from pipeline.input.preprocess import PreprocessingMode
-from pipeline.input.series import FourD
 
 __all__ = [
     "ModelSettings", "PreprocessingSettings", "Policy", "ModelPreset", "ClassRuleSettings", "PipelineSettings",
@@ -21,6 +20,9 @@ __all__ = [
 
 SKIP = "skip"
 UNPROCESSED = "unprocessed"
+
+
+FourD = Literal["reject", "first", "last"]  # a series with repeated slice positions: refused, or one volume
 
 
 class _Frozen(BaseModel):

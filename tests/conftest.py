@@ -10,7 +10,10 @@ from dicom_node.receive.completion import Completion
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import StateStore
-from tests.peers import DATA_ENV, NODE_LOGS, REPO, Orthanc, StoreSCP, data_dir, free_port
+from tests.support.dcmtk import StoreSCP
+from tests.support.node import NODE_LOGS
+from tests.support.orthanc import Orthanc
+from tests.support.paths import DATA_ENV, REPO, data_dir, free_port
 
 PHANTOM_MODEL = REPO / "models" / "phantom_total_fast"
 CHECKPOINT = (

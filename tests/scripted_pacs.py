@@ -17,7 +17,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import SegmentationStorage
 
-from tests.peers import LOCALHOST, free_port
+from tests.support.paths import LOCALHOST, free_port
 
 _SEG_CLASSES = {str(SegmentationStorage), "1.2.840.10008.5.1.4.1.1.66.7"}  # Segmentation, Label Map
 

@@ -5,7 +5,7 @@ from pydantic import BaseModel
 
 from dicom_node.config import load_config, parse_config
 from dicom_node.errors import ConfigError
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 MINIMAL = {"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}}
 

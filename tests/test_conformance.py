@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 DOC = (REPO / "docs" / "conformance.md").read_text()
 
@@ -45,7 +45,8 @@ def test_scu_context_matches_what_the_seg_writer_produces(t1_dir, segmentation_t
     from pipeline.input.classify import Classification, SequenceClass
     from pipeline.input.preprocess import PreprocessingMode
     from pipeline.input.series import load_series
-    from pipeline.input.volume import LabelMap, read_volume
+    from pipeline.input.volume import read_volume
+    from pipeline.model.types import LabelMap
     from pipeline.outputs.options import SegOptions
     from pipeline.outputs.seg import encode_seg
     from pipeline.process import algorithm_for

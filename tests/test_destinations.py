@@ -19,17 +19,11 @@ import pydicom
 import pytest
 
 from dicom_node.store.state import JobState, OutboxState, StateStore
-from tests.peers import (
-    LOCALHOST,
-    RECEPTION_LOG,
-    NodeProcess,
-    Orthanc,
-    StoreSCP,
-    free_port,
-    node_config,
-    storescu,
-    wait_until,
-)
+from tests.support.dcmtk import StoreSCP, storescu
+from tests.support.node import NodeProcess, node_config
+from tests.support.orthanc import RECEPTION_LOG, Orthanc
+from tests.support.paths import LOCALHOST, free_port
+from tests.support.wait import wait_until
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"

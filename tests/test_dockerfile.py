@@ -11,7 +11,7 @@ import yaml
 
 from dicom_node.cli import _parser
 from dicom_node.config import parse_config
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 

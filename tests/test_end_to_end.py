@@ -16,17 +16,12 @@ import requests
 
 from dicom_node.store.state import JobState
 from tests.conftest import patient_strings
-from tests.peers import (
-    REPO,
-    NodeProcess,
-    assert_exactly_one_seg,
-    free_port,
-    node_config,
-    series_uid_of,
-    storescu,
-    wait_until,
-)
 from tests.segcheck import check_seg_against_source
+from tests.support.asserts import assert_exactly_one_seg, series_uid_of
+from tests.support.dcmtk import storescu
+from tests.support.node import NodeProcess, node_config
+from tests.support.paths import REPO, free_port
+from tests.support.wait import wait_until
 
 
 def _all_sent(node: NodeProcess) -> bool:

@@ -10,7 +10,7 @@ import sys
 from demo.phantom_model import make_total_mr_weights
 from demo.phantom_study import write_phantom_study
 from dicom_node.cli import ExitStatus, main
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 
 def test_evaluate_writes_the_table_the_csvs_and_the_chart(phantom_weights, tmp_path):

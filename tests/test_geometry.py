@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.input.nifti import nifti_to_array, volume_to_nifti
-from pipeline.input.volume import LabelMap
 from pipeline.labels import total_class_names
+from pipeline.model.types import LabelMap
 from pipeline.process import Outcome, process_series
 from pipeline.settings import PipelineSettings
 from tests.segcheck import check_seg_against_source, referenced_planes

@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 from pipeline.input.classify import Classification, SequenceClass
 from pipeline.input.preprocess import PreprocessingMode, preprocess
 from pipeline.input.series import assemble_series, read_headers
-from pipeline.input.volume import LabelMap, read_volume
+from pipeline.input.volume import read_volume
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import Algorithm
 from pipeline.outputs.seg import encode_seg
 from pipeline.process import Outcome, algorithm_for, process_series

@@ -21,16 +21,17 @@ from pipeline.errors import WeightsMissingError
 from pipeline.input.classify import Classification, SequenceClass
 from pipeline.input.preprocess import PreprocessingMode
 from pipeline.input.series import load_series
-from pipeline.input.volume import LabelMap, read_volume
+from pipeline.input.volume import read_volume
 from pipeline.labels import read_label_table
 from pipeline.model.identity import describe_model
 from pipeline.model.nnunet import NnUNet
 from pipeline.model.segment import make_segmenter
+from pipeline.model.types import LabelMap
 from pipeline.outputs.seg import encode_seg
 from pipeline.process import algorithm_for
 from pipeline.settings import ModelSettings, PipelineSettings
-from tests.peers import REPO
 from tests.segcheck import check_seg_against_source
+from tests.support.paths import REPO
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,11 @@ from dicom_node.logs import setup_logging
 from dicom_node.service import Node
 from dicom_node.store.retention import expired, purge
 from dicom_node.store.state import JobState
-from pipeline.input.volume import LabelMap
-from tests.peers import assert_exactly_one_seg, free_port, storescu, wait_until
+from pipeline.model.types import LabelMap
+from tests.support.asserts import assert_exactly_one_seg
+from tests.support.dcmtk import storescu
+from tests.support.paths import free_port
+from tests.support.wait import wait_until
 
 
 class FakeSegmenter:

@@ -26,7 +26,8 @@ from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.service import Node, StartupError, StartupProblem
 from dicom_node.store.state import JobState, SeriesRef, StateStore
-from tests.peers import LOCALHOST, REPO, NodeProcess, free_port, node_config, status_of
+from tests.support.node import NodeProcess, node_config, status_of
+from tests.support.paths import LOCALHOST, REPO, free_port
 
 # -- start-up failures ------------------------------------------------------------------
 
@@ -340,7 +341,9 @@ def test_status_into_a_closed_pipe_exits_0_quietly(jobs_config, form):
 def test_retry_reprocess_segments_a_t2_series_after_the_policy_changed(tmp_path, phantom_weights, mri_dir, pacs):
     """A T2 series skipped by policy; the policy changes to `T2: unprocessed`, the node
     restarts, `retry --reprocess` queues the series again and its SEG reaches the PACS."""
-    from tests.peers import assert_exactly_one_seg, series_uid_of, storescu, wait_until
+    from tests.support.asserts import assert_exactly_one_seg, series_uid_of
+    from tests.support.dcmtk import storescu
+    from tests.support.wait import wait_until
 
     t2 = mri_dir / "t2_siemens_3t_tse_ax_adi"
     pacs.start()

@@ -16,7 +16,7 @@ from dicom_node.work.processor import Processor
 from pipeline.outputs.options import OutputRequest, SegOptions
 from pipeline.process import Outcome, process_series
 from pipeline.settings import PipelineSettings
-from tests.peers import StoreSCP
+from tests.support.dcmtk import StoreSCP
 from tests.test_worker import FakeSegmenter, received_job
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.input.volume import LabelMap
 from pipeline.labels import segment_info
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import OutputEncodingError
 from pipeline.outputs.overlay import (
     DISCLAIMER,

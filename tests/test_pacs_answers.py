@@ -6,14 +6,15 @@ cause with the DICOM status in hex, and the next series still gets its SEG."""
 from __future__ import annotations
 
 import shutil
-import signal
 
 import pytest
 
 from dicom_node.store.state import JobState
 from tests.derived import copy_series
-from tests.peers import NodeProcess, node_config, storescu, wait_until
 from tests.scripted_pacs import ScriptedPACS
+from tests.support.dcmtk import storescu
+from tests.support.node import NodeProcess, node_fixture
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -23,16 +24,10 @@ def pacs():
     server.stop()
 
 
-@pytest.fixture
-def node(tmp_path, pacs, phantom_weights):
-    process = NodeProcess(tmp_path / "node", node_config(
-        tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=phantom_weights,
-        completion={"stable_seconds": 2},
-        send={"max_attempts": 4, "retry_delay_seconds": 1, "timeout_seconds": 3},
-    ))
-    yield process
-    if process.process is not None:
-        process.stop(signal.SIGKILL)
+node = node_fixture(
+    completion={"stable_seconds": 2},
+    send={"max_attempts": 4, "retry_delay_seconds": 1, "timeout_seconds": 3},
+)
 
 
 def _deliver(node: NodeProcess, t1_dir, tmp_path, name: str) -> str:

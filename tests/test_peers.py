@@ -10,13 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.peers import (
-    StoreSCP,
-    assert_exactly_one_seg,
-    assert_no_conflicting_duplicates,
-    seg_receptions,
-    storescu,
-)
+from tests.support.asserts import assert_exactly_one_seg, assert_no_conflicting_duplicates, seg_receptions
+from tests.support.dcmtk import StoreSCP, storescu
 
 
 def _seg_like(t1_dir: Path, target: Path, description: str = "Auto SEG") -> Path:

@@ -34,7 +34,7 @@ from pipeline.model.runner import ModelRunner
 from pipeline.model.segment import make_segmenter
 from pipeline.model.totalseg import TotalSegmentator
 from pipeline.settings import ModelSettings
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 KIDNEY_NAMES = {1: "kidney_right", 2: "kidney_left", 3: "kidney_tumor"}
 # where TotalSegmentator 2.18 looks for task="total_mr", fast=True (task 852)

@@ -16,7 +16,9 @@ from dicom_node.config import Destination
 from dicom_node.store.state import SeriesRef, StateStore
 from dicom_node.web.http import destination_check
 from tests.conftest import CHECKPOINT
-from tests.peers import NodeProcess, free_port, node_config, wait_until
+from tests.support.node import NodeProcess, node_config
+from tests.support.paths import free_port
+from tests.support.wait import wait_until
 
 
 def _failed_send(state: StateStore, item: int, attempt: int, now: float) -> None:

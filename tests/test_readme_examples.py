@@ -33,7 +33,8 @@ import requests
 import yaml
 
 from dicom_node.store.state import JobState, SeriesRef, StateStore
-from tests.peers import REPO, data_dir, free_port, wait_until
+from tests.support.paths import REPO, data_dir, free_port
+from tests.support.wait import wait_until
 
 README = REPO / "README.md"
 _FENCE = re.compile(r"^```(\w*)\s*$")

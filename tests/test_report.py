@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from pipeline.input.volume import LabelMap
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import OutputEncodingError
 from pipeline.outputs.options import SegOptions
 from pipeline.outputs.report import COMPREHENSIVE_3D_SR_STORAGE, encode_report

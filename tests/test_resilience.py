@@ -15,36 +15,24 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from dicom_node.store.state import JobState
-from tests.peers import (
-    LOCALHOST,
-    NodeProcess,
+from tests.segcheck import check_seg_against_source
+from tests.support.asserts import (
     assert_exactly_one_seg,
     assert_no_conflicting_duplicates,
-    node_config,
-    node_settled,
     seg_receptions,
     series_uid_of,
-    storescu,
-    wait_until,
 )
-from tests.segcheck import check_seg_against_source
+from tests.support.dcmtk import storescu
+from tests.support.node import node_fixture, node_settled
+from tests.support.paths import LOCALHOST
+from tests.support.wait import wait_until
 
-
-@pytest.fixture
-def node(tmp_path, pacs, phantom_weights):
-    process = NodeProcess(tmp_path / "node", node_config(
-        tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=phantom_weights,
-        send={"max_attempts": 4, "retry_delay_seconds": 1, "timeout_seconds": 5},
-    ))
-    yield process
-    if process.process is not None:
-        process.stop(signal.SIGKILL)
+node = node_fixture(send={"max_attempts": 4, "retry_delay_seconds": 1, "timeout_seconds": 5})
 
 
 def test_kill_9_while_receiving_then_the_pacs_resends(node, pacs, t1_dir):

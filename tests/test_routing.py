@@ -31,18 +31,11 @@ from dicom_node.work.plan import plan_series
 from pipeline.labels import total_class_names
 from pipeline.process import read_series
 from tests.derived import copy_series
-from tests.peers import (
-    LOCALHOST,
-    RECEPTION_LOG,
-    NodeProcess,
-    Orthanc,
-    StoreSCP,
-    free_port,
-    node_config,
-    node_settled,
-    storescu,
-    wait_until,
-)
+from tests.support.dcmtk import StoreSCP, storescu
+from tests.support.node import NodeProcess, node_config, node_settled
+from tests.support.orthanc import RECEPTION_LOG, Orthanc
+from tests.support.paths import LOCALHOST, free_port
+from tests.support.wait import wait_until
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -23,9 +23,10 @@ from pipeline.errors import PipelineError
 from pipeline.input.classify import classify_series
 from pipeline.input.preprocess import preprocess
 from pipeline.input.series import load_series
-from pipeline.input.volume import LabelMap, Volume, read_volume
+from pipeline.input.volume import Volume, read_volume
 from pipeline.labels import segment_info
 from pipeline.model.segment import make_segmenter
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import Algorithm, OutputEncodingError
 from pipeline.outputs.contours import _keyhole, _slice_polygons
 from pipeline.outputs.rtstruct import check_rtstruct_geometry, encode_rtstruct

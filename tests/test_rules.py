@@ -18,7 +18,8 @@ from pydicom.tag import Tag
 import pipeline.routing.rules
 from pipeline.input.classify import SequenceClass, classify_series
 from pipeline.process import read_image_headers
-from pipeline.routing.rules import Match, Range, Rule, RuleSet, SeriesFacts, route, series_facts
+from pipeline.routing.facts import series_facts
+from pipeline.routing.rules import Match, Range, Rule, RuleSet, SeriesFacts, route
 from tests.conftest import patient_strings
 
 T1_SERIES = "t1_siemens_3t_fl2d_sag_hfs"  # MANIFEST: Siemens Prisma 3T FLASH T1, 4 mm slices

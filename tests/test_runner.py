@@ -18,7 +18,7 @@ from pipeline.input.series import load_series
 from pipeline.input.volume import read_volume
 from pipeline.model.runner import ModelRunner
 from pipeline.settings import ModelSettings
-from tests.peers import process_alive
+from tests.support.wait import process_alive
 
 SERIES = ("t1_philips_3t_mprage_sag", "t1_siemens_3t_fl2d_sag_hfs")
 

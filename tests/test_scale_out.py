@@ -12,16 +12,12 @@ import requests
 
 from dicom_node.store.state import JobState
 from tests.derived import copy_series
-from tests.peers import (
-    CeleryWorker,
-    NodeProcess,
-    RedisServer,
-    assert_exactly_one_seg,
-    free_port,
-    node_config,
-    storescu,
-    wait_until,
-)
+from tests.support.asserts import assert_exactly_one_seg
+from tests.support.dcmtk import storescu
+from tests.support.node import CeleryWorker, NodeProcess, node_config
+from tests.support.paths import free_port
+from tests.support.redis import RedisServer
+from tests.support.wait import wait_until
 
 SOURCE = "t1_siemens_3t_fl2d_sag_hfs"  # 35 slices: a few seconds per series on the phantom model
 

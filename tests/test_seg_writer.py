@@ -19,8 +19,9 @@ from pipeline.errors import SegEncodingError
 from pipeline.input.classify import Classification, SequenceClass, classify_series
 from pipeline.input.preprocess import PreprocessingMode
 from pipeline.input.series import load_series
-from pipeline.input.volume import LabelMap, read_volume
+from pipeline.input.volume import read_volume
 from pipeline.model.identity import describe_model, expected_weights
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import REPLACES, Algorithm, algorithm_parameters, parameter_value
 from pipeline.outputs.options import SegOptions
 from pipeline.outputs.seg import check_seg_geometry, encode_seg

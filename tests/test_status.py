@@ -17,7 +17,11 @@ import requests
 import yaml
 
 from dicom_node.store.state import JobState, StateStore
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, series_uid_of, status_of, wait_until
+from tests.support.asserts import series_uid_of
+from tests.support.node import NodeProcess, node_config, status_of
+from tests.support.orthanc import Orthanc
+from tests.support.paths import free_port
+from tests.support.wait import wait_until
 
 # The schema of the release before the timestamps (commit 04995b0), as its databases are on disk.
 _PREVIOUS_SCHEMA = """

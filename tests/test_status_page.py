@@ -20,7 +20,10 @@ from PIL import Image
 from dicom_node.store.state import JobState
 from dicom_node.web.status_page import middle_image, overlay, render_preview
 from tests.conftest import patient_strings
-from tests.peers import REPO, NodeProcess, Orthanc, free_port, node_config, wait_until
+from tests.support.node import NodeProcess, node_config
+from tests.support.orthanc import Orthanc
+from tests.support.paths import REPO, free_port
+from tests.support.wait import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -56,7 +59,8 @@ def seg_on_t1(t1_dir, tmp_path_factory):
     from pipeline.input.classify import Classification, SequenceClass
     from pipeline.input.preprocess import PreprocessingMode
     from pipeline.input.series import load_series
-    from pipeline.input.volume import LabelMap, read_volume
+    from pipeline.input.volume import read_volume
+    from pipeline.model.types import LabelMap
     from pipeline.outputs.seg import encode_seg
     from pipeline.process import algorithm_for
     from pipeline.settings import PipelineSettings

@@ -14,31 +14,17 @@ import signal
 import time
 from datetime import datetime
 
-import pytest
-
 from dicom_node.store.state import JobState
 from tests.derived import copy_series
-from tests.peers import (
-    NodeProcess,
-    assert_exactly_one_seg,
-    node_config,
-    process_alive,
-    series_uid_of,
-    storescu,
-    wait_until,
+from tests.support.asserts import assert_exactly_one_seg, series_uid_of
+from tests.support.dcmtk import storescu
+from tests.support.node import NodeProcess, node_fixture
+from tests.support.wait import process_alive, wait_until
+
+node = node_fixture(
+    node={"shutdown_seconds": 5},
+    send={"max_attempts": 30, "retry_delay_seconds": 1, "timeout_seconds": 5},
 )
-
-
-@pytest.fixture
-def node(tmp_path, pacs, phantom_weights):
-    process = NodeProcess(tmp_path / "node", node_config(
-        tmp_path / "node", destination=(pacs.ae_title, pacs.port), weights_dir=phantom_weights,
-        node={"shutdown_seconds": 5},
-        send={"max_attempts": 30, "retry_delay_seconds": 1, "timeout_seconds": 5},
-    ))
-    yield process
-    if process.process is not None:
-        process.stop(signal.SIGKILL)
 
 
 def _model_pid(node: NodeProcess) -> int:

@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 from dicom_node.config import Destination, HttpAuth
 from dicom_node.errors import ConfigError, SendError
 from dicom_node.send.dicomweb import _authorization, _outcome, stow_files
-from tests.peers import LOCALHOST, Orthanc, data_dir, free_port
+from tests.support.orthanc import Orthanc
+from tests.support.paths import LOCALHOST, data_dir, free_port
 
 USER, PASSWORD = "node", "s3cret-Passw0rd"
 SERIES = "t1_philips_3t_mprage_sag"

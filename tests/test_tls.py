@@ -9,7 +9,9 @@ import pytest
 
 from dicom_node.config import parse_config
 from dicom_node.send.dimse import send_file
-from tests.peers import LOCALHOST, free_port, loopback_env, wait_for_port
+from tests.support.dcmtk import loopback_env
+from tests.support.paths import LOCALHOST, free_port
+from tests.support.wait import wait_for_port
 
 
 def _openssl(*args: str, cwd: Path) -> None:

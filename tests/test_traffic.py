@@ -15,19 +15,16 @@ import pytest
 
 from dicom_node.store.state import JobState
 from tests.derived import copy_series
-from tests.peers import (
-    NodeProcess,
-    StoreSCP,
+from tests.segcheck import check_seg_against_source
+from tests.support.asserts import (
     assert_exactly_one_seg,
     assert_no_conflicting_duplicates,
-    node_config,
-    node_settled,
     seg_receptions,
     series_uid_of,
-    storescu,
-    wait_until,
 )
-from tests.segcheck import check_seg_against_source
+from tests.support.dcmtk import StoreSCP, storescu
+from tests.support.node import NodeProcess, node_config, node_settled
+from tests.support.wait import wait_until
 
 
 def _node(tmp_path: Path, pacs: StoreSCP, weights: Path, **overrides) -> NodeProcess:

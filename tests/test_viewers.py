@@ -16,14 +16,16 @@ import SimpleITK as sitk
 from pipeline.input.classify import Classification, SequenceClass
 from pipeline.input.preprocess import PreprocessingMode
 from pipeline.input.series import load_series
-from pipeline.input.volume import LabelMap, read_volume
+from pipeline.input.volume import read_volume
 from pipeline.labels import total_class_names
+from pipeline.model.types import LabelMap
 from pipeline.outputs.options import SegOptions
 from pipeline.outputs.seg import encode_seg
 from pipeline.process import algorithm_for
 from pipeline.settings import PipelineSettings
-from tests.peers import REPO, wait_until
 from tests.segcheck import check_seg_against_source
+from tests.support.paths import REPO
+from tests.support.wait import wait_until
 
 T1 = Classification(SequenceClass.T1, True, "test")
 ALGORITHM = algorithm_for(PipelineSettings(), PreprocessingMode.INVERT_BLACK_BACKGROUND, T1)

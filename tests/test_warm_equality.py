@@ -25,7 +25,7 @@ from pipeline.input.volume import read_volume
 from pipeline.model.identity import expected_weights
 from pipeline.model.runner import ModelRunner
 from pipeline.settings import ModelSettings, PipelineSettings
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 # the T1 series the MANIFEST says the node classifies, inverts and segments
 SERIES = ("t1_siemens_3t_fl2d_sag_hfs", "t1_philips_3t_mprage_sag")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.weights import WeightsError, import_weights, installed_models
-from tests.peers import REPO
+from tests.support.paths import REPO
 
 DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"

@@ -12,8 +12,10 @@ from dicom_node.metrics import Metrics
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import JobState, SeriesRef, StateStore
 from dicom_node.work.processor import Processor, retry_delay
-from pipeline.input.volume import LabelMap
-from tests.peers import StoreSCP, assert_exactly_one_seg, free_port
+from pipeline.model.types import LabelMap
+from tests.support.asserts import assert_exactly_one_seg
+from tests.support.dcmtk import StoreSCP
+from tests.support.paths import free_port
 
 
 class FakeSegmenter:

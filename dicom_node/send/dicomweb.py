@@ -47,8 +47,8 @@ import requests
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import Destination, HttpAuth
-from dicom_node.errors import ConfigError, SendError
-from dicom_node.send.dimse import SendOutcome, status_meaning, transient_status
+from dicom_node.errors import ConfigError, SendError, SendFailure
+from dicom_node.send.status import SendOutcome, status_meaning, transient_status
 
 __all__ = ["stow_files"]
 
@@ -128,7 +128,7 @@ def _authorization(auth: HttpAuth, peer: str) -> str:
     try:
         secret = auth.secret()
     except ConfigError as exc:
-        raise SendError(f"cannot send to {peer}: {exc}", peer=peer, kind="local error") from exc
+        raise SendError(f"cannot send to {peer}: {exc}", peer=peer, kind=SendFailure.LOCAL_ERROR) from exc
     if auth.type == "bearer":
         return f"Bearer {secret}"
     return "Basic " + base64.b64encode(f"{auth.username}:{secret}".encode("utf-8")).decode("ascii")
@@ -137,19 +137,19 @@ def _authorization(auth: HttpAuth, peer: str) -> str:
 def _request_failure(exc: requests.RequestException, peer: str, endpoint: str, timeout: float) -> SendError:
     """A request that got no HTTP answer; every such failure is transient."""
     if isinstance(exc, requests.exceptions.SSLError):
-        return SendError(f"TLS with {peer} failed (tls error): {_innermost(exc)}", peer=peer, kind="tls error")
+        return SendError(f"TLS with {peer} failed (tls error): {_innermost(exc)}", peer=peer, kind=SendFailure.TLS_ERROR)
     if isinstance(exc, requests.exceptions.Timeout):  # before ConnectionError: ConnectTimeout is both
         return SendError(f"{peer} did not answer the STOW-RS within {timeout:g} s (timed out)", peer=peer,
-                         kind="timed out")
+                         kind=SendFailure.TIMED_OUT)
     if isinstance(exc, requests.exceptions.ConnectionError):
         if _caused_by(exc, ConnectionRefusedError):
             return SendError(f"STOW-RS to {peer} failed: connection refused (nothing listens there)", peer=peer,
-                             kind="connection refused")
+                             kind=SendFailure.CONNECTION_REFUSED)
         if _caused_by(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
             return SendError(f"{peer} closed the connection during the STOW-RS (aborted by peer)", peer=peer,
-                             kind="aborted by peer")
+                             kind=SendFailure.ABORTED_BY_PEER)
         return SendError(f"STOW-RS to {peer} failed: cannot connect ({_innermost(exc)})", peer=peer,
-                         kind="connection refused")
+                         kind=SendFailure.CONNECTION_REFUSED)
     return SendError(f"STOW-RS to {endpoint} failed: {type(exc).__name__}: {exc}", peer=peer)
 
 
@@ -187,7 +187,7 @@ def _outcome(response: requests.Response, peer: str, endpoint: str, sent_uids: l
             why = "asks for credentials and the destination has no auth configured"
         else:
             why = f"refused the credentials ({auth.type} auth{f' as user {auth.username}' if auth.username else ''})"
-        raise SendError(f"{peer} {why}: {http} (not authorised)", peer=peer, permanent=True, kind="not authorised")
+        raise SendError(f"{peer} {why}: {http} (not authorised)", peer=peer, permanent=True, kind=SendFailure.NOT_AUTHORISED)
     answer = _dicom_json(response)
     failed = _failures(answer)
     if failed:
@@ -198,20 +198,20 @@ def _outcome(response: requests.Response, peer: str, endpoint: str, sent_uids: l
         raise SendError(
             f"{peer} did not store {len(failed)} of {len(sent_uids)} instances ({http}, {stored} stored): {listed}",
             peer=peer, status=codes[0] if codes else None,
-            permanent=not codes or not all(transient_status(code) for code in codes), kind="failure status",
+            permanent=not codes or not all(transient_status(code) for code in codes), kind=SendFailure.FAILURE_STATUS,
         )
     if not 200 <= response.status_code < 300:
         transient = response.status_code >= 500 or response.status_code in _TRANSIENT_HTTP
         what = " (a redirect: is the URL the DICOMweb base?)" if 300 <= response.status_code < 400 else ""
         raise SendError(f"STOW-RS to {endpoint} answered {http}{what}", peer=peer, permanent=not transient,
-                        kind="failure status")
+                        kind=SendFailure.FAILURE_STATUS)
     if answer is not None and (_FAILED_SOP_SEQUENCE in answer or _REFERENCED_SOP_SEQUENCE in answer):
         reported = {_uid(item) for item in _items(answer, _REFERENCED_SOP_SEQUENCE)}
         missing = [uid for uid in sent_uids if uid not in reported]
         if missing:
             raise SendError(
                 f"{peer} answered {http} but lists {len(missing)} of {len(sent_uids)} instances neither as stored "
-                f"nor as failed: {', '.join(missing)}", peer=peer, kind="failure status",
+                f"nor as failed: {', '.join(missing)}", peer=peer, kind=SendFailure.FAILURE_STATUS,
             )
     warnings = _warnings(answer)
     log.info("stored %d instances at %s (STOW-RS, %s)", len(sent_uids), peer, http)

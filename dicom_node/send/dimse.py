@@ -26,50 +26,28 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination
-from dicom_node.errors import SendError
+from dicom_node.errors import SendError, SendFailure
+from dicom_node.send.status import SendOutcome, status_meaning, transient_status
 from dicom_node.tls import client_context
 
-__all__ = ["SendOutcome", "send_file", "send_files", "status_meaning", "transient_status"]
+__all__ = ["send_file", "send_files"]
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT_STATUSES = {0x0110, 0x0213}  # processing failure, resource limitation
 _CONTEXT_RESULTS = {
     0x01: "user rejection",
     0x02: "no reason given",
     0x03: "abstract syntax (SOP class) not supported",
     0x04: "transfer syntax not supported",
 }
-
-
-@dataclass(frozen=True)
-class SendOutcome:
-    """A C-STORE the destination accepted: its status, and the warning if it gave one."""
-
-    status: int
-    warning: str | None = None
-
-
-def status_meaning(code: int) -> str:
-    """The standard's words for a C-STORE status code."""
-    known = STORAGE_SERVICE_CLASS_STATUS.get(code)
-    if known is not None and known[1]:
-        return known[1]
-    return code_to_category(code).lower()
-
-
-def transient_status(code: int) -> bool:
-    """A failure status a later attempt may not meet (out of resources, processing failure)."""
-    return 0xA700 <= code <= 0xA7FF or code in _TRANSIENT_STATUSES
 
 
 def send_file(
@@ -106,7 +84,7 @@ def send_files(
         why = _CONTEXT_RESULTS.get(results[0], f"result {results[0]}") if results else "not accepted"
         raise SendError(
             f"{peer} refuses {sop_class.name} in {transfer_syntax.name}: presentation context rejected ({why})",
-            peer=peer, permanent=True, kind="context rejected",
+            peer=peer, permanent=True, kind=SendFailure.CONTEXT_REJECTED,
         )
     if not assoc.is_established:
         raise _association_failure(assoc, peer, destination, timeout)
@@ -132,9 +110,9 @@ def _store(assoc, dataset: pydicom.Dataset, peer: str, timeout: float) -> SendOu
     if not status or "Status" not in status:
         if time.monotonic() - started >= timeout * 0.95:
             raise SendError(f"{peer} did not answer the C-STORE within {timeout:g} s (timed out)", peer=peer,
-                            kind="timed out")
+                            kind=SendFailure.TIMED_OUT)
         raise SendError(f"{peer} aborted the association during the C-STORE (aborted by peer)", peer=peer,
-                        kind="aborted by peer")
+                        kind=SendFailure.ABORTED_BY_PEER)
     code = int(status.Status)
     category = code_to_category(code)
     if category == "Success":
@@ -145,7 +123,7 @@ def _store(assoc, dataset: pydicom.Dataset, peer: str, timeout: float) -> SendOu
         return SendOutcome(code, warning)
     raise SendError(
         f"{peer} answered C-STORE with status 0x{code:04X} ({status_meaning(code)})",
-        peer=peer, status=code, permanent=not transient_status(code), kind="failure status",
+        peer=peer, status=code, permanent=not transient_status(code), kind=SendFailure.FAILURE_STATUS,
     )
 
 
@@ -157,7 +135,7 @@ def _association_failure(assoc, peer: str, destination: Destination, timeout: fl
         reason = getattr(primitive, "reason_str", None) or "?"
         permanent = getattr(primitive, "result", None) == 0x01
         return SendError(f"association to {peer} rejected ({result}; {source}: {reason})", peer=peer,
-                         permanent=permanent, kind="association rejected")
+                         permanent=permanent, kind=SendFailure.ASSOCIATION_REJECTED)
     kind = _diagnose_connection(destination.host, destination.port, timeout)
     what = {
         "connection refused": "connection refused (nothing listens there)",

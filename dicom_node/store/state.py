@@ -44,14 +44,19 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Collection, Mapping
 
-__all__ = ["JobState", "SeriesRef", "Job", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore", "TERMINAL_STATES"]
+from dicom_node.store.db import Database
+from dicom_node.store.schema import migrate
+
+__all__ = [
+    "JobState", "SeriesRef", "Job", "JobUpdate", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore",
+    "TERMINAL_STATES",
+]
 
 
 class JobState(str, Enum):
@@ -152,108 +157,31 @@ class OutboxCounts:
     failed: int = 0
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS series (
-    series_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid  TEXT NOT NULL,
-    calling_ae_title    TEXT NOT NULL,
-    folder              TEXT NOT NULL,
-    first_received_at   REAL NOT NULL,
-    last_received_at    REAL NOT NULL,
-    receiving           INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid    TEXT PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
-    sop_class_uid       TEXT NOT NULL,
-    path                TEXT NOT NULL,
-    received_at         REAL NOT NULL,
-    seq                 INTEGER NOT NULL DEFAULT 0,
-    placement           TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
-CREATE INDEX IF NOT EXISTS instances_by_seq ON instances(seq);
-CREATE TABLE IF NOT EXISTS jobs (
-    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
-    state               TEXT NOT NULL,
-    attempts            INTEGER NOT NULL DEFAULT 0,
-    reason              TEXT,
-    sequence_class      TEXT,
-    preprocessing       TEXT,
-    result_path         TEXT,
-    next_attempt_at     REAL NOT NULL DEFAULT 0,
-    purged              INTEGER NOT NULL DEFAULT 0,
-    created_at          REAL NOT NULL,
-    updated_at          REAL NOT NULL,
-    upto_seq            INTEGER NOT NULL DEFAULT 0,
-    seg_series_uid      TEXT,
-    last_error          TEXT,
-    received_at         REAL,
-    completed_at        REAL,
-    processing_at       REAL,
-    processed_at        REAL,
-    sent_at             REAL,
-    reprocess_of        INTEGER,
-    model_run           TEXT,
-    routing             TEXT,
-    model_outcomes      TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
-CREATE TABLE IF NOT EXISTS sends (
-    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id              INTEGER NOT NULL,
-    at                  REAL NOT NULL,
-    ok                  INTEGER NOT NULL,
-    error               TEXT,
-    destination         TEXT
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id              INTEGER NOT NULL REFERENCES jobs(id),
-    destination         TEXT NOT NULL,
-    object              TEXT NOT NULL,
-    path                TEXT NOT NULL,
-    state               TEXT NOT NULL,
-    attempts            INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at     REAL NOT NULL DEFAULT 0,
-    last_error          TEXT,
-    warning             TEXT,
-    series_uid          TEXT,
-    sent_at             REAL,
-    UNIQUE (job_id, destination, object)
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
-"""
+@dataclass(frozen=True)
+class JobUpdate:
+    """What a job's move to a new state records besides the state. ``reason`` is always
+    written (None clears it); every other field only when it is given."""
 
-# The timestamps, kept by the database on every write (see the module docstring).
-# Dropped and created again on open, so that a change here reaches old databases too.
-_DROPPED_TRIGGERS = ("jobs_log_send",)  # triggers of earlier releases
-_TRIGGERS = {
-    "jobs_stamp_created": """AFTER INSERT ON jobs BEGIN
-        UPDATE jobs SET
-            completed_at = COALESCE(NEW.completed_at, NEW.created_at),
-            received_at = COALESCE(NEW.received_at,
-                (SELECT MIN(i.received_at) FROM instances i
-                 WHERE i.series_instance_uid = NEW.series_instance_uid AND i.seq <= NEW.upto_seq
-                   AND i.seq > (SELECT COALESCE(MAX(o.upto_seq), 0) FROM jobs o
-                                WHERE o.series_instance_uid = NEW.series_instance_uid AND o.id < NEW.id)),
-                (SELECT first_received_at FROM series WHERE series_instance_uid = NEW.series_instance_uid))
-        WHERE id = NEW.id;
-    END""",
-    "jobs_stamp_processing": """AFTER UPDATE OF state ON jobs
-        WHEN NEW.state = 'processing' AND OLD.state IS NOT 'processing' BEGIN
-        UPDATE jobs SET processing_at = NEW.updated_at, processed_at = NULL, sent_at = NULL WHERE id = NEW.id;
-    END""",
-    "jobs_stamp_processed": """AFTER UPDATE OF state ON jobs
-        WHEN OLD.state = 'processing' AND NEW.state IN ('sending', 'sent', 'no_result', 'skipped', 'failed') BEGIN
-        UPDATE jobs SET processed_at = NEW.updated_at WHERE id = NEW.id;
-    END""",
-    "jobs_stamp_sent": """AFTER UPDATE OF state ON jobs
-        WHEN NEW.state = 'sent' AND OLD.state IS NOT 'sent' BEGIN
-        UPDATE jobs SET sent_at = NEW.updated_at WHERE id = NEW.id;
-    END""",
-}
+    reason: str | None = None
+    sequence_class: str | None = None
+    preprocessing: str | None = None
+    result_path: Path | None = None
+    seg_series_uid: str | None = None
+    last_error: str | None = None
+    model_run: str | None = None
+    routing: str | None = None
+    model_outcomes: str | None = None
+    attempts: int | None = None
+    next_attempt_at: float | None = None
+
+    def columns(self) -> dict[str, object]:
+        """Column -> value of the fields given, ``reason`` always."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        given = {name: value for name, value in values.items() if value is not None or name == "reason"}
+        if isinstance(given.get("result_path"), Path):
+            given["result_path"] = str(given["result_path"])
+        return given
+
 
 # what the outbox adds to a job's reason when it ends (taken off again when it is retried)
 _SEND_FAILED = "; send failed: "
@@ -262,82 +190,24 @@ _SENT_WITH_WARNING = "; sent with warning "
 _REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED})
 
 
-# Columns added since the first release: (table, column, declaration). A database from
-# an earlier release gets them on open; old rows get the defaults (an old job's
-# ``upto_seq`` of 0 is completed below from its series' instances).
-_ADDED_COLUMNS = (
-    ("instances", "seq", "INTEGER NOT NULL DEFAULT 0"),
-    ("instances", "placement", "TEXT"),
-    ("jobs", "upto_seq", "INTEGER NOT NULL DEFAULT 0"),
-    ("jobs", "seg_series_uid", "TEXT"),
-    ("jobs", "last_error", "TEXT"),
-    ("jobs", "received_at", "REAL"),
-    ("jobs", "completed_at", "REAL"),
-    ("jobs", "processing_at", "REAL"),
-    ("jobs", "processed_at", "REAL"),
-    ("jobs", "sent_at", "REAL"),
-    ("jobs", "reprocess_of", "INTEGER"),
-    ("jobs", "model_run", "TEXT"),
-    ("jobs", "routing", "TEXT"),
-    ("jobs", "model_outcomes", "TEXT"),
-    ("sends", "destination", "TEXT"),
-    ("outbox", "series_uid", "TEXT"),
+# A job's columns, named as ``Job``'s fields (its series from the series table): rows are
+# read by these names, so a new field needs only its column.
+_SERIES_COLUMNS = ("study_instance_uid", "series_instance_uid", "calling_ae_title", "folder")
+_JOB_COLUMNS = ", ".join(
+    [f"j.{field.name}" for field in fields(Job) if field.name != "series"] + [f"s.{name}" for name in _SERIES_COLUMNS]
 )
-
-_JOB_COLUMNS = """
-    j.id, j.state, j.attempts, j.reason, j.sequence_class, j.preprocessing, j.result_path, j.next_attempt_at,
-    j.created_at, j.updated_at, j.upto_seq, j.seg_series_uid, j.last_error,
-    j.received_at, j.completed_at, j.processing_at, j.processed_at, j.sent_at, j.reprocess_of, j.model_run,
-    j.routing, j.model_outcomes, s.study_instance_uid, s.series_instance_uid, s.calling_ae_title, s.folder
-"""
 
 
 class StateStore:
     """Thread-safe access to the node's SQLite database."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """Create the schema, or bring a database of an earlier release up to it."""
-        with self._transaction() as db:
-            for table, column, declaration in _ADDED_COLUMNS:
-                existing = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                if existing and column not in existing:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-        self._db.executescript(_SCHEMA)
-        with self._transaction() as db:
-            for name in _DROPPED_TRIGGERS:
-                db.execute(f"DROP TRIGGER IF EXISTS {name}")
-            for name, body in _TRIGGERS.items():
-                db.execute(f"DROP TRIGGER IF EXISTS {name}")
-                db.execute(f"CREATE TRIGGER {name} {body}")
-            # rows of an earlier release: number the instances, give old jobs their whole series
-            unnumbered = db.execute("SELECT rowid FROM instances WHERE seq = 0 ORDER BY received_at, rowid").fetchall()
-            if unnumbered:
-                start = db.execute("SELECT COALESCE(MAX(seq), 0) FROM instances").fetchone()[0]
-                db.executemany("UPDATE instances SET seq = ? WHERE rowid = ?",
-                               [(start + n, row[0]) for n, row in enumerate(unnumbered, start=1)])
-            db.execute(
-                """UPDATE jobs SET upto_seq = (SELECT COALESCE(MAX(i.seq), 0) FROM instances i
-                                               WHERE i.series_instance_uid = jobs.series_instance_uid)
-                   WHERE upto_seq = 0"""
-            )
+        self.db = Database(path)
+        migrate(self.db)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # -- transactions ---------------------------------------------------------------
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self)
+        self.db.close()
 
     # -- instances and series -------------------------------------------------------
     def record_instance(
@@ -357,7 +227,7 @@ class StateStore:
         ``pipeline.input.wholeness``).
         """
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             db.execute(
                 """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
                                        folder, first_received_at, last_received_at, receiving)
@@ -385,8 +255,8 @@ class StateStore:
     def instance_paths(self, series_instance_uid: str, upto_seq: int | None = None) -> list[Path]:
         """The series' instance files (those received up to ``upto_seq``, if given)."""
         limit = upto_seq if upto_seq is not None else 2**62
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.lock:
+            rows = self.db.connection.execute(
                 "SELECT path FROM instances WHERE series_instance_uid = ? AND seq <= ? ORDER BY path",
                 (series_instance_uid, limit),
             ).fetchall()
@@ -394,34 +264,33 @@ class StateStore:
 
     def placements(self, series_instance_uid: str) -> list[str | None]:
         """The recorded placement (JSON) of every instance of the series."""
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.lock:
+            rows = self.db.connection.execute(
                 "SELECT placement FROM instances WHERE series_instance_uid = ? ORDER BY seq",
                 (series_instance_uid,),
             ).fetchall()
         return [row[0] for row in rows]
 
     def instance_count(self, series_instance_uid: str) -> int:
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
             ).fetchone()
         return int(row[0])
 
     def receiving_series(self) -> list[tuple[str, float]]:
         """(SeriesInstanceUID, last_received_at) of series still receiving."""
-        with self._lock:
-            return list(
-                self._db.execute(
-                    "SELECT series_instance_uid, last_received_at FROM series WHERE receiving = 1"
-                    " ORDER BY first_received_at"
-                )
-            )
+        with self.db.lock:
+            rows = self.db.connection.execute(
+                "SELECT series_instance_uid, last_received_at FROM series WHERE receiving = 1"
+                " ORDER BY first_received_at"
+            ).fetchall()
+        return [(row["series_instance_uid"], row["last_received_at"]) for row in rows]
 
     def restart_completion_timers(self, now: float | None = None) -> int:
         """After a restart, give series still receiving a full stable period again."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             return db.execute(
                 "UPDATE series SET last_received_at = ? WHERE receiving = 1", (now,)
             ).rowcount
@@ -434,7 +303,7 @@ class StateStore:
         sent are superseded by the new one in the same transaction.
         """
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             updated = db.execute(
                 "UPDATE series SET receiving = 0 WHERE series_instance_uid = ? AND receiving = 1",
                 (series_instance_uid,),
@@ -469,8 +338,8 @@ class StateStore:
         """The SEG series of the latest earlier job of this series that was sent, if any,
         and that covered fewer instances: a job that processes the same instances again
         (``reprocess``) makes the same SEG under the same UIDs unless its content changed."""
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 """SELECT seg_series_uid FROM jobs WHERE series_instance_uid = ? AND id < ? AND state = ?
                    AND seg_series_uid IS NOT NULL
                    AND upto_seq < (SELECT upto_seq FROM jobs WHERE id = ?) ORDER BY id DESC LIMIT 1""",
@@ -483,8 +352,8 @@ class StateStore:
         earlier job of this series sent somewhere, if that job covered fewer instances:
         what the new object of a grown series says it replaces. None also for jobs of a
         release whose outbox did not record series (``sent_seg_series`` knows their SEG)."""
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 """SELECT o.series_uid FROM outbox o JOIN jobs j ON j.id = o.job_id
                    WHERE j.series_instance_uid = ? AND j.id < ? AND o.object = ? AND o.state = ?
                    AND o.series_uid IS NOT NULL
@@ -495,8 +364,8 @@ class StateStore:
 
     # -- jobs -----------------------------------------------------------------------
     def job(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
                 " WHERE j.id = ?",
                 (job_id,),
@@ -509,18 +378,18 @@ class StateStore:
         if state is not None:
             query += " WHERE j.state = ?"
             params = (state.value,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY j.id", params).fetchall()
+        with self.db.lock:
+            rows = self.db.connection.execute(query + " ORDER BY j.id", params).fetchall()
         return [_job(row) for row in rows]
 
     def job_counts(self) -> dict[JobState, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        with self.db.lock:
+            rows = self.db.connection.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {JobState(state): count for state, count in rows}
 
     def check_writable(self) -> None:
         """Raise ``sqlite3.Error`` unless a write transaction can be opened."""
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             db.execute("CREATE TABLE IF NOT EXISTS health (checked_at REAL)")
             db.execute("DELETE FROM health")
             db.execute("INSERT INTO health VALUES (?)", (time.time(),))
@@ -532,14 +401,14 @@ class StateStore:
               AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = j.series_instance_uid
                               AND o.id != j.id AND o.state NOT IN (?, ?) AND o.purged = 0)
             ORDER BY j.id"""
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.lock:
+            rows = self.db.connection.execute(
                 query, (JobState.SENT.value, before, JobState.SENT.value, JobState.SUPERSEDED.value)
             ).fetchall()
         return [_job(row) for row in rows]
 
     def mark_purged(self, job_id: int) -> None:
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             db.execute("UPDATE jobs SET purged = 1 WHERE id = ?", (job_id,))
             db.execute(
                 "DELETE FROM instances WHERE series_instance_uid = (SELECT series_instance_uid FROM jobs WHERE id = ?)",
@@ -551,7 +420,7 @@ class StateStore:
         Read and moved in one transaction, so several processing slots never take the
         same job and a failed read leaves it ``received``."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             row = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)"
                 " WHERE j.state = ? ORDER BY j.id LIMIT 1",
@@ -572,20 +441,20 @@ class StateStore:
         job_id: int,
         items: list[tuple[str, str, Path]],
         *,
+        update: JobUpdate = JobUpdate(),
         object_series: Mapping[str, str] | None = None,
         now: float | None = None,
-        **recorded,
     ) -> bool:
         """Move a ``processing`` job to ``sending`` with its outbox rows, (destination,
         object key, folder) each, due now; ``object_series``: each object's
         SeriesInstanceUID by key (what a later job's object replaces, see
-        ``sent_object_series``); ``recorded`` as for ``update_job``. False (and nothing
+        ``sent_object_series``); ``update`` as for ``update_job``. False (and nothing
         written) when the job is no longer ``processing`` (superseded)."""
         series = object_series or {}
         now = time.time() if now is None else now
-        with self._transaction() as db:
-            if not self._update(db, job_id, JobState.SENDING, expect=JobState.PROCESSING, now=now,
-                                next_attempt_at=now, **recorded):
+        with self.db.transaction() as db:
+            update = dataclasses.replace(update, next_attempt_at=now)
+            if not self._update(db, job_id, JobState.SENDING, update, expect=JobState.PROCESSING, now=now):
                 return False
             db.executemany(
                 """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at, series_uid)
@@ -599,7 +468,7 @@ class StateStore:
         """Give ``sending`` jobs of an earlier release (one SEG, no outbox rows) an outbox
         row for ``destination``; the number adopted."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             rows = db.execute(
                 """SELECT id, result_path, next_attempt_at FROM jobs j WHERE state = ? AND result_path IS NOT NULL
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id)""",
@@ -620,7 +489,7 @@ class StateStore:
         date. The number of rows."""
         now = time.time() if now is None else now
         known = tuple(destinations)
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             rows = db.execute(
                 f"""SELECT id, job_id, destination FROM outbox WHERE state = ?
                     AND destination NOT IN ({",".join("?" * len(known))})""",
@@ -643,8 +512,8 @@ class StateStore:
         query = f"SELECT {_OUTBOX_COLUMNS} FROM outbox o"
         if job_ids is not None:
             query += f" WHERE o.job_id IN ({','.join('?' * len(job_ids))})"
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY o.job_id, o.destination, o.object",
+        with self.db.lock:
+            rows = self.db.connection.execute(query + " ORDER BY o.job_id, o.destination, o.object",
                                     tuple(job_ids or ())).fetchall()
         grouped: dict[int, list[OutboxItem]] = {}
         for row in rows:
@@ -657,8 +526,8 @@ class StateStore:
         job still ``sending`` (it stays pending)."""
         now = time.time() if now is None else now
         where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 f"""SELECT {_OUTBOX_COLUMNS} FROM outbox o WHERE o.state = ? AND o.next_attempt_at <= ?
                     AND (SELECT state FROM jobs WHERE id = o.job_id) = ?{where}
                     ORDER BY o.next_attempt_at, o.id LIMIT 1""",
@@ -669,8 +538,8 @@ class StateStore:
     def next_wakeup(self, destination: str | None = None) -> float | None:
         """When the earliest waiting send attempt (to ``destination``, if named) is due, if any."""
         where, params = ("", ()) if destination is None else (" AND o.destination = ?", (destination,))
-        with self._lock:
-            row = self._db.execute(
+        with self.db.lock:
+            row = self.db.connection.execute(
                 f"""SELECT MIN(o.next_attempt_at) FROM outbox o JOIN jobs j ON j.id = o.job_id
                    WHERE o.state = ? AND j.state = ?{where}""",
                 (OutboxState.PENDING.value, JobState.SENDING.value, *params),
@@ -696,7 +565,7 @@ class StateStore:
         are sent and ``failed`` when none is pending and one failed; a job that is no
         longer ``sending`` (superseded while the send ran) keeps its state."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             job_id, destination = db.execute(
                 "SELECT job_id, destination FROM outbox WHERE id = ?", (item_id,)).fetchone()
             if ok:
@@ -746,8 +615,8 @@ class StateStore:
 
     def outbox_counts(self) -> dict[str, OutboxCounts]:
         """Per destination: its rows pending (of jobs still sending), sent and failed."""
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.lock:
+            rows = self.db.connection.execute(
                 """SELECT o.destination,
                           SUM(o.state = 'pending' AND j.state = 'sending'), SUM(o.state = 'sent'),
                           SUM(o.state = 'failed')
@@ -755,67 +624,30 @@ class StateStore:
             ).fetchall()
         return {name: OutboxCounts(int(p or 0), int(s or 0), int(f or 0)) for name, p, s, f in rows}
 
-    def update_job(self, job_id: int, state: JobState, **fields) -> bool:
-        """Move a job to ``state``, setting ``fields`` (``reason``, ``sequence_class``,
-        ``preprocessing``, ``result_path``, ``seg_series_uid``, ``last_error``,
-        ``model_run``, ``routing``, ``model_outcomes``, ``attempts``, ``next_attempt_at``,
-        ``now``); with ``expect``, only if it is still in that state (a job superseded
-        meanwhile keeps its state). True if the row changed."""
-        with self._transaction() as db:
-            return self._update(db, job_id, state, **fields)
+    def update_job(self, job_id: int, state: JobState, update: JobUpdate = JobUpdate(), *,
+                   expect: JobState | None = None, now: float | None = None) -> bool:
+        """Move a job to ``state``, recording ``update``; with ``expect``, only if it is
+        still in that state (a job superseded meanwhile keeps its state). True if the
+        row changed."""
+        with self.db.transaction() as db:
+            return self._update(db, job_id, state, update, expect=expect, now=now)
 
     @staticmethod
-    def _update(
-        db: sqlite3.Connection,
-        job_id: int,
-        state: JobState,
-        *,
-        reason: str | None = None,
-        sequence_class: str | None = None,
-        preprocessing: str | None = None,
-        result_path: Path | None = None,
-        seg_series_uid: str | None = None,
-        last_error: str | None = None,
-        model_run: str | None = None,
-        routing: str | None = None,
-        model_outcomes: str | None = None,
-        attempts: int | None = None,
-        next_attempt_at: float | None = None,
-        expect: JobState | None = None,
-        now: float | None = None,
-    ) -> bool:
+    def _update(db: sqlite3.Connection, job_id: int, state: JobState, update: JobUpdate = JobUpdate(), *,
+                expect: JobState | None = None, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        sets = ["state = ?", "reason = ?", "updated_at = ?"]
-        params: list = [state.value, reason, now]
-        for column, value in (
-            ("sequence_class", sequence_class),
-            ("preprocessing", preprocessing),
-            ("result_path", None if result_path is None else str(result_path)),
-            ("seg_series_uid", seg_series_uid),
-            ("last_error", last_error),
-            ("model_run", model_run),
-            ("routing", routing),
-            ("model_outcomes", model_outcomes),
-        ):
-            if value is not None:
-                sets.append(f"{column} = ?")
-                params.append(value)
-        if attempts is not None:
-            sets.append("attempts = ?")
-            params.append(attempts)
-        if next_attempt_at is not None:
-            sets.append("next_attempt_at = ?")
-            params.append(next_attempt_at)
+        columns = {"state": state.value, "updated_at": now, **update.columns()}
         where, keys = "id = ?", [job_id]
         if expect is not None:
             where += " AND state = ?"
             keys.append(expect.value)
-        return db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*params, *keys)).rowcount > 0
+        sets = ", ".join(f"{column} = ?" for column in columns)
+        return db.execute(f"UPDATE jobs SET {sets} WHERE {where}", (*columns.values(), *keys)).rowcount > 0
 
     def resume_interrupted(self, now: float | None = None) -> int:
         """Jobs that were ``processing`` when the node stopped run again."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             return db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
                 (JobState.RECEIVED.value, now, JobState.PROCESSING.value),
@@ -832,7 +664,7 @@ class StateStore:
             raise KeyError(f"no job {job_id}")
         if job.state is not JobState.FAILED:
             raise ValueError(f"job {job_id} is {job.state.value}, only failed jobs can be retried")
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
                                (job.series.series_instance_uid, job_id)).fetchone()[0]
             if newer is not None:
@@ -855,10 +687,10 @@ class StateStore:
                      *(() if destination is None else (destination,))),
                 )
                 reason = (job.reason or "").split(_SEND_FAILED, 1)[0]
-                self._update(db, job_id, JobState.SENDING, reason=reason, attempts=job.attempts,
-                             next_attempt_at=now, now=now)
+                self._update(db, job_id, JobState.SENDING,
+                             JobUpdate(reason=reason, attempts=job.attempts, next_attempt_at=now), now=now)
             else:
-                self._update(db, job_id, JobState.RECEIVED, reason=None, attempts=0, next_attempt_at=now, now=now)
+                self._update(db, job_id, JobState.RECEIVED, JobUpdate(attempts=0, next_attempt_at=now), now=now)
         return self.job(job_id)  # type: ignore[return-value]
 
     def reprocess(self, job_id: int, now: float | None = None) -> Job:
@@ -867,7 +699,7 @@ class StateStore:
         keeps its outcome. ``KeyError`` for an unknown job, ``ValueError`` (with the
         reason) for one that has not ended, whose series grew since or was deleted."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.db.transaction() as db:
             row = db.execute(
                 "SELECT series_instance_uid, state, upto_seq, purged, received_at, completed_at FROM jobs WHERE id = ?",
                 (job_id,),
@@ -899,8 +731,8 @@ class StateStore:
         """The last ``limit`` send attempts (to ``destination``, if named), newest first:
         (time, succeeded, error)."""
         where, params = ("", ()) if destination is None else (" WHERE destination = ?", (destination,))
-        with self._lock:
-            rows = self._db.execute(
+        with self.db.lock:
+            rows = self.db.connection.execute(
                 f"SELECT at, ok, error FROM sends{where} ORDER BY id DESC LIMIT ?", (*params, limit)
             ).fetchall()
         return [(at, bool(ok), error) for at, ok, error in rows]
@@ -910,60 +742,20 @@ _OUTBOX_COLUMNS = """o.id, o.job_id, o.destination, o.object, o.path, o.state, o
     o.last_error, o.warning, o.sent_at"""
 
 
-def _outbox_item(row: tuple) -> OutboxItem:
-    item_id, job_id, destination, key, path, state, attempts, due, last_error, warning, sent_at = row
-    return OutboxItem(item_id, job_id, destination, key, Path(path), OutboxState(state), attempts, due,
-                      last_error, warning, sent_at)
-
-
-class _Transaction:
-    def __init__(self, store: StateStore) -> None:
-        self._store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._store._lock.acquire()
-        try:
-            self._store._db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self._store._lock.release()
-            raise
-        return self._store._db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._store._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._store._lock.release()
-
-
-def _job(row: tuple) -> Job:
-    (job_id, state, attempts, reason, sequence_class, preprocessing, result_path, next_attempt_at,
-     created, updated, upto_seq, seg_series_uid, last_error, received_at, completed_at, processing_at,
-     processed_at, sent_at, reprocess_of, model_run, routing, model_outcomes, study, series, calling_ae, folder) = row
-    return Job(
-        id=job_id,
-        series=SeriesRef(study, series, calling_ae, Path(folder)),
-        state=JobState(state),
-        attempts=attempts,
-        reason=reason,
-        sequence_class=sequence_class,
-        preprocessing=preprocessing,
-        result_path=Path(result_path) if result_path else None,
-        next_attempt_at=next_attempt_at,
-        created_at=created,
-        updated_at=updated,
-        upto_seq=upto_seq,
-        seg_series_uid=seg_series_uid,
-        last_error=last_error,
-        received_at=received_at,
-        completed_at=completed_at,
-        processing_at=processing_at,
-        processed_at=processed_at,
-        sent_at=sent_at,
-        reprocess_of=reprocess_of,
-        model_run=model_run,
-        routing=routing,
-        model_outcomes=model_outcomes,
+def _outbox_item(row: sqlite3.Row) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"], job_id=row["job_id"], destination=row["destination"], object=row["object"],
+        path=Path(row["path"]), state=OutboxState(row["state"]), attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"], last_error=row["last_error"], warning=row["warning"],
+        sent_at=row["sent_at"],
     )
 
 
+def _job(row: sqlite3.Row) -> Job:
+    """A job from a row of ``_JOB_COLUMNS``, by column name."""
+    values = {field.name: row[field.name] for field in fields(Job) if field.name != "series"}
+    values["state"] = JobState(values["state"])
+    values["result_path"] = Path(values["result_path"]) if values["result_path"] else None
+    series = SeriesRef(row["study_instance_uid"], row["series_instance_uid"], row["calling_ae_title"],
+                       Path(row["folder"]))
+    return Job(series=series, **values)

@@ -18,7 +18,8 @@ from dicom_node.config import Config, Destination
 from pipeline.input.preprocess import PreprocessingMode
 from pipeline.outputs.options import OutputRequest, distinct
 from pipeline.process import SeriesHeaders, preprocessing_for
-from pipeline.routing.rules import Routing, SeriesFacts, route, series_facts
+from pipeline.routing.facts import series_facts
+from pipeline.routing.rules import Routing, SeriesFacts, route
 
 __all__ = ["ModelPlan", "Plan", "plan_series", "requests_for"]
 

@@ -26,6 +26,7 @@ the loop that runs the next job.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -33,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.config import Config, Destination
-from dicom_node.errors import SendError
+from dicom_node.errors import SendError, SendFailure
 from dicom_node.metrics import Metrics
-from dicom_node.send.dicomweb import stow_files
-from dicom_node.send.dimse import SendOutcome, send_files
+from dicom_node.send.senders import sender_for
+from dicom_node.send.status import SendOutcome
 from dicom_node.store.spool import Spool
-from dicom_node.store.state import Job, JobState, OutboxItem, OutboxState, StateStore
+from dicom_node.store.state import Job, JobState, JobUpdate, OutboxItem, OutboxState, StateStore
 from dicom_node.work.plan import Plan, plan_series, requests_for
 from pipeline.errors import PipelineError
 from pipeline.model.segment import Segmenter
@@ -124,13 +125,14 @@ class Processor:
         log.exception("job %d: unexpected error", job.id)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         self.metrics.series_outcomes.labels("failed").inc()
-        self.state.update_job(job.id, JobState.FAILED, reason=reason)
+        self.state.update_job(job.id, JobState.FAILED, JobUpdate(reason=reason))
         return JobState.FAILED
 
-    def _fail(self, job: Job, reason: str, *, expect: JobState = JobState.PROCESSING, **recorded) -> JobState:
+    def _fail(self, job: Job, reason: str, recorded: JobUpdate = JobUpdate(), *,
+              expect: JobState = JobState.PROCESSING) -> JobState:
         log.warning("job %d: failed: %s", job.id, reason)
         self.metrics.series_outcomes.labels("failed").inc()
-        if not self.state.update_job(job.id, JobState.FAILED, reason=reason, expect=expect, **recorded):
+        if not self.state.update_job(job.id, JobState.FAILED, dataclasses.replace(recorded, reason=reason), expect=expect):
             return self._superseded(job)
         return JobState.FAILED
 
@@ -147,7 +149,7 @@ class Processor:
         except PipelineError as exc:
             return self._fail(job, str(exc))
         plan = plan_series(self.config, headers, job.series.calling_ae_title)
-        recorded: dict = {"routing": plan.explanation, "sequence_class": headers.classification.sequence_class.value}
+        recorded = JobUpdate(routing=plan.explanation, sequence_class=headers.classification.sequence_class.value)
         if plan.skip_reason is not None:
             return self._end_without_result(job, JobState.SKIPPED, Outcome.SKIPPED, plan.skip_reason, recorded)
 
@@ -155,17 +157,18 @@ class Processor:
         several = len(runs) > 1
         # one model: its reason as it says it; several: a line each, named
         reason = "; ".join(run.line for run in runs) if several else runs[0].text
-        recorded["model_outcomes"] = "\n".join(run.line for run in runs)
+        recorded = dataclasses.replace(recorded, model_outcomes="\n".join(run.line for run in runs))
         reports = [(run.preset, report) for run in runs for report in [self._model_report(run)] if report]
         if reports:
-            recorded["model_run"] = "; ".join(f"{name}: {report}" if several else report for name, report in reports)
+            recorded = dataclasses.replace(
+                recorded, model_run="; ".join(f"{name}: {report}" if several else report for name, report in reports))
         results = [run for run in runs if run.result is not None]
         if results and results[0].result.preprocessing is not None:  # type: ignore[union-attr]
-            recorded["preprocessing"] = results[0].result.preprocessing.value  # type: ignore[union-attr]
+            recorded = dataclasses.replace(recorded, preprocessing=results[0].result.preprocessing.value)  # type: ignore[union-attr]
         produced = [run for run in results if run.produced]
         if not produced:
             if any(run.failed for run in runs):
-                return self._fail(job, reason, **recorded)
+                return self._fail(job, reason, recorded)
             outcome = results[0].result.outcome  # type: ignore[union-attr]
             state = JobState.SKIPPED if outcome is Outcome.SKIPPED else JobState.NO_RESULT
             return self._end_without_result(job, state, outcome, reason, recorded)
@@ -178,7 +181,7 @@ class Processor:
                                             for ds in obj.datasets]
                      for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
         except OSError as exc:
-            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", **recorded)
+            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", recorded)
         items = [(destination.name, name, self.spool.result_folder(job.id, name))
                  for destination in plan.destinations for name in plan.result_keys[destination.name] if name in saved]
         # the job's SEG, which a later job of a grown series replaces: the first preset's
@@ -187,8 +190,9 @@ class Processor:
         series = {key(run.preset, obj): obj.series_instance_uid
                   for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
         if not self.state.start_sending(
-            job.id, items, object_series=series, result_path=next(iter(saved.values()))[0],
-            seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID), reason=reason, **recorded,
+            job.id, items, object_series=series,
+            update=dataclasses.replace(recorded, reason=reason, result_path=next(iter(saved.values()))[0],
+                                       seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID)),
         ):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
@@ -237,8 +241,9 @@ class Processor:
         return (self.state.sent_object_series(series_uid, job.id, self.config.result_key(preset, seg))
                 or (self.state.sent_seg_series(series_uid, before_job=job.id) if first else None))
 
-    def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str, recorded: dict) -> JobState:
-        if not self.state.update_job(job.id, state, expect=JobState.PROCESSING, reason=reason, **recorded):
+    def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str,
+                            recorded: JobUpdate) -> JobState:
+        if not self.state.update_job(job.id, state, dataclasses.replace(recorded, reason=reason), expect=JobState.PROCESSING):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(outcome.value).inc()
         log.info("job %d: %s: %s", job.id, state.value, reason)
@@ -273,8 +278,8 @@ class Processor:
                                 permanent=True)
             outcome = self._deliver(files, destination)
         except (SendError, OSError) as exc:
-            kind = exc.kind if isinstance(exc, SendError) else "local error"
-            self.metrics.send_failures.labels(item.destination, kind).inc()
+            kind = exc.kind if isinstance(exc, SendError) else SendFailure.LOCAL_ERROR
+            self.metrics.send_failures.labels(item.destination, kind.value).inc()
             permanent = isinstance(exc, SendError) and exc.permanent
             what = f"job {item.job_id}: {item.object} to {item.destination}"
             if permanent or attempts >= settings.max_attempts:
@@ -292,10 +297,9 @@ class Processor:
         return state
 
     def _deliver(self, files: list, destination: Destination) -> SendOutcome:
-        timeout = self.config.send.timeout_seconds
-        if destination.protocol == "dicomweb":
-            return stow_files(files, destination, timeout=timeout)
-        return send_files(files, destination, calling_ae_title=self.config.node.ae_title, timeout=timeout)
+        send = sender_for(destination, calling_ae_title=self.config.node.ae_title,
+                          timeout=self.config.send.timeout_seconds)
+        return send(files)
 
 
 def _encode(dataset) -> bytes:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import pydicom
+if TYPE_CHECKING:  # only in annotations: the config imports this module, and stays light
+    import pydicom
 
 __all__ = ["SequenceClass", "Classification", "ClassRule", "classify_series"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pydicom
@@ -27,12 +27,14 @@ from pydicom.uid import UID
 
 from pipeline.errors import SeriesError, TooFewSlicesError
 
+if TYPE_CHECKING:  # the setting's closed set, for annotations only (the settings import this package)
+    from pipeline.settings import FourD
+
 __all__ = [
     "MR_IMAGE_STORAGE",
     "ENHANCED_MR_IMAGE_STORAGE",
     "LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE",
     "MR_IMAGE_CLASSES",
-    "FourD",
     "Slice",
     "Series",
     "read_headers",
@@ -46,7 +48,6 @@ LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.4")
 MULTI_FRAME_MR_CLASSES = (ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE)
 MR_IMAGE_CLASSES = (MR_IMAGE_STORAGE, *MULTI_FRAME_MR_CLASSES)
 
-FourD = Literal["reject", "first", "last"]
 """What to do with repeated slice positions: reject the series, or take the first or
 the last image at every position (ordered by the fields that tell the volumes apart)."""
 

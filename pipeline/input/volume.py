@@ -10,7 +10,6 @@ and direction come from the validated header geometry. Slice ``k`` of the array 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import pydicom
@@ -18,10 +17,8 @@ import SimpleITK as sitk
 
 from pipeline.errors import SeriesError
 from pipeline.input.series import Series
-from pipeline.labels import SegmentInfo
-from pipeline.model.types import ModelIdentity
 
-__all__ = ["Volume", "LabelMap", "read_volume"]
+__all__ = ["Volume", "read_volume"]
 
 
 @dataclass(frozen=True)
@@ -41,27 +38,6 @@ class Volume:
         image = sitk.GetImageFromArray(array)
         image.CopyInformation(self.image)
         return Volume(image=image, series=self.series)
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """A label volume on the grid of ``volume`` and the names of its labels."""
-
-    array: np.ndarray  # (slice, row, column), integer labels, 0 = background
-    names: dict[int, str]  # label id -> structure name, for every id the model knows
-    volume: Volume
-    codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
-    model: ModelIdentity | None = None  # the model that made it, as its process identified it
-
-    def __post_init__(self) -> None:
-        expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)
-        if self.array.shape != expected:
-            raise ValueError(f"label map shape {self.array.shape} does not match the volume {expected}")
-
-    @property
-    def present(self) -> list[int]:
-        """Label ids that occur in the map, ascending (background excluded)."""
-        return [int(v) for v in np.unique(self.array) if v != 0]
 
 
 def read_volume(series: Series) -> Volume:

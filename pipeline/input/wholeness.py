@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Iterable
 
 import numpy as np
@@ -35,7 +36,7 @@ import pydicom
 
 from pipeline.input.series import MR_IMAGE_STORAGE, MULTI_FRAME_MR_CLASSES
 
-__all__ = ["Placement", "Wholeness", "placement_of", "is_whole"]
+__all__ = ["PlacementKind", "Placement", "Wholeness", "placement_of", "is_whole"]
 
 _ORIENTATION_TOLERANCE = 1e-3
 _SAME_POSITION_MM = 0.01
@@ -48,16 +49,26 @@ _VENDOR_SLICE_COUNTS = (
 )
 
 
+class PlacementKind(StrEnum):
+    CLASSIC = "classic"  # a single-frame MR image
+    MULTIFRAME = "multiframe"  # an Enhanced or Legacy Converted MR image
+    OTHER = "other"  # not an MR image (a report, a presentation state)
+    UNKNOWN = "unknown"  # undecodable
+
+
 @dataclass(frozen=True)
 class Placement:
     """What series completion needs to know of one received instance."""
 
-    kind: str  # "classic" (single-frame MR image), "multiframe" (Enhanced/Legacy MR), "other", "unknown"
+    kind: PlacementKind
     orientation: tuple[float, ...] | None = None
     position: tuple[float, float, float] | None = None
     images_in_acquisition: int | None = None
     slices_announced: int | None = None  # the scanner's private count of slice positions
     temporal_positions: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", PlacementKind(self.kind))  # the string form from JSON or a caller
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -65,7 +76,7 @@ class Placement:
     @classmethod
     def from_json(cls, text: str | None) -> "Placement":
         if not text:
-            return cls("other")
+            return cls(PlacementKind.OTHER)
         data = json.loads(text)
         for key in ("orientation", "position"):
             if data.get(key) is not None:
@@ -116,17 +127,17 @@ def placement_of(ds: pydicom.Dataset) -> Placement:
     try:
         return _placement(ds)
     except Exception:  # any decoding error of a received header: let the timer decide
-        return Placement("unknown")
+        return Placement(PlacementKind.UNKNOWN)
 
 
 def _placement(ds: pydicom.Dataset) -> Placement:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in MULTI_FRAME_MR_CLASSES:
-        return Placement("multiframe")
+        return Placement(PlacementKind.MULTIFRAME)
     if sop_class != MR_IMAGE_STORAGE:
-        return Placement("other")
+        return Placement(PlacementKind.OTHER)
     return Placement(
-        "classic",
+        PlacementKind.CLASSIC,
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
         images_in_acquisition=_int(ds.get("ImagesInAcquisition")),
@@ -146,15 +157,15 @@ def _announced(values: Iterable[int | None]) -> int | None | str:
 def is_whole(placements: Iterable[Placement]) -> Wholeness:
     """Whether the instances received so far are known to be the whole series."""
     placements = list(placements)
-    if any(p.kind == "unknown" for p in placements):
+    if any(p.kind is PlacementKind.UNKNOWN for p in placements):
         return Wholeness(False, "an instance whose header could not be read")
-    images = [p for p in placements if p.kind != "other"]
+    images = [p for p in placements if p.kind is not PlacementKind.OTHER]
     if not images:
         return Wholeness(False, "no image instance")
     kinds = {p.kind for p in images}
-    if kinds == {"multiframe"}:
+    if kinds == {PlacementKind.MULTIFRAME}:
         return Wholeness(True, f"{len(images)} multi-frame object(s), each with its own frames")
-    if kinds != {"classic"}:
+    if kinds != {PlacementKind.CLASSIC}:
         return Wholeness(False, "classic and multi-frame images mixed")
     if any(p.orientation is None or p.position is None for p in images):
         return Wholeness(False, "an image without orientation or position")

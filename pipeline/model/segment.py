@@ -18,11 +18,11 @@ import threading
 from typing import Protocol
 
 from pipeline.input.nifti import nifti_to_array, volume_to_nifti
-from pipeline.input.volume import LabelMap, Volume
+from pipeline.input.volume import Volume
 from pipeline.model.nnunet import NnUNet
 from pipeline.model.runner import ModelRunner
 from pipeline.model.totalseg import TotalSegmentator
-from pipeline.model.types import ModelReply, ModelService, RunReport
+from pipeline.model.types import LabelMap, ModelReply, ModelService, RunReport
 from pipeline.settings import ModelSettings
 
 __all__ = ["Segmenter", "ModelSegmenter", "make_segmenter", "model_of"]

@@ -1,4 +1,5 @@
-"""The model's shared types: what a request returns and who serves it.
+"""The model's shared types: what a request returns, who serves it, and the label map
+the model stage hands to the writers.
 
 Every other module of ``pipeline.model`` imports these; this module imports no
 back-end, no runner and no model library, so the back-ends (``totalseg``, ``nnunet``),
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import nibabel as nib
+import numpy as np
 
+from pipeline.input.volume import Volume
 from pipeline.labels import SegmentInfo
 
-__all__ = ["ModelIdentity", "RunReport", "ModelReply", "ModelService", "Backend", "RunnerStopped", "worker_name"]
+__all__ = ["ModelIdentity", "LabelMap", "RunReport", "ModelReply", "ModelService", "Backend", "RunnerStopped", "worker_name"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,27 @@ class ModelIdentity:
     name: str
     version: str
     task: str
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A label volume on the grid of ``volume`` and the names of its labels."""
+
+    array: np.ndarray  # (slice, row, column), integer labels, 0 = background
+    names: dict[int, str]  # label id -> structure name, for every id the model knows
+    volume: Volume
+    codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
+    model: ModelIdentity | None = None  # the model that made it, as its process identified it
+
+    def __post_init__(self) -> None:
+        expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)
+        if self.array.shape != expected:
+            raise ValueError(f"label map shape {self.array.shape} does not match the volume {expected}")
+
+    @property
+    def present(self) -> list[int]:
+        """Label ids that occur in the map, ascending (background excluded)."""
+        return [int(v) for v in np.unique(self.array) if v != 0]
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from pipeline.errors import PipelineError, SegEncodingError
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap
 from pipeline.labels import SegmentInfo, segment_info
+from pipeline.model.types import LabelMap
 from pipeline.outputs.options import SegOptions
 
 __all__ = [

@@ -30,7 +30,7 @@ from scipy import ndimage
 from skimage.measure import points_in_poly
 
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import OutputEncodingError, present_labels
 
 __all__ = ["Contour", "structure_contours", "patient_points", "patient_points_of"]

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import pydicom
 
-from pipeline.input.volume import LabelMap, Volume
+from pipeline.input.volume import Volume
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import Algorithm
 from pipeline.outputs.options import OutputRequest, distinct
 from pipeline.outputs.overlay import encode_overlay
@@ -69,6 +70,6 @@ def encode_results(
             made = encode_report(label_map, algorithm, seg)
             datasets = [] if made is None else [made]
         if datasets:
-            objects.append(ResultObject(request.key, request.kind, str(datasets[0].SeriesInstanceUID),
+            objects.append(ResultObject(request.key, request.kind.value, str(datasets[0].SeriesInstanceUID),
                                         tuple(datasets)))
     return tuple(objects)

@@ -7,13 +7,25 @@ loading highdicom (``dicom_node.config`` imports this module, never the writers)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Iterable
 
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+# Transfer syntaxes by UID, not from pydicom: the config imports this module and loads no DICOM library.
+_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+_RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
-__all__ = ["OUTPUT_KINDS", "SegOptions", "OutputRequest", "distinct"]
+__all__ = ["OutputKind", "OUTPUT_KINDS", "SegOptions", "OutputRequest", "distinct"]
 
-OUTPUT_KINDS = ("seg", "rtstruct", "overlay", "report")
+class OutputKind(StrEnum):
+    """A kind of result object a destination can ask for."""
+
+    SEG = "seg"
+    RTSTRUCT = "rtstruct"
+    OVERLAY = "overlay"
+    REPORT = "report"
+
+
+OUTPUT_KINDS = tuple(kind.value for kind in OutputKind)
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,7 @@ class SegOptions:
 
     @property
     def transfer_syntax(self) -> str:
-        return ExplicitVRLittleEndian if self.segmentation_type == "BINARY" else RLELossless
+        return _EXPLICIT_VR_LITTLE_ENDIAN if self.segmentation_type == "BINARY" else _RLE_LOSSLESS
 
 
 
@@ -39,19 +51,20 @@ class SegOptions:
 class OutputRequest:
     """One result object: its kind, and for a SEG its encoding."""
 
-    kind: str
+    kind: OutputKind
     seg_options: SegOptions = SegOptions()
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_KINDS:
             raise ValueError(f"unknown output {self.kind!r}; one of {', '.join(OUTPUT_KINDS)}")
+        object.__setattr__(self, "kind", OutputKind(self.kind))  # the config's string form
 
     @property
     def key(self) -> str:
         """The object's name within its job and in the outbox: ``seg`` is the BINARY SEG
         without empty frames; other SEG encodings say how they differ."""
-        if self.kind != "seg":
-            return self.kind
+        if self.kind is not OutputKind.SEG:
+            return self.kind.value
         options = self.seg_options
         key = "seg" if options.segmentation_type == "BINARY" else f"seg-{options.segmentation_type.lower()}"
         return key if options.omit_empty_frames else f"{key}-all-frames"

@@ -37,7 +37,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap, Volume, read_volume
+from pipeline.input.volume import Volume, read_volume
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import (
     Algorithm,
     OutputEncodingError,

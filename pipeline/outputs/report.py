@@ -42,8 +42,8 @@ from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import DS
 
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap
 from pipeline.labels import Code
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import (
     Algorithm,
     OutputEncodingError,

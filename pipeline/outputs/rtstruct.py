@@ -24,7 +24,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import (
     LO_MAX,
     POSITION_TOLERANCE_MM,

@@ -30,8 +30,8 @@ from pydicom.uid import UID, generate_uid
 
 from pipeline.errors import SegEncodingError
 from pipeline.input.series import Series
-from pipeline.input.volume import LabelMap
 from pipeline.labels import segment_info
+from pipeline.model.types import LabelMap
 from pipeline.outputs.common import (
     POSITION_TOLERANCE_MM,
     REPLACES,

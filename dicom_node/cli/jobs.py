@@ -1,0 +1,205 @@
+"""``status``, ``retry`` and ``cleanup``: the operator's view of jobs and their sends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+from dicom_node.cli.common import CONFIG_HELP, ExitStatus, load, unknown_destination
+from dicom_node.config import Config
+from dicom_node.store.state import Job, JobState, OutboxCounts, OutboxItem, OutboxState, StateStore
+
+__all__ = ["register"]
+
+
+def _job_json(job: Job, now: float, outbox=()) -> str:
+    from dicom_node.web.status_page import job_record
+
+    return json.dumps(job_record(job, now, outbox))
+
+
+def _timeline(job: Job) -> str:
+    """When the job passed each stage, and how long each took (UTC)."""
+    def at(timestamp: float | None) -> str:
+        return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
+
+    def took(seconds: float | None) -> str:
+        return "" if seconds is None else f" ({seconds:.1f}s)"
+
+    stages = job.stage_seconds()
+    parts = [f"received {at(job.received_at)}", f"completed {at(job.completed_at)}{took(stages['receiving'])}"]
+    if job.processing_at is not None:
+        parts.append(f"processing {at(job.processing_at)} (queued {stages['queued']:.1f}s)"
+                     if stages["queued"] is not None else f"processing {at(job.processing_at)}")
+    if job.processed_at is not None:
+        parts.append(f"processed {at(job.processed_at)}{took(stages['processing'])}")
+    if job.sent_at is not None:
+        parts.append(f"sent {at(job.sent_at)}{took(stages['sending'])}")
+    return "UTC " + ", ".join(parts)
+
+
+def _status_lines(jobs: list[Job], as_json: bool, now: float,
+                  outboxes: dict[int, list[OutboxItem]] | None = None) -> list[str]:
+    outboxes = outboxes or {}
+    if as_json:
+        return [_job_json(job, now, outboxes.get(job.id, ())) for job in jobs]
+    if not jobs:
+        return ["no jobs"]
+    lines = []
+    for job_state in JobState:
+        selected = [job for job in jobs if job.state is job_state]
+        if not selected:
+            continue
+        lines.append(f"{job_state.value}: {len(selected)}")
+        for job in selected:
+            made = f" [{job.sequence_class or '?'}, {job.preprocessing or 'not segmented'}]" if job.sequence_class else ""
+            last = f" (last error: {job.last_error})" if job.last_error and job.state is not JobState.FAILED else ""
+            again = f" (again from job {job.reprocess_of})" if job.reprocess_of else ""
+            lines.append(f"  job {job.id}{again} series {job.series.series_instance_uid} from"
+                         f" {job.series.calling_ae_title} attempts {job.attempts}{made}: {job.reason or ''}{last}")
+            lines.append(f"      {_timeline(job)}")
+            if job.model_run:
+                lines.append(f"      model: {job.model_run}")
+            if job.state in (JobState.SENDING, JobState.FAILED) and outboxes.get(job.id):
+                lines.append("      sends: " + ", ".join(_send_text(item, now) for item in outboxes[job.id]))
+    return lines
+
+
+def _send_text(item: OutboxItem, now: float) -> str:
+    text = f"{item.object} to {item.destination} {item.state.value}"
+    if item.state is OutboxState.PENDING and item.attempts:
+        text += f" (attempt {item.attempts} failed, next in {max(item.next_attempt_at - now, 0):.0f}s)"
+    return text
+
+
+def _destination_lines(config: Config, counts: dict[str, OutboxCounts]) -> list[str]:
+    """The outbox of each configured destination (and of any the config no longer names)."""
+    lines = []
+    for destination in config.destinations:
+        row = counts.get(destination.name, OutboxCounts())
+        lines.append(f"destination {destination.name} ({destination.peer}; {', '.join(destination.outputs)}):"
+                     f" {row.pending} pending, {row.sent} sent, {row.failed} failed")
+    for name in sorted(set(counts) - {d.name for d in config.destinations}):
+        row = counts[name]
+        lines.append(f"destination {name} (no longer configured): {row.pending} pending, {row.sent} sent,"
+                     f" {row.failed} failed")
+    return lines
+
+
+def _workers_line(config: Config, jobs: list[Job]) -> str:
+    """Where the model runs, the series in flight and the queue in front of it."""
+    in_flight = sum(job.state is JobState.PROCESSING for job in jobs)
+    waiting = sum(job.state is JobState.RECEIVED for job in jobs)
+    if config.workers.backend == "celery":
+        from dicom_node.remote.client import queue_depth
+
+        depth = queue_depth(config.workers)
+        queued = "Redis unreachable" if depth is None else f"{depth} task(s) in the Redis queue"
+        return (f"workers: celery (queue {config.workers.queue}), {in_flight} series in flight of at most"
+                f" {config.workers.max_in_flight}, {queued}, {waiting} job(s) waiting in the node")
+    return f"workers: embedded warm runner, {in_flight} series in flight, {waiting} job(s) waiting"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    config = load(args)
+    state = StateStore(config.storage.state_db)
+    try:
+        jobs = every_job = state.jobs()
+        outboxes = state.outboxes()
+        counts = state.outbox_counts()
+    finally:
+        state.close()
+    now = time.time()
+    if args.state:
+        jobs = [job for job in jobs if job.state.value in args.state]
+    if args.since is not None:
+        jobs = [job for job in jobs if job.updated_at >= now - args.since]
+    lines = _status_lines(jobs, args.json, now, outboxes)
+    if not args.json:
+        lines[:0] = [_workers_line(config, every_job), *_destination_lines(config, counts)]
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error. Send the rest of the buffer
+        # to /dev/null so that the interpreter's flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return ExitStatus.OK
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    config = load(args)
+    state = StateStore(config.storage.state_db)
+    try:
+        if args.destination is not None and args.destination not in {d.name for d in config.destinations}:
+            unknown_destination(config, args.destination)
+        if args.reprocess:
+            if args.destination is not None:
+                raise ValueError("--reprocess makes every result again for every destination; leave out --destination")
+            job = state.reprocess(args.job_id)
+        else:
+            old = state.job(args.job_id)
+            if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT):
+                raise ValueError(f"job {args.job_id} is {old.state.value}; `dicom-node retry --reprocess"
+                                 f" {args.job_id}` processes its series again")
+            job = state.requeue(args.job_id, destination=args.destination)
+    except (KeyError, ValueError) as exc:
+        print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
+        return ExitStatus.CONFIG_ERROR
+    finally:
+        state.close()
+    if job.id != args.job_id:
+        print(f"job {args.job_id} queued again as job {job.id} ({job.state.value}); a running node picks it up")
+    else:
+        print(f"job {job.id} queued again as {job.state.value}; a running node picks it up")
+    return ExitStatus.OK
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from dicom_node.store.retention import expired, purge
+
+    config = load(args)
+    state = StateStore(config.storage.state_db)
+    items = expired(state, args.days if args.days is not None else config.retention.days)
+    for item in items:
+        paths = ", ".join(str(p) for p in item.paths) or "(no files left)"
+        print(f"{'would delete' if args.dry_run else 'deleting'} job {item.job.id}"
+              f" series {item.job.series.series_instance_uid}: {paths}")
+    if not args.dry_run:
+        purge(state, items)
+    print(f"{len(items)} job(s) {'would be' if args.dry_run else 'were'} cleaned up")
+    return 0
+
+
+def register(commands) -> None:
+    """``status``, ``retry`` and ``cleanup``."""
+    status = commands.add_parser("status", help="list jobs by state, with their reasons")
+    status.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
+    status.add_argument("--json", action="store_true", help="one JSON object per job and line")
+    status.add_argument("--state", action="append", choices=[s.value for s in JobState], metavar="STATE",
+                        help="only jobs in this state (repeatable): " + ", ".join(s.value for s in JobState))
+    status.add_argument("--since", type=float, default=None, metavar="SECONDS",
+                        help="only jobs that changed in the last SECONDS seconds")
+    status.set_defaults(func=_cmd_status)
+
+    retry = commands.add_parser("retry", help="queue a failed job again (--reprocess: any ended job)")
+    retry.add_argument("job_id", type=int, help="the job's id, as `status` shows it")
+    retry.add_argument("--reprocess", action="store_true",
+                       help="process the job's series again as a new job, whatever its outcome (sent, skipped,"
+                            " no_result, failed), for example after a policy change")
+    retry.add_argument("--destination", default=None, metavar="NAME",
+                       help="only the sends to this destination (as the config names it)")
+    retry.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
+    retry.set_defaults(func=_cmd_retry)
+
+    cleanup = commands.add_parser("cleanup", help="delete series and SEGs of jobs sent longer ago than retention.days")
+    cleanup.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    cleanup.add_argument("--days", type=float, default=None, help="override retention.days")
+    cleanup.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
+    cleanup.set_defaults(func=_cmd_cleanup)

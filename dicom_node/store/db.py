@@ -1,0 +1,72 @@
+"""The SQLite connection the state store shares between threads, and its transactions.
+
+One connection, opened in WAL mode with ``synchronous=FULL`` (a committed row survives a
+power cut) and foreign keys on; rows come back as ``sqlite3.Row``, read by column name.
+Every write goes through ``transaction()``: ``BEGIN IMMEDIATE`` under the store's lock,
+``COMMIT`` on success, ``ROLLBACK`` on an error, and a ``ROLLBACK`` too when the
+``COMMIT`` itself fails (a full disk, an I/O error), so the shared connection is never
+left inside a transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["Database"]
+
+
+class Database:
+    """One SQLite connection, a lock, and transactions that always end."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.RLock()
+        self.connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.connection.row_factory = sqlite3.Row
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=FULL")
+        self.connection.execute("PRAGMA foreign_keys=ON")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: committed when the block ends, rolled back when it raises
+        or when the commit fails."""
+        with self.lock:
+            self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.connection
+            except BaseException:
+                self._rollback()
+                raise
+            try:
+                self.connection.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self.connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.connection.execute("ROLLBACK")
+
+    def read(self, query: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """Every row of a query, read under the lock."""
+        with self.lock:
+            return self.connection.execute(query, params).fetchall()
+
+    def read_one(self, query: str, params: tuple = ()) -> sqlite3.Row | None:
+        with self.lock:
+            return self.connection.execute(query, params).fetchone()
+
+    def executescript(self, script: str) -> None:
+        with self.lock:
+            self.connection.executescript(script)
+
+    def close(self) -> None:
+        with self.lock:
+            self.connection.close()
