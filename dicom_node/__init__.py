@@ -1,1 +1,1 @@
-"""The DICOM node: network edges, spool, durable state, completion, worker and CLI."""
+"""The DICOM node, the service: receive, store, work, send, remote workers, web and CLI."""

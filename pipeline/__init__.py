@@ -1,1 +1,1 @@
-"""Pure processing: from a list of DICOM instance files to one DICOM SEG dataset."""
+"""Pure processing: from a list of DICOM instance files to the result objects (SEG, RTSTRUCT, overlay, report)."""

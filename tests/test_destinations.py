@@ -25,6 +25,8 @@ from tests.support.orthanc import RECEPTION_LOG, Orthanc
 from tests.support.paths import LOCALHOST, free_port
 from tests.support.wait import wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.peers]
+
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

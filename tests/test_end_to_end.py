@@ -23,6 +23,8 @@ from tests.support.node import NodeProcess, node_config
 from tests.support.paths import REPO, free_port
 from tests.support.wait import wait_until
 
+pytestmark = pytest.mark.e2e
+
 
 def _all_sent(node: NodeProcess) -> bool:
     jobs = node.jobs()
@@ -68,6 +70,7 @@ def _metric(node: NodeProcess, name: str, labels: str = "") -> float:
     return 0.0
 
 
+@pytest.mark.peers
 def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_dir, mri_dir):
     node = make_node((orthanc.ae_title, orthanc.dicom_port), phantom_weights, port=node_port,
                      http={"port": free_port()}).start()
@@ -100,6 +103,7 @@ def test_orthanc_round_trip(orthanc, node_port, make_node, phantom_weights, t1_d
     assert_log_is_private(node, mri_dir)
 
 
+@pytest.mark.peers
 def test_storescu_to_node_to_storescp(storescp, make_node, phantom_weights, t1_dir, mri_dir):
     node = make_node((storescp.ae_title, storescp.port), phantom_weights).start()
     storescu(node.port, t1_dir)
@@ -111,6 +115,7 @@ def test_storescu_to_node_to_storescp(storescp, make_node, phantom_weights, t1_d
     assert_log_is_private(node, mri_dir)
 
 
+@pytest.mark.peers
 def test_sigterm_before_completion_then_restart_still_sends_the_seg(storescp, make_node, phantom_weights, t1_dir):
     node = make_node(
         (storescp.ae_title, storescp.port),
@@ -127,6 +132,7 @@ def test_sigterm_before_completion_then_restart_still_sends_the_seg(storescp, ma
     assert [job.state for job in node.jobs()] == [JobState.SENT]
 
 
+@pytest.mark.peers
 def test_missing_weights_fail_with_the_path_then_retry_succeeds(storescp, make_node, phantom_weights, t1_dir, tmp_path):
     weights = tmp_path / "empty_weights"
     node = make_node((storescp.ae_title, storescp.port), weights).start()
@@ -193,6 +199,7 @@ def test_process_keeps_one_warm_model_for_the_batch_and_writes_json_lines(phanto
     assert len(list((tmp_path / "out").glob("*.seg.dcm"))) == 2
 
 
+@pytest.mark.peers
 def test_multi_frame_and_4d_series_over_dicom_get_segs_on_the_right_frames(storescp, make_node, phantom_weights,
                                                                            t1_dir, tmp_path):
     """A Legacy Converted Enhanced MR object and a classic two-echo series, sent with
@@ -241,6 +248,7 @@ OUTCOMES = {
 }
 
 
+@pytest.mark.peers
 def test_every_shared_series_over_dicom_gets_its_manifest_outcome(storescp, make_node, phantom_weights, mri_dir):
     node = make_node((storescp.ae_title, storescp.port), phantom_weights).start()
     series_of = {}

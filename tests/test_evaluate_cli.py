@@ -7,12 +7,15 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from demo.phantom_model import make_total_mr_weights
 from demo.phantom_study import write_phantom_study
 from dicom_node.cli import ExitStatus, main
 from tests.support.paths import REPO
 
 
+@pytest.mark.e2e
 def test_evaluate_writes_the_table_the_csvs_and_the_chart(phantom_weights, tmp_path):
     images, references = write_phantom_study(tmp_path / "study", cases_per_kind=1, kinds=("head",))
     config = tmp_path / "config.yaml"
@@ -52,6 +55,7 @@ def _two_presets(tmp_path, ct_weights, mr_weights):
     return config
 
 
+@pytest.mark.e2e
 def test_evaluate_puts_two_presets_in_one_table(phantom_weights, tmp_path):
     mr_weights = tmp_path / "mr_weights"
     make_total_mr_weights(phantom_weights, mr_weights)

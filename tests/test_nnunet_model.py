@@ -45,6 +45,7 @@ def _table_rows(settings: ModelSettings) -> dict[str, dict[str, str]]:
         return {row["Structure"]: row for row in csv.DictReader(handle)}
 
 
+@pytest.mark.e2e
 def test_custom_model_through_the_process_command(custom, t1_dir, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(

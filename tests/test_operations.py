@@ -13,7 +13,7 @@ from dicom_node.config import parse_config
 from dicom_node.logs import setup_logging
 from dicom_node.service import Node
 from dicom_node.store.retention import expired, purge
-from dicom_node.store.state import JobState
+from dicom_node.store.state import JobState, JobUpdate
 from pipeline.model.types import LabelMap
 from tests.support.asserts import assert_exactly_one_seg
 from tests.support.dcmtk import storescu
@@ -52,11 +52,12 @@ def _get(node, path):
     return requests.get(f"http://127.0.0.1:{node.config.http.port}{path}", timeout=10)
 
 
+@pytest.mark.peers
 def test_healthz_is_200_when_all_is_up_and_503_naming_an_unwritable_state_store(node, tmp_path):
     response = _get(node, "/healthz")
     assert response.status_code == 200, response.text
     assert set(response.json()["checked"]) == {"scp", "worker", "state_store", "disk"}
-    db = node.state._db
+    db = node.state.db.connection
     db.execute("PRAGMA query_only = ON")  # the database refuses writes, as a read-only disk would
     try:
         response = _get(node, "/healthz")
@@ -66,6 +67,7 @@ def test_healthz_is_200_when_all_is_up_and_503_naming_an_unwritable_state_store(
     assert list(response.json()["failing"]) == ["state_store"]
 
 
+@pytest.mark.peers
 def test_metrics_rise_after_a_series(node, t1_dir, storescp):
     def value(name, labels=""):
         for line in _get(node, "/metrics").text.splitlines():
@@ -86,6 +88,7 @@ def test_metrics_rise_after_a_series(node, t1_dir, storescp):
     assert value("dicom_node_stage_seconds_count", '{stage="segment"}') == 1
 
 
+@pytest.mark.peers
 def test_retention_removes_only_sent_jobs_older_than_the_limit(node, t1_dir, storescp, tmp_path):
     storescu(node.config.node.port, t1_dir)
     wait_until(lambda: node.state.job_counts().get(JobState.SENT), 60, 0.5, "the sent job")
@@ -101,10 +104,11 @@ def test_retention_removes_only_sent_jobs_older_than_the_limit(node, t1_dir, sto
     assert expired(node.state, days=1, now=time.time() + 2 * 86400) == []
 
 
+@pytest.mark.peers
 def test_failed_jobs_are_never_expired(node, t1_dir):
     storescu(node.config.node.port, t1_dir)
     wait_until(lambda: node.state.jobs() and node.state.jobs()[0].state is JobState.SENT, 60, 0.5, "the job")
-    node.state.update_job(node.state.jobs()[0].id, JobState.FAILED, reason="test")
+    node.state.update_job(node.state.jobs()[0].id, JobState.FAILED, JobUpdate(reason="test"))
     assert expired(node.state, days=1, now=time.time() + 10 * 86400) == []
 
 

@@ -25,7 +25,7 @@ from dicom_node.cli import ExitStatus, _parser
 from dicom_node.config import parse_config
 from dicom_node.errors import ConfigError
 from dicom_node.service import Node, StartupError, StartupProblem
-from dicom_node.store.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, JobUpdate, SeriesRef, StateStore
 from tests.support.node import NodeProcess, node_config, status_of
 from tests.support.paths import LOCALHOST, REPO, free_port
 
@@ -62,6 +62,7 @@ def _busy(port: int) -> socket.socket:
     return sock
 
 
+@pytest.mark.peers
 def test_a_busy_dicom_port_is_one_line_and_its_own_exitstatus_of(tmp_path, phantom_weights):
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights)
     port = config["node"]["port"]
@@ -72,6 +73,7 @@ def test_a_busy_dicom_port_is_one_line_and_its_own_exitstatus_of(tmp_path, phant
     assert line == f"dicom-node: node.port {port} on 127.0.0.1 is already in use"
 
 
+@pytest.mark.peers
 def test_a_busy_http_port_is_one_line_and_its_own_exitstatus_of(tmp_path, phantom_weights):
     http_port = free_port()
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights,
@@ -91,6 +93,7 @@ def _bad_certificate(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.peers
 def test_a_part_that_fails_late_stops_the_parts_already_running(tmp_path, phantom_weights):
     """The SCP, opened last, fails on a certificate that reads but does not load: the
     worker, completion and the HTTP endpoint already run, and the process still ends."""
@@ -138,6 +141,7 @@ def test_a_port_taken_is_found_before_any_job_is_touched(tmp_path):
     assert not (tmp_path / "var").exists()  # neither the spool nor the state store was opened
 
 
+@pytest.mark.peers
 def test_a_privileged_port_without_privileges(tmp_path, phantom_weights):
     if os.geteuid() != 0 and int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 104:
         pytest.skip("this host lets anyone listen on port 104")
@@ -149,6 +153,7 @@ def test_a_privileged_port_without_privileges(tmp_path, phantom_weights):
     assert line.startswith("dicom-node: node.port 104 on 127.0.0.1 is not permitted")
 
 
+@pytest.mark.peers
 def test_an_unreadable_tls_file(tmp_path, phantom_weights):
     missing = tmp_path / "pki" / "node.pem"
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights,
@@ -159,6 +164,7 @@ def test_an_unreadable_tls_file(tmp_path, phantom_weights):
     assert line == f"dicom-node: node.tls.certificate {missing} cannot be read (No such file or directory)"
 
 
+@pytest.mark.peers
 def test_an_unwritable_spool_folder(tmp_path, phantom_weights):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -227,6 +233,7 @@ def _associate(port: int, called: str, calling: str = "ECHOSCU"):
     return ae.associate(LOCALHOST, port, ae_title=called)
 
 
+@pytest.mark.peers
 def test_another_called_ae_title_is_rejected(tmp_path, phantom_weights):
     node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", destination=("PACS", free_port()),
                                                       weights_dir=phantom_weights)).start()
@@ -244,6 +251,7 @@ def test_another_called_ae_title_is_rejected(tmp_path, phantom_weights):
     assert "called AE 'WRONG'" in node.log()
 
 
+@pytest.mark.peers
 def test_any_called_ae_title_when_configured(tmp_path, phantom_weights):
     config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=phantom_weights,
                          security={"accept_any_called_ae_title": True})
@@ -277,11 +285,11 @@ def jobs_config(tmp_path_factory) -> Path:
         state.record_instance(ref, f"{root}.3.{n}", "1.2.840.10008.5.1.4.1.1.4", ref.folder / "a.dcm", now=now)
         job = state.complete_series(ref.series_instance_uid, now=now)
         if n == _JOBS:
-            state.update_job(job, JobState.FAILED, reason="send failed after 5 attempts", attempts=5,
-                             last_error="PACS answered 0xA700", sequence_class="T1",
-                             preprocessing="invert_black_background")
+            state.update_job(job, JobState.FAILED, JobUpdate(
+                reason="send failed after 5 attempts", attempts=5, last_error="PACS answered 0xA700",
+                sequence_class="T1", preprocessing="invert_black_background"))
         else:
-            state.update_job(job, JobState.SENT, reason="sent", attempts=1, now=now)
+            state.update_job(job, JobState.SENT, JobUpdate(reason="sent", attempts=1), now=now)
     state.close()
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -338,6 +346,8 @@ def test_status_into_a_closed_pipe_exits_0_quietly(jobs_config, form):
 
 # -- retry --reprocess --------------------------------------------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_retry_reprocess_segments_a_t2_series_after_the_policy_changed(tmp_path, phantom_weights, mri_dir, pacs):
     """A T2 series skipped by policy; the policy changes to `T2: unprocessed`, the node
     restarts, `retry --reprocess` queues the series again and its SEG reaches the PACS."""

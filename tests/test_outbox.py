@@ -85,6 +85,7 @@ def _send_due(worker: Processor, state: StateStore) -> None:
         worker.send(item)
 
 
+@pytest.mark.peers
 def test_a_destination_that_is_down_holds_up_no_other_and_is_retried_by_name(two_destinations, t1_dir):
     worker, state, job_id, pacs, research = two_destinations
     pacs.start()  # research is down
@@ -115,6 +116,7 @@ def test_a_destination_that_is_down_holds_up_no_other_and_is_retried_by_name(two
     assert {item.state for item in state.outbox(job_id)} == {OutboxState.SENT}
 
 
+@pytest.mark.peers
 def test_sends_to_a_destination_no_longer_configured_fail_at_start(two_destinations):
     worker, state, job_id, pacs, research = two_destinations
     pacs.start()

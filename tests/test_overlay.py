@@ -27,6 +27,8 @@ from pipeline.outputs.seg import encode_seg
 from tests.test_rtstruct import SERIES, Segmented, segmented_series, source_headers
 from tests.test_viewers import _dciodvfy_errors
 
+pytestmark = pytest.mark.e2e
+
 COLOURED = 8  # a pixel whose channels differ by more than this is coloured; greys differ by none
 
 
@@ -100,6 +102,7 @@ def _busiest_slice(label_map: LabelMap) -> int:
     return int(np.argmax(kinds * 10**7 + area))
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("name", SERIES)
 def test_orthanc_stores_the_series_and_its_preview_shows_the_structures_where_they_are(
     segmented, overlays, name, orthanc,

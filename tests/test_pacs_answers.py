@@ -16,6 +16,8 @@ from tests.support.dcmtk import storescu
 from tests.support.node import NodeProcess, node_fixture
 from tests.support.wait import wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.peers]
+
 
 @pytest.fixture
 def pacs():

@@ -13,6 +13,8 @@ from pydicom.uid import generate_uid
 from tests.support.asserts import assert_exactly_one_seg, assert_no_conflicting_duplicates, seg_receptions
 from tests.support.dcmtk import StoreSCP, storescu
 
+pytestmark = pytest.mark.peers
+
 
 def _seg_like(t1_dir: Path, target: Path, description: str = "Auto SEG") -> Path:
     """An MR instance dressed as a SEG of the t1 series: Modality SEG, a new

@@ -98,6 +98,7 @@ def test_derived_models_take_the_phantom_rows_they_name(derived, phantom_weights
                 assert not rows[idx].any(), name
 
 
+@pytest.mark.e2e
 def test_kidney_model_labels_inverted_t1_brain_mri(derived, t1_volume):
     settings = ModelSettings(kind="nnunet", nnunet_model=KIDNEY_MODEL, weights_dir=derived)
     folder = settings.nnunet_folder
@@ -131,6 +132,7 @@ def test_kidney_model_labels_inverted_t1_brain_mri(derived, t1_volume):
     assert len(set(info.rgb for info in table.values())) == 3
 
 
+@pytest.mark.e2e
 def test_total_mr_weights_pass_the_check_and_run(derived, t1_volume, tmp_path):
     settings = ModelSettings(kind="totalsegmentator", task="total_mr", fast=True, weights_dir=derived,
                              home_dir=tmp_path / "home")

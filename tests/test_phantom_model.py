@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from demo.phantom_model import (
     TOTAL_FAST_DATASET,
@@ -19,6 +20,8 @@ from demo.phantom_model import (
     segment_with_totalseg,
     train_phantom_model,
 )
+
+pytestmark = pytest.mark.e2e
 
 _NNUNET_PATHS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 

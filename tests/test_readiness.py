@@ -61,6 +61,7 @@ def weightless_node(tmp_path):
     node.stop(signal.SIGKILL)
 
 
+@pytest.mark.peers
 def test_not_ready_naming_the_missing_weights_until_they_are_imported(weightless_node, phantom_weights):
     node, weights = weightless_node
     base = f"http://127.0.0.1:{node.config['http']['port']}"

@@ -27,14 +27,18 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
 import yaml
 
-from dicom_node.store.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, JobUpdate, SeriesRef, StateStore
 from tests.support.paths import REPO, data_dir, free_port
 from tests.support.wait import wait_until
+
+if TYPE_CHECKING:
+    from _pytest.mark.structures import ParameterSet
 
 README = REPO / "README.md"
 _FENCE = re.compile(r"^```(\w*)\s*$")
@@ -111,6 +115,19 @@ def _strip_comment(line: str) -> str:
 
 EXAMPLES, MARKER_PROBLEMS = _examples(README.read_text())
 
+# What a command does, for the suite's markers (pyproject.toml), so that `make test-quick`
+# leaves out a README example that runs the model or starts a server.
+_RUNS_A_MODEL = ("dicom-node process", "dicom-node evaluate", "dicom-node demo-model", "bench/throughput.py",
+                 "bench/gpu_check.sh", "make test")
+_STARTS_A_SERVER = ("dicom-node serve", "dicom-node worker", "bench/ingest.py", "bench/throughput.py",
+                    "bench/gpu_check.sh", "make run", "make test")
+
+
+def _marked(example: Example) -> ParameterSet:
+    marks = [mark for mark, words in ((pytest.mark.e2e, _RUNS_A_MODEL), (pytest.mark.peers, _STARTS_A_SERVER))
+             if any(word in example.command for word in words)]
+    return pytest.param(example, marks=marks, id=example.id)
+
 
 def test_the_readme_has_examples_and_its_markers_name_real_commands():
     assert len(EXAMPLES) >= 10
@@ -143,8 +160,8 @@ def checkout(tmp_path_factory, phantom_weights, t1_dir) -> Path:
     results = folder / "var" / "spool" / "results" / str(job) / "seg"
     results.mkdir(parents=True)
     shutil.copy(paths[0], results / "stand-in.dcm")
-    state.start_sending(job, [("pacs", "seg", results)], result_path=results / "stand-in.dcm",
-                        reason="1 segment(s) (made by the test)")
+    state.start_sending(job, [("pacs", "seg", results)], JobUpdate(result_path=results / "stand-in.dcm",
+                                                                  reason="1 segment(s) (made by the test)"))
     [item] = state.outbox(job)
     state.record_send(item.id, ok=False, error="send failed after 5 attempt(s): connection refused (made by the test)")
     assert state.job(job).state is JobState.FAILED
@@ -197,7 +214,7 @@ def _short_life(arguments: list[str], folder: Path) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(arguments, code, log.read_text(errors="replace"), "")
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[example.id for example in EXAMPLES])
+@pytest.mark.parametrize("example", [_marked(example) for example in EXAMPLES])
 def test_readme_example(example: Example, checkout: Path, tmp_path: Path):
     if example.not_run is not None:
         pytest.skip(f"the README says why it is not run: {example.not_run}")
@@ -230,6 +247,7 @@ def _block_after(marker_text: str) -> list[str]:
     return commands
 
 
+@pytest.mark.e2e
 def test_the_phantom_setup_block_runs_from_a_config_outside_the_repository(tmp_path):
     """The README's phantom set-up, run in order as one script from a fresh checkout-like
     folder: the copied config lives outside the repository and finds the weights it imported."""

@@ -26,6 +26,8 @@ from pipeline.outputs.seg import encode_seg
 from tests.test_rtstruct import SERIES, Segmented, segmented_series, source_headers
 from tests.test_viewers import _dciodvfy_errors
 
+pytestmark = pytest.mark.e2e
+
 # with the SEG on both series; without it (the source images referenced) on the small one
 VARIANTS = [(SERIES[0], True), (SERIES[1], True), (SERIES[1], False)]
 VARIANT_IDS = [f"{name}-{'seg' if with_seg else 'images'}" for name, with_seg in VARIANTS]

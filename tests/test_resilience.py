@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
@@ -31,6 +32,8 @@ from tests.support.dcmtk import storescu
 from tests.support.node import node_fixture, node_settled
 from tests.support.paths import LOCALHOST
 from tests.support.wait import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.peers]
 
 node = node_fixture(send={"max_attempts": 4, "retry_delay_seconds": 1, "timeout_seconds": 5})
 

@@ -67,6 +67,8 @@ def _two_model_config(folder: Path, node_port: int, destination: dict, phantom_w
     return config
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_a_rule_naming_two_models_gives_two_segs_at_the_destination(tmp_path, node_port, phantom_weights,
                                                                      kidney_weights, t1_dir):
     pacs = Orthanc(tmp_path / "pacs", node_port, lua=RECEPTION_LOG).start()
@@ -99,6 +101,8 @@ def test_a_rule_naming_two_models_gives_two_segs_at_the_destination(tmp_path, no
     assert '"model_outcomes": ["total: ' in status
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_missing_weights_of_one_model_do_not_stop_the_others(tmp_path, node_port, phantom_weights, t1_dir):
     """total (inverted), kidney (no weights) and total_mr (the MR as acquired), one rule."""
     from demo.phantom_model import make_total_mr_weights
@@ -147,6 +151,7 @@ def test_missing_weights_of_one_model_do_not_stop_the_others(tmp_path, node_port
     assert "kidney: failed: " in job.reason and "total: " in job.reason
 
 
+@pytest.mark.peers
 def test_a_rule_naming_an_unknown_model_or_destination_stops_the_start(tmp_path, phantom_weights):
     config = node_config(tmp_path, destination=("PACS", free_port()), weights_dir=phantom_weights)
     config["rules"] = [
@@ -193,6 +198,8 @@ def _derived(mri_dir: Path, folder: Path, **changes) -> Path:
     return folder
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_the_rule_tester_prints_the_decision_the_node_takes(tmp_path, node_port, phantom_weights, mri_dir):
     derived = tmp_path / "derived"  # the same T1 series, each rule 2 field changed to not match
     _derived(mri_dir, derived / "ge", Manufacturer="GE MEDICAL SYSTEMS")

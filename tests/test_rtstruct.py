@@ -112,6 +112,7 @@ def source_headers(folder: Path) -> list[pydicom.Dataset]:
     return [ds for ds in headers if ds.SOPClassUID in MR_IMAGE_CLASSES]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", SERIES)
 def test_dciodvfy_accepts_the_rtstruct(written, name):
     assert _dciodvfy_errors(written[name][0]) == []
@@ -133,6 +134,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", SERIES)
 def test_plastimatch_rasterises_every_structure_back_onto_our_label_map(segmented, written, name, tmp_path):
     case = segmented[name]
@@ -164,6 +166,7 @@ def test_plastimatch_rasterises_every_structure_back_onto_our_label_map(segmente
     assert {k: v for k, v in scored.items() if v < 0.90} == {}, scored
 
 
+@pytest.mark.e2e
 def test_names_and_colours_read_back_equal_the_segs(segmented, written):
     for name, case in segmented.items():
         read = written[name][1]
@@ -181,6 +184,7 @@ def test_names_and_colours_read_back_equal_the_segs(segmented, written):
         assert algorithms == {"AUTOMATIC"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", SERIES)
 def test_it_references_the_source_series_and_every_contour_lies_on_its_image(segmented, written, name):
     case = segmented[name]
@@ -216,6 +220,7 @@ def test_it_references_the_source_series_and_every_contour_lies_on_its_image(seg
     assert contours > 0
 
 
+@pytest.mark.e2e
 def test_same_input_same_uids_and_every_object_type_its_own(segmented, rtstructs):
     case = segmented[SERIES[1]]
     again = encode_rtstruct(case.label_map, case.algorithm)
@@ -229,6 +234,7 @@ def test_same_input_same_uids_and_every_object_type_its_own(segmented, rtstructs
     assert "RTSTRUCT" in first.SeriesDescription and len(first.SeriesDescription) <= 64
 
 
+@pytest.mark.e2e
 def test_the_geometry_check_catches_a_contour_off_its_image(segmented, rtstructs):
     case = segmented[SERIES[1]]
     ds = encode_rtstruct(case.label_map, case.algorithm)
@@ -241,6 +247,7 @@ def test_the_geometry_check_catches_a_contour_off_its_image(segmented, rtstructs
     assert issubclass(OutputEncodingError, PipelineError)
 
 
+@pytest.mark.e2e
 def test_no_structure_gives_no_rtstruct(segmented):
     case = segmented[SERIES[1]]
     empty = LabelMap(np.zeros_like(case.label_map.array), case.label_map.names, case.label_map.volume)

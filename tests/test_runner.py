@@ -39,6 +39,7 @@ def images(mri_dir):
     return result
 
 
+@pytest.mark.e2e
 def test_five_series_in_a_row_load_the_model_once(settings, images):
     with ModelRunner(settings) as runner:
         reports = []
@@ -53,6 +54,7 @@ def test_five_series_in_a_row_load_the_model_once(settings, images):
         assert len({r.worker for r in reports}) == 1
 
 
+@pytest.mark.e2e
 def test_a_runner_that_dies_is_started_again_and_the_request_retried_once(settings, images):
     with ModelRunner(settings) as runner:
         runner.run(images[1])

@@ -19,6 +19,8 @@ from tests.support.paths import free_port
 from tests.support.redis import RedisServer
 from tests.support.wait import wait_until
 
+pytestmark = pytest.mark.peers
+
 SOURCE = "t1_siemens_3t_fl2d_sag_hfs"  # 35 slices: a few seconds per series on the phantom model
 
 
@@ -104,6 +106,7 @@ def _exactly_one_seg_each(pacs, uids) -> None:
     assert len(pacs.receptions()) == len(uids), "nothing else arrived"
 
 
+@pytest.mark.e2e
 def test_six_series_each_get_exactly_one_seg_from_two_workers(node, pacs, two_workers, mri_dir, tmp_path):
     before = [worker.tasks_received() for worker in two_workers]
     uids = _series(mri_dir, tmp_path, 6)
@@ -125,6 +128,7 @@ def test_six_series_each_get_exactly_one_seg_from_two_workers(node, pacs, two_wo
     assert status.splitlines()[0].startswith("workers: celery (queue dicom-node), 0 series in flight of at most 2")
 
 
+@pytest.mark.e2e
 def test_a_worker_killed_mid_task_still_gives_exactly_one_seg(node, pacs, two_workers, mri_dir, tmp_path):
     uids = _series(mri_dir, tmp_path, 1)
     node.start()
@@ -137,6 +141,7 @@ def test_a_worker_killed_mid_task_still_gives_exactly_one_seg(node, pacs, two_wo
     _exactly_one_seg_each(pacs, uids)
 
 
+@pytest.mark.e2e
 def test_redis_stopped_and_restarted_mid_run_loses_nothing(node, pacs, two_workers, redis_server, mri_dir,
                                                             tmp_path):
     uids = _series(mri_dir, tmp_path, 2)
@@ -150,6 +155,7 @@ def test_redis_stopped_and_restarted_mid_run_loses_nothing(node, pacs, two_worke
     _exactly_one_seg_each(pacs, uids)
 
 
+@pytest.mark.e2e
 def test_the_node_restarted_with_tasks_in_flight_loses_and_duplicates_nothing(node, pacs, two_workers, mri_dir,
                                                                                tmp_path):
     uids = _series(mri_dir, tmp_path, 3)

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
@@ -15,11 +16,13 @@ def _associate(port, calling="MODALITY", bind="127.0.0.1"):
     return ae.associate("127.0.0.1", port, ae_title="DICOMNODE", bind_address=(bind, 0))
 
 
+@pytest.mark.peers
 def test_known_caller_echoes(scp):
     server = scp()
     assert subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(server.settings.port)]).returncode == 0
 
 
+@pytest.mark.peers
 def test_unknown_calling_ae_is_rejected(scp):
     server = scp()
     result = subprocess.run(["echoscu", "-aet", "STRANGER", "127.0.0.1", str(server.settings.port)],

@@ -53,6 +53,7 @@ def test_missing_weights_name_the_path_and_the_remedy(tmp_path, volume):
     assert "weights_dir" in message
 
 
+@pytest.mark.e2e
 def test_usage_statistics_are_off_after_a_real_run(tmp_path, phantom_weights, volume):
     home = tmp_path / "home"
     home.mkdir()

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.store.state import JobState, SeriesRef, StateStore
+from dicom_node.store.state import JobState, JobUpdate, SeriesRef, StateStore
 
 
 def _series(uid: str) -> SeriesRef:
@@ -41,7 +41,7 @@ def test_only_failed_jobs_can_be_retried(tmp_path):
     job_id = state.complete_series("1.2.3.1", now=2)
     with pytest.raises(ValueError):
         state.requeue(job_id)
-    state.update_job(job_id, JobState.FAILED, reason="weights missing")
+    state.update_job(job_id, JobState.FAILED, JobUpdate(reason="weights missing"))
     assert state.requeue(job_id).state is JobState.RECEIVED
 
 
@@ -74,7 +74,7 @@ def test_a_sent_job_is_not_superseded_but_named_for_the_new_seg(tmp_path):
     state = StateStore(tmp_path / "s.db")
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.1", "1.2", Path("/x/a"), now=1)
     first = state.complete_series("1.2.3.1", now=2)
-    state.update_job(first, JobState.SENT, seg_series_uid="9.9.1")
+    state.update_job(first, JobState.SENT, JobUpdate(seg_series_uid="9.9.1"))
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.2", "1.2", Path("/x/b"), now=3)
     second = state.complete_series("1.2.3.1", now=4)
     assert state.job(first).state is JobState.SENT
@@ -89,7 +89,7 @@ def test_the_same_instances_again_make_no_new_job_unless_the_last_failed(tmp_pat
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.1", "1.2", Path("/x/a"), now=3)  # the sender repeats
     assert state.complete_series("1.2.3.1", now=4) is None
     assert [j.id for j in state.jobs()] == [first]
-    state.update_job(first, JobState.FAILED, reason="weights missing")
+    state.update_job(first, JobState.FAILED, JobUpdate(reason="weights missing"))
     state.record_instance(_series("1.2.3.1"), "1.2.3.1.1", "1.2", Path("/x/a"), now=5)
     assert state.complete_series("1.2.3.1", now=6) == first + 1
     with pytest.raises(ValueError, match="replaces it"):

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from dicom_node.store.state import JobState, StateStore
+from dicom_node.store.state import JobState, JobUpdate, StateStore
 from tests.support.asserts import series_uid_of
 from tests.support.node import NodeProcess, node_config, status_of
 from tests.support.orthanc import Orthanc
@@ -66,7 +66,7 @@ def test_a_database_of_the_previous_release_gets_the_timestamps_on_open(tmp_path
     # the old job knows no stamps to copy: the series' first instance, and the new job's creation
     assert (again.received_at, again.completed_at, again.reprocess_of) == (100, 200, 1)
     state.claim_next_processing(now=201)
-    state.update_job(again.id, JobState.SKIPPED, reason="skipped: policy", now=203)
+    state.update_job(again.id, JobState.SKIPPED, JobUpdate(reason="skipped: policy"), now=203)
     assert state.job(again.id).stage_seconds() == {"receiving": 100.0, "queued": 1.0, "processing": 2.0,
                                                    "sending": None}
     state.close()
@@ -91,7 +91,7 @@ def test_every_send_attempt_is_logged_per_destination(tmp_path):
     job = state.complete_series("1.2.3.1", now=12)
     state.claim_next_processing(now=13)
     assert state.start_sending(job, [("pacs", "seg", tmp_path / "seg"), ("archive", "seg", tmp_path / "seg")],
-                               result_path=tmp_path / "seg" / "1.dcm", reason="made", now=20)
+                               JobUpdate(result_path=tmp_path / "seg" / "1.dcm", reason="made"), now=20)
     pacs, archive = sorted((item for item in state.outbox(job)), key=lambda item: item.destination != "pacs")
     assert state.record_send(pacs.id, ok=False, error="send attempt 1 failed: connection refused", retry_at=22,
                              now=21) is JobState.SENDING
@@ -144,6 +144,8 @@ def round_trip(tmp_path_factory, phantom_weights, t1_dir):
         orthanc.stop()
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_readiness_names_the_destination_while_its_sends_fail(round_trip):
     node, orthanc, seen = round_trip
     assert seen["before"].status_code == 200, seen["before"].text
@@ -154,6 +156,8 @@ def test_readiness_names_the_destination_while_its_sends_fail(round_trip):
     assert seen["after"].status_code == 200, seen["after"].text
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_status_json_gives_the_timestamps_and_durations_of_a_round_trip(round_trip, t1_dir):
     node, orthanc, seen = round_trip
     [job] = [json.loads(line) for line in status_of(node.config_path, "--json").stdout.splitlines()]
@@ -172,6 +176,8 @@ def test_status_json_gives_the_timestamps_and_durations_of_a_round_trip(round_tr
     assert "SEG" in [s["MainDicomTags"].get("Modality") for s in orthanc.get(f"/studies/{study}/series")]
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_a_sent_job_whose_first_send_failed_shows_sent_and_its_last_error_apart(round_trip):
     node, _, _ = round_trip
     [job] = [json.loads(line) for line in status_of(node.config_path, "--json").stdout.splitlines()]
@@ -186,6 +192,8 @@ def test_a_sent_job_whose_first_send_failed_shows_sent_and_its_last_error_apart(
     assert "received " in text and "processed " in text and "sent " in text
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_status_into_head_exits_0_quietly(round_trip):
     node, _, _ = round_trip
     result = subprocess.run(["bash", "-o", "pipefail", "-c",

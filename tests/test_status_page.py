@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from dicom_node.store.state import JobState
+from dicom_node.store.state import JobState, JobUpdate
 from dicom_node.web.status_page import middle_image, overlay, render_preview
 from tests.conftest import patient_strings
 from tests.support.node import NodeProcess, node_config
@@ -180,6 +180,8 @@ def _row(driver, job_id: int):
     return rows[0] if rows else None
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token(page_node, browser, mri_dir):
     from selenium.webdriver.common.by import By
 
@@ -237,6 +239,8 @@ def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token
     browser.save_screenshot(str(ARTIFACTS / "status-page-refused.png"))
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
 def test_retry_with_the_token_queues_the_job(page_node, browser):
     from selenium.webdriver.common.by import By
 
@@ -273,6 +277,7 @@ def test_the_token_is_one_setting_of_at_least_16_characters(tmp_path):
     assert config.http.ui_token_file == tmp_path / "secrets" / "ui.token"  # from the config's folder
 
 
+@pytest.mark.peers
 def test_an_unreadable_token_file_stops_start_up_in_one_line(tmp_path, phantom_weights):
     import subprocess
     import sys
@@ -306,7 +311,7 @@ def page_endpoint(tmp_path):
         ref = SeriesRef("1.2.3", f"1.2.3.{n}", "MODALITY", tmp_path)
         state.record_instance(ref, f"1.2.3.{n}.1", "1.2.840.10008.5.1.4.1.1.4", tmp_path / f"missing{n}.dcm")
         state.complete_series(ref.series_instance_uid)
-    state.update_job(1, JobState.FAILED, reason="test failure")
+    state.update_job(1, JobState.FAILED, JobUpdate(reason="test failure"))
     endpoint = HttpEndpoint("127.0.0.1", 0, {}, lambda: b"",
                             pages=StatusPage(state, [Destination(ae_title="PACS", host="127.0.0.1", port=104)], TOKEN))
     endpoint.start()

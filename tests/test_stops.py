@@ -14,12 +14,16 @@ import signal
 import time
 from datetime import datetime
 
+import pytest
+
 from dicom_node.store.state import JobState
 from tests.derived import copy_series
 from tests.support.asserts import assert_exactly_one_seg, series_uid_of
 from tests.support.dcmtk import storescu
 from tests.support.node import NodeProcess, node_fixture
 from tests.support.wait import process_alive, wait_until
+
+pytestmark = pytest.mark.peers
 
 node = node_fixture(
     node={"shutdown_seconds": 5},
@@ -32,6 +36,7 @@ def _model_pid(node: NodeProcess) -> int:
     return int(found.group(1)) if found else 0
 
 
+@pytest.mark.e2e
 def test_sigterm_while_segmenting_exits_in_time_without_traceback(node, pacs, mri_dir):
     series = mri_dir / "t1_philips_3t_mprage_sag"  # 170 slices: the model runs for a while
     node.start()
@@ -78,6 +83,7 @@ def _events(log: str) -> list[tuple[float, str]]:
     return events
 
 
+@pytest.mark.e2e
 def test_a_due_send_is_attempted_on_time_while_another_series_is_segmented(node, pacs, mri_dir, tmp_path):
     small = copy_series(mri_dir / "t1_siemens_3t_fl2d_sag_hfs", tmp_path / "small", seed=f"due-{tmp_path.name}")
     node.start()  # the destination is down: pacs is not started

@@ -99,6 +99,7 @@ def _stored(orthanc: Orthanc) -> set[str]:
     return {orthanc.get(f"/instances/{id_}")["MainDicomTags"]["SOPInstanceUID"] for id_ in orthanc.get("/instances")}
 
 
+@pytest.mark.peers
 def test_stow_stores_every_file_in_one_request_with_basic_auth(make_orthanc, instances, password_file, caplog):
     orthanc = make_orthanc(users={USER: PASSWORD})
     destination = _destination(orthanc.dicomweb_url + "/", auth=_basic(password_file))  # a trailing slash is fine
@@ -112,6 +113,7 @@ def test_stow_stores_every_file_in_one_request_with_basic_auth(make_orthanc, ins
     assert str(header.PatientName) not in caplog.text and str(header.PatientID) not in caplog.text
 
 
+@pytest.mark.peers
 def test_wrong_password_is_refused_permanently_without_the_secret_in_the_message(
         make_orthanc, instances, tmp_path):
     orthanc = make_orthanc(users={USER: PASSWORD})
@@ -125,6 +127,7 @@ def test_wrong_password_is_refused_permanently_without_the_secret_in_the_message
     assert orthanc.get("/instances") == []
 
 
+@pytest.mark.peers
 def test_a_bearer_token_is_sent_as_bearer_and_a_basic_auth_orthanc_refuses_it(
         make_orthanc, instances, monkeypatch):
     """Orthanc 1.10 checks only basic credentials: the token reaches it, is not a
@@ -165,6 +168,7 @@ def test_nothing_listening_is_a_transient_connection_refused(instances):
     assert (caught.value.kind, caught.value.permanent, caught.value.peer) == ("connection refused", False, url)
 
 
+@pytest.mark.peers
 def test_a_url_that_is_not_a_dicomweb_base_is_a_permanent_failure(make_orthanc, instances):
     orthanc = make_orthanc()
     with pytest.raises(SendError) as caught:
@@ -174,6 +178,7 @@ def test_a_url_that_is_not_a_dicomweb_base_is_a_permanent_failure(make_orthanc, 
     assert orthanc.get("/instances") == []
 
 
+@pytest.mark.peers
 def test_an_instance_orthanc_cannot_understand_is_named_with_its_failure_reason(make_orthanc, instances, tmp_path):
     """Orthanc answers 400 with the failed instance in FailedSOPSequence (0xC000, no
     StudyInstanceUID) and stores the others."""
@@ -189,6 +194,7 @@ def test_an_instance_orthanc_cannot_understand_is_named_with_its_failure_reason(
     assert _stored(orthanc) == _uids(accepted)
 
 
+@pytest.mark.peers
 def test_an_instance_orthanc_refuses_is_named_and_the_accepted_ones_are_stored(make_orthanc, instances, tmp_path):
     """A Lua filter refuses the last instance. Plugin 1.7 leaves it out of its answer
     (200, nothing failed); later versions list it as failed with 0x0110. Either way the
@@ -254,6 +260,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     return folder / "cert.pem", folder / "key.pem"
 
 
+@pytest.mark.peers
 def test_https_needs_a_certificate_it_can_verify(make_orthanc, instances, tmp_path):
     """A certificate no CA vouches for fails as a transient tls error before anything is
     sent; trusting it through ``ca_certificates`` stores the files."""

@@ -35,6 +35,7 @@ def _tls_args(pki: Path, name: str) -> list[str]:
     return ["+tls", str(pki / f"{name}.key"), str(pki / f"{name}.crt"), "+cf", str(pki / "ca.crt")]
 
 
+@pytest.mark.peers
 def test_tls_association_succeeds_and_plain_one_fails(scp, pki, t1_dir):
     server = scp(node={"tls": {"certificate": str(pki / "server.crt"), "private_key": str(pki / "server.key"),
                                "ca_certificates": str(pki / "ca.crt"), "require_client_certificate": True}})
@@ -49,6 +50,7 @@ def test_tls_association_succeeds_and_plain_one_fails(scp, pki, t1_dir):
     assert plain.returncode != 0
 
 
+@pytest.mark.peers
 def test_scu_sends_over_tls(pki, t1_dir, tmp_path):
     port = free_port()
     out = tmp_path / "out"

@@ -26,6 +26,8 @@ from tests.support.dcmtk import StoreSCP, storescu
 from tests.support.node import NodeProcess, node_config, node_settled
 from tests.support.wait import wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.peers]
+
 
 def _node(tmp_path: Path, pacs: StoreSCP, weights: Path, **overrides) -> NodeProcess:
     return NodeProcess(tmp_path / "node", node_config(

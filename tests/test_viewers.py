@@ -147,6 +147,7 @@ def test_uids_are_deterministic_and_change_with_the_segmentation_type(few_labels
     assert labelmap.SOPInstanceUID != binary.SOPInstanceUID
 
 
+@pytest.mark.peers
 def test_orthanc_round_trip_of_a_labelmap_seg(orthanc, few_labels, t1_dir, tmp_path):
     """Orthanc needs UnknownSopClassAccepted for the Label Map SOP class (the fixture sets it)."""
     from dicom_node.config import Destination

@@ -78,6 +78,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("series", SERIES)
 def test_warm_runner_equals_totalsegmentator(task, series: str, prepared, tmp_path: Path) -> None:
     settings, runner = task

@@ -38,6 +38,7 @@ def test_not_a_model_at_all(tmp_path):
         import_weights(tmp_path / "empty", tmp_path / "weights")
 
 
+@pytest.mark.e2e
 def test_phantom_archive_installs_with_checksums_and_the_node_processes_with_it(phantom_weights, t1_dir, tmp_path):
     archive = _zip(phantom_weights / DATASET, tmp_path / "phantom.zip")
     weights = tmp_path / "weights"

@@ -86,6 +86,7 @@ def test_empty_prediction_ends_without_a_seg(setup):
     assert job.result_path is None and "found no structure" in job.reason
 
 
+@pytest.mark.peers
 def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
     pacs = StoreSCP(tmp_path / "pacs")
     worker, state, job_id = setup(90, pacs.port, max_attempts=5)
@@ -102,6 +103,7 @@ def test_failed_send_stays_queued_then_arrives(setup, tmp_path):
     assert len(pacs.receptions()) == 1
 
 
+@pytest.mark.peers
 def test_send_gives_up_after_max_attempts_keeps_the_seg_and_can_be_retried(setup, tmp_path):
     pacs = StoreSCP(tmp_path / "pacs")
     worker, state, job_id = setup(90, pacs.port, max_attempts=2)
@@ -129,6 +131,7 @@ def test_pipeline_error_fails_the_job_and_keeps_the_series(setup, tmp_path):
     assert len(list(job.series.folder.glob("*.dcm"))) == 34
 
 
+@pytest.mark.peers
 def test_seg_off_its_source_grid_fails_the_job_and_nothing_is_sent(setup, tmp_path):
     pacs = StoreSCP(tmp_path / "pacs").start()
     try:

@@ -8,8 +8,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import pydicom
-
 from dicom_node.cli.common import CONFIG_HELP, ExitStatus, load, preset_named
 from dicom_node.logs import setup_logging
 
@@ -17,6 +15,8 @@ __all__ = ["register"]
 
 
 def _group_by_series(root: Path) -> dict[str, list[Path]]:
+    import pydicom  # here, not at the top: every command loads this module, most need no DICOM reader
+
     groups: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:

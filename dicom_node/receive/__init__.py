@@ -1,0 +1,1 @@
+"""The way in: the storage SCP and series completion."""

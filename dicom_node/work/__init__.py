@@ -1,0 +1,1 @@
+"""Jobs: the queue, the plan for a series, and the processor that runs and sends them."""

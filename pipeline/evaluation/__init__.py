@@ -1,0 +1,1 @@
+"""Scoring preprocessing modes and model presets against references."""

@@ -1,0 +1,1 @@
+"""From instance files to a volume: series assembly, wholeness, classification, preprocessing."""

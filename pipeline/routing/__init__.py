@@ -1,0 +1,1 @@
+"""Routing rules: the facts of a series and the declarative rules that match them."""
