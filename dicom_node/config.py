@@ -235,6 +235,11 @@ class StorageSettings(_Frozen):
     state_db: Path = Path("var/state.sqlite3")
     min_free_bytes: int = Field(1_000_000_000, ge=0)
     max_series_instances: int = Field(5000, ge=1)
+    # Voxels a job may decode from one series (Rows x Columns per image, every frame of a
+    # multi-frame object): 512x512x2000, twice a 512x512x1000 series, far above a
+    # 240-frame enhanced one; one float32 copy of it is 2 GiB. Larger fails the job
+    # before any pixel is decoded.
+    max_series_voxels: int = Field(512 * 512 * 2000, ge=1)
 
 
 class CompletionSettings(_Frozen):
@@ -242,6 +247,9 @@ class CompletionSettings(_Frozen):
 
     stable_seconds: float = Field(30.0, gt=0)
     complete_on_release: bool = True
+    # A series known not to be whole (instances refused, a slice count not reached, a gap)
+    # waits this long after its last instance for the sender's retry, then fails.
+    incomplete_grace_seconds: float = Field(600.0, ge=0)
 
 
 class SendSettings(_Frozen):
@@ -281,9 +289,27 @@ class LoggingSettings(_Frozen):
 
 
 class RetentionSettings(_Frozen):
-    """Received series and results of jobs that ended ``sent`` are deleted after this many days (0: keep)."""
+    """When the files of ended jobs (their received series and result objects) are deleted.
+
+    A period per outcome, in days (0: kept, until disk pressure): ``days`` for ``sent``,
+    ``skipped_days`` for ``skipped`` and ``no_result`` (most MR traffic: nothing to keep
+    it for), ``failed_days`` for ``failed`` (time for an operator to look and retry).
+    Superseded and reprocessed jobs go with the job that replaced them. Whatever the
+    periods, while the spool's disk has less than ``pressure_free_bytes`` free, the
+    oldest ended series go first until it has that much again (None: twice
+    ``storage.min_free_bytes``, so that retention frees space before C-STORE refuses at
+    ``min_free_bytes``; 0: off). ``interval_seconds``: how often retention runs.
+    """
 
     days: float = Field(0, ge=0)
+    skipped_days: float = Field(1, ge=0)
+    failed_days: float = Field(30, ge=0)
+    pressure_free_bytes: int | None = Field(None, ge=0)
+    interval_seconds: float = Field(300.0, gt=0)
+
+    def pressure_bytes(self, min_free_bytes: int) -> int:
+        """The free space below which disk pressure deletes ended series (0: never)."""
+        return 2 * min_free_bytes if self.pressure_free_bytes is None else self.pressure_free_bytes
 
 
 class WorkerSettings(_Frozen):
@@ -358,6 +384,15 @@ class Config(_Frozen):
         elif "models" not in data:
             data = {**data, "models": [{"name": DEFAULT_MODEL}]}
         return data
+
+    @model_validator(mode="after")
+    def _pressure_above_min_free(self) -> "Config":
+        """Disk pressure must start before C-STORE refuses, or it would only ever run on a full disk."""
+        mark = self.retention.pressure_free_bytes
+        if mark and mark < self.storage.min_free_bytes:
+            raise ValueError(f"retention.pressure_free_bytes ({mark}) must be at least storage.min_free_bytes"
+                             f" ({self.storage.min_free_bytes}), or 0 to turn disk pressure off")
+        return self
 
     @field_validator("models")
     @classmethod

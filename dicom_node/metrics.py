@@ -52,6 +52,15 @@ class Metrics:
         self.instances_received = Counter(
             "dicom_node_instances_received", "Instances stored by C-STORE", registry=self.registry
         )
+        self.instances_refused = Counter(
+            "dicom_node_instances_refused", "Instances refused at C-STORE, by the status answered", ["status"],
+            registry=self.registry,
+        )
+        self.series_incomplete = Counter(
+            "dicom_node_series_incomplete", "Series that ended failed because they were known not whole"
+            " (instances refused, a slice count not reached, a gap) after completion.incomplete_grace_seconds",
+            registry=self.registry,
+        )
         self.series_outcomes = Counter(
             "dicom_node_series", "Processed series by outcome", ["outcome"], registry=self.registry
         )
@@ -72,6 +81,11 @@ class Metrics:
                                      ["destination"], registry=self.registry)
         self.send_failures = Counter("dicom_node_send_failures", "Failed send attempts, by destination and kind of"
                                      " failure", ["destination", "kind"], registry=self.registry)
+        self.retention_deletions = Counter(
+            "dicom_node_retention_deletions", "Series deleted by retention with their jobs' results, by reason:"
+            " period (their jobs' retention periods passed) or pressure (the spool's disk ran low)", ["reason"],
+            registry=self.registry,
+        )
         self.worker_queue_depth: Callable[[], int | None] | None = None  # set with Celery workers
         if state is not None:
             self.registry.register(_JobCollector(state, self))

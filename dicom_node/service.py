@@ -11,6 +11,7 @@ already started again.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from dicom_node.errors import ConfigError, NodeError
 from dicom_node.metrics import Metrics
 from dicom_node.receive.completion import Completion
 from dicom_node.receive.scp import StorageSCP
-from dicom_node.store.retention import expired, purge
+from dicom_node.store.retention import Retention
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import StateStore
 from dicom_node.web.http import HttpEndpoint, destination_check, disk_check
@@ -41,7 +42,9 @@ __all__ = ["StartupProblem", "StartupError", "check_startup", "Node", "model_ser
 
 log = logging.getLogger(__name__)
 
-_RETENTION_INTERVAL = 3600.0
+# how far past its deadline a model run counts as stuck: the runner stops a model at its
+# deadline within a moment, so a run still going past this did not stop (SIGTERM ignored)
+_STUCK_MARGIN_SECONDS = 2.0
 
 
 class StartupProblem(Enum):
@@ -182,7 +185,8 @@ class Node:
         self.segmenters = processor.segmenters  # by preset name
         self.queue = InProcessQueue(self.state, processor, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
-        self.completion = Completion(config.completion, self.state, self.queue.submit)
+        self.completion = Completion(config.completion, self.state, self.queue.submit,
+                                     on_incomplete=lambda job_id: self.metrics.series_incomplete.inc())
         self.scp = StorageSCP(
             config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics
         )
@@ -192,13 +196,21 @@ class Node:
                 config.http.bind_address,
                 config.http.port,
                 {
-                    "scp": lambda: None if self.scp.listening else "the DICOM SCP is not listening",
+                    "scp": self._scp_problem,
                     "worker": lambda: None if self.queue.alive else "the worker thread is not running",
                     "state_store": self._state_store_check,
                     "disk": disk_check(self.spool.root, config.storage.min_free_bytes),
+                    # every thread, by name, and a model run past its deadline
+                    "completion": lambda: None if self.completion.alive else "the completion thread is not running",
+                    "processing": self.queue.processing_problem,
+                    **{f"send:{d.name}": functools.partial(self.queue.sender_problem, d.name)
+                       for d in config.destinations},
+                    "retention": self._retention_problem,
+                    "stuck": self._stuck_problem,
                 },
                 self.metrics.exposition,
                 readiness={
+                    "database": self.state.write_problem,
                     "weights": self._weights_problem,
                     "destination": destination_check(self.state, config.destinations,
                                                      config.http.unready_after_failed_sends),
@@ -207,7 +219,27 @@ class Node:
             )
         self._started: list[object] = []  # the parts running, stopped again by stop()
         self._stop = threading.Event()
+        self.retention = Retention(self.state, self.spool, config.retention, config.storage.min_free_bytes,
+                                   deletions=self.metrics.retention_deletions)
         self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+
+    def _scp_problem(self) -> str | None:
+        if not self.scp.listening:
+            return "the DICOM SCP is not listening"
+        return None if self.scp.serving else "the DICOM SCP's server thread is not running"
+
+    def _retention_problem(self) -> str | None:
+        """The retention thread, once started, runs until the node stops."""
+        if self._retention.ident is None or self._retention.is_alive() or self._stop.is_set():
+            return None
+        return "the retention thread is not running"
+
+    def _stuck_problem(self) -> str | None:
+        """Model runs more than a margin past their deadline, by preset: the deadline did
+        not free the processing slot (a model process that does not stop)."""
+        problems = [f"model {name}: {problem}" for name, service in self.models.items()
+                    for problem in [service.overdue(_STUCK_MARGIN_SECONDS)] if problem]
+        return "; ".join(problems) or None
 
     def _state_store_check(self) -> str | None:
         self.state.check_writable()
@@ -246,8 +278,7 @@ class Node:
         except BaseException:
             self._stop_started()
             raise
-        if self.config.retention.days > 0:
-            self._retention.start()
+        self._retention.start()
 
     def _start_models(self) -> None:
         """Start the embedded model processes now (one per preset), so their imports are
@@ -285,18 +316,22 @@ class Node:
         log.info("stopping")
         self._stop.set()
         self._stop_started()
+        if self._retention.is_alive():  # a run in hand ends before the state store closes under it
+            self._retention.join(timeout=30)
         if self.queue.stopped:
             self.state.close()
         else:  # a thread still holds a job; the process exits without closing under it
             log.warning("a job did not end within node.shutdown_seconds; it runs again at the next start")
 
     def _retention_loop(self) -> None:
+        """Retention every ``retention.interval_seconds``, whatever the periods (disk
+        pressure needs it too); a run that fails is logged and the next one runs."""
         while not self._stop.is_set():
             try:
-                purge(self.state, expired(self.state, self.config.retention.days))
+                self.retention.run()
             except Exception:
-                log.exception("retention run failed")
-            self._stop.wait(_RETENTION_INTERVAL)
+                log.exception("retention run failed; trying again in %ss", self.config.retention.interval_seconds)
+            self._stop.wait(self.config.retention.interval_seconds)
 
     def _weights_checks(self) -> dict[str, Callable[[], None]]:
         """Each model preset's weights check: its segmenter's, or its model's; none with

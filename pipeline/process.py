@@ -1,14 +1,16 @@
 """The pipeline from instance files to result objects:
 classify -> series -> volume -> preprocess -> segment -> SEG, RTSTRUCT, overlay, report.
 
-``process_series`` is pure apart from reading the instance files; it returns a
-``SegResult`` saying what happened and why. The sequence class is decided from the
+``process_series`` is pure apart from reading the instance files (and handing each
+result instance to the caller's ``save``, if given); it returns a ``SegResult`` saying
+what happened and why. The sequence class is decided from the
 headers before any pixel is read, and the configured policy decides the preprocessing
 (or a skip). Errors a job can end with are ``PipelineError``s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from pipeline.model.identity import describe_model
 from pipeline.model.segment import Segmenter
 from pipeline.model.types import ModelIdentity
 from pipeline.outputs.common import Algorithm
-from pipeline.outputs.encode import ResultObject, encode_results
+from pipeline.outputs.encode import ResultObject, SaveInstance, encode_results
 from pipeline.outputs.options import OutputRequest
 from pipeline.settings import PipelineSettings
 
@@ -66,13 +68,19 @@ class SegResult:
 
     @property
     def seg(self) -> pydicom.Dataset | None:
-        """The first SEG among the objects, if one was asked for."""
-        return next((o.datasets[0] for o in self.objects if o.kind == "seg"), None)
+        """The first SEG among the objects, if one was asked for and kept (not saved)."""
+        return next((o.datasets[0] for o in self.objects if o.kind == "seg" and o.datasets), None)
+
+    @property
+    def seg_series_uid(self) -> str | None:
+        """The series of the first SEG among the objects, kept or saved."""
+        return next((o.series_instance_uid for o in self.objects if o.kind == "seg"), None)
 
 
 def algorithm_for(
     settings: PipelineSettings, mode: PreprocessingMode, classification: Classification,
     model: ModelIdentity | None = None, *, preset: str | None = None, series_number_offset: int = 0,
+    partial: str | None = None,
 ) -> Algorithm:
     """The algorithm as the SEG records it: the model with its weights' digest (as the
     model process identified it, else from the settings), and the preprocessing
@@ -80,7 +88,12 @@ def algorithm_for(
 
     ``preset``: the model preset's name when a node runs several; the series description
     then names it (shortened to fit), and ``series_number_offset`` keeps its objects'
-    SeriesNumbers apart from another preset's."""
+    SeriesNumbers apart from another preset's.
+
+    ``partial``: what the series lacks, for a series processed on purpose although it is
+    not whole (``retry --reprocess --allow-partial``): the description starts with
+    "PARTIAL", and the reason is part of the content identity, so its objects never share
+    UIDs with those of the whole series."""
     model = model or describe_model(settings.model)
     cls = classification.sequence_class.value
     kind = _model_kind(settings)
@@ -89,6 +102,8 @@ def algorithm_for(
     else:
         tail = f", {kind} model, {'unprocessed' if mode is PreprocessingMode.NONE else 'inverted'} {cls}"
         description = f"Auto SEG {preset[:_DESCRIPTION_ROOM - len('Auto SEG ') - len(tail)]}{tail}"
+    if partial is not None:
+        description = f"PARTIAL {description}"[:_DESCRIPTION_ROOM]
     options = settings.preprocessing
     clipped = mode is not PreprocessingMode.NONE
     return Algorithm(
@@ -106,6 +121,7 @@ def algorithm_for(
             options.background_percentile if mode is PreprocessingMode.INVERT_BLACK_BACKGROUND else None
         ),
         series_number_offset=series_number_offset,
+        partial=partial,
     )
 
 
@@ -170,15 +186,23 @@ def process_series(
     series_headers: SeriesHeaders | None = None,
     preset: str | None = None,
     series_number_offset: int = 0,
+    partial: str | None = None,
+    max_series_voxels: int | None = None,
+    save: SaveInstance | None = None,
 ) -> SegResult:
     """Run the whole pipeline over the instance files of one series, making the result
     objects ``outputs`` names (each once).
+
+    Memory: ``max_series_voxels`` refuses a series with more voxels to decode
+    (``SeriesTooLargeError``, from the headers, before any pixel is decoded); ``save``
+    takes each result instance as it is made (``encode_results``), so that the objects
+    are not all held until the caller saves them.
 
     ``supersedes``: the SeriesInstanceUID of an earlier SEG of this series already sent
     to the PACS; the new SEG then says it replaces that one (see ``encode_seg``).
     ``on_stage`` is told the name of each stage as it starts (for progress bars).
     ``series_headers``: the series already read by ``read_series`` (else it is read here).
-    ``preset``, ``series_number_offset``: see ``algorithm_for``."""
+    ``preset``, ``series_number_offset``, ``partial``: see ``algorithm_for``."""
     stage = on_stage or (lambda name: None)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -192,15 +216,16 @@ def process_series(
         series = assemble_series(headers, min_slices=settings.min_slices, four_d=settings.four_d)
     except TooFewSlicesError as exc:
         return SegResult(Outcome.SKIPPED, f"not a volume: {exc}", classification)
-    volume = read_volume(series)
+    volume = read_volume(series, max_voxels=max_series_voxels)
     seconds["read"] = time.perf_counter() - start
 
     start = time.perf_counter()
     stage("preprocess")
     options = settings.preprocessing
-    prepared = volume.with_array(
+    # ``none`` is the volume itself (no copy); the others read it through a view
+    prepared = volume if mode is PreprocessingMode.NONE else volume.with_array(
         preprocess(
-            volume.array,
+            volume.voxels,
             mode,
             clip_min=options.clip_min,
             clip_max=options.clip_max,
@@ -212,13 +237,18 @@ def process_series(
     start = time.perf_counter()
     stage("segment")
     label_map = segmenter.segment(prepared)
+    if label_map.volume is prepared and prepared is not volume:
+        # the encoders read the grid and the series, which the acquired volume shares:
+        # the preprocessed voxels go before encoding
+        label_map = dataclasses.replace(label_map, volume=volume)
+    del prepared
     seconds["segment"] = time.perf_counter() - start
 
     start = time.perf_counter()
     stage("encode")
     algorithm = algorithm_for(settings, mode, classification, label_map.model, preset=preset,
-                              series_number_offset=series_number_offset)
-    objects = encode_results(label_map, algorithm, outputs, source=volume, supersedes=supersedes)
+                              series_number_offset=series_number_offset, partial=partial)
+    objects = encode_results(label_map, algorithm, outputs, source=volume, supersedes=supersedes, save=save)
     seconds["encode"] = time.perf_counter() - start
     made = f"{classification.sequence_class.value} ({classification.reason}), preprocessing {mode.value}"
     if series.selection:

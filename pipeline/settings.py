@@ -48,6 +48,11 @@ class ModelSettings(_Frozen):
     weights_dir: Path = Path("var/weights")
     home_dir: Path = Path("var/totalsegmentator")
     device: Literal["cpu", "gpu"] = "cpu"
+    # the deadline of one model run (a fresh model process's start and model load
+    # included); past it the process is stopped and the run fails. An hour: the full
+    # `total` task (five part-models at 1.5 mm) on a 170-slice series takes tens of
+    # minutes on a CPU, and an hour leaves room for a slow or shared one
+    timeout_seconds: float = Field(3600.0, gt=0)
 
     @model_validator(mode="after")
     def _nnunet_needs_a_model(self) -> "ModelSettings":

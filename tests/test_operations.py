@@ -12,7 +12,8 @@ import requests
 from dicom_node.config import parse_config
 from dicom_node.logs import setup_logging
 from dicom_node.service import Node
-from dicom_node.store.retention import expired, purge
+from dicom_node.config import RetentionSettings
+from dicom_node.store.retention import Retention
 from dicom_node.store.state import JobState, JobUpdate
 from pipeline.model.types import LabelMap
 from tests.support.asserts import assert_exactly_one_seg
@@ -93,23 +94,26 @@ def test_retention_removes_only_sent_jobs_older_than_the_limit(node, t1_dir, sto
     storescu(node.config.node.port, t1_dir)
     wait_until(lambda: node.state.job_counts().get(JobState.SENT), 60, 0.5, "the sent job")
     job = node.state.jobs()[0]
-    assert expired(node.state, days=1) == []  # too young
-    assert expired(node.state, days=0) == []  # retention off
-    items = expired(node.state, days=1, now=time.time() + 2 * 86400)
-    assert [item.job.id for item in items] == [job.id]
-    assert job.series.folder in items[0].paths and node.spool.result_folder(job.id) in items[0].paths
-    purge(node.state, items)
+    retention = Retention(node.state, node.spool, RetentionSettings(days=1), 0)
+    assert retention.plan() == []  # too young
+    assert Retention(node.state, node.spool, RetentionSettings(days=0), 0).plan(time.time() + 9e9) == []  # kept
+    items = retention.plan(now=time.time() + 2 * 86400)
+    assert [[j.id for j in item.jobs] for item, _ in items] == [[job.id]]
+    assert retention.paths(items[0][0]) == [job.series.folder, node.spool.result_folder(job.id)]
+    assert len(retention.run(now=time.time() + 2 * 86400)) == 1
     assert not job.series.folder.exists() and not job.result_path.exists()
     assert node.state.job(job.id).state is JobState.SENT  # the row stays as the audit trail
-    assert expired(node.state, days=1, now=time.time() + 2 * 86400) == []
+    assert retention.plan(now=time.time() + 2 * 86400) == []
 
 
 @pytest.mark.peers
-def test_failed_jobs_are_never_expired(node, t1_dir):
+def test_failed_jobs_go_after_their_own_period(node, t1_dir):
     storescu(node.config.node.port, t1_dir)
     wait_until(lambda: node.state.jobs() and node.state.jobs()[0].state is JobState.SENT, 60, 0.5, "the job")
     node.state.update_job(node.state.jobs()[0].id, JobState.FAILED, JobUpdate(reason="test"))
-    assert expired(node.state, days=1, now=time.time() + 10 * 86400) == []
+    retention = Retention(node.state, node.spool, RetentionSettings(days=1, failed_days=30), 0)
+    assert retention.plan(now=time.time() + 10 * 86400) == []
+    assert len(retention.plan(now=time.time() + 31 * 86400)) == 1
 
 
 def test_json_logs(capsys):

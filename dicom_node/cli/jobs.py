@@ -142,8 +142,11 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         if args.reprocess:
             if args.destination is not None:
                 raise ValueError("--reprocess makes every result again for every destination; leave out --destination")
-            job = state.reprocess(args.job_id)
+            job = state.reprocess(args.job_id, allow_partial=args.allow_partial)
         else:
+            if args.allow_partial:
+                raise ValueError("--allow-partial goes with --reprocess: it processes a series that is not whole"
+                                 " as a new job")
             old = state.job(args.job_id)
             if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT):
                 raise ValueError(f"job {args.job_id} is {old.state.value}; `dicom-node retry --reprocess"
@@ -162,19 +165,37 @@ def _cmd_retry(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from dicom_node.store.retention import expired, purge
+    """The node's retention, once: periods per outcome, then disk pressure."""
+    from dicom_node.store.retention import Reason, Retention
+    from dicom_node.store.spool import Spool
 
     config = load(args)
+    settings = config.retention
+    if args.days is not None:
+        if args.days < 0:
+            print("--days: 0 (keep) or more", file=sys.stderr)
+            return ExitStatus.CONFIG_ERROR
+        settings = settings.model_copy(update={"days": args.days})
     state = StateStore(config.storage.state_db)
-    items = expired(state, args.days if args.days is not None else config.retention.days)
-    for item in items:
-        paths = ", ".join(str(p) for p in item.paths) or "(no files left)"
-        print(f"{'would delete' if args.dry_run else 'deleting'} job {item.job.id}"
-              f" series {item.job.series.series_instance_uid}: {paths}")
-    if not args.dry_run:
-        purge(state, items)
-    print(f"{len(items)} job(s) {'would be' if args.dry_run else 'were'} cleaned up")
-    return 0
+    try:
+        retention = Retention(state, Spool(config.storage.spool_dir), settings, config.storage.min_free_bytes)
+        if args.dry_run:
+            chosen = [(candidate, reason, ", ".join(str(path) for path in retention.paths(candidate))
+                       or "(no files left)") for candidate, reason in retention.plan()]
+        else:
+            chosen = [(deletion.candidate, deletion.reason,
+                       f"{deletion.files} instance file(s) and the jobs' results, {deletion.bytes} bytes")
+                      for deletion in retention.run()]
+    finally:
+        state.close()
+    for candidate, reason, what in chosen:
+        jobs = ", ".join(f"{job.id} {job.state.value}" for job in candidate.jobs)
+        ended = datetime.fromtimestamp(candidate.ended_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        why = "its periods have passed" if reason is Reason.PERIOD else "disk pressure: the first ended go first"
+        print(f"{'would delete' if args.dry_run else 'deleted'} series {candidate.series_instance_uid}"
+              f" (jobs {jobs}; ended {ended} UTC; {why}): {what}")
+    print(f"{len(chosen)} series {'would be' if args.dry_run else 'were'} cleaned up")
+    return ExitStatus.OK
 
 
 def register(commands) -> None:
@@ -193,13 +214,19 @@ def register(commands) -> None:
     retry.add_argument("--reprocess", action="store_true",
                        help="process the job's series again as a new job, whatever its outcome (sent, skipped,"
                             " no_result, failed), for example after a policy change")
+    retry.add_argument("--allow-partial", action="store_true",
+                       help="with --reprocess: process the series even though it is known not to be whole"
+                            " (instances refused, slices missing); its results say PARTIAL and get their own UIDs")
     retry.add_argument("--destination", default=None, metavar="NAME",
                        help="only the sends to this destination (as the config names it)")
     retry.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
     retry.set_defaults(func=_cmd_retry)
 
-    cleanup = commands.add_parser("cleanup", help="delete series and SEGs of jobs sent longer ago than retention.days")
+    cleanup = commands.add_parser(
+        "cleanup", help="delete the files of ended jobs past their retention period (retention.days for sent,"
+        " skipped_days for skipped and no_result, failed_days for failed) and, under disk pressure, of the first"
+        " ended; the node does this every retention.interval_seconds")
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
-    cleanup.add_argument("--days", type=float, default=None, help="override retention.days")
+    cleanup.add_argument("--days", type=float, default=None, help="override retention.days (sent jobs)")
     cleanup.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
     cleanup.set_defaults(func=_cmd_cleanup)

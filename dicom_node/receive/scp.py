@@ -3,8 +3,12 @@
 The C-STORE handler does little: check the UIDs, write the encoded bytes atomically
 into the spool, record the instance in the state store, return a status. Pixels are
 never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
-disk is below its free-space threshold, the series exceeds its size bound or the write
-fails; 0xC210 (cannot understand) for invalid identifiers; 0xC211 for anything else.
+disk is below its free-space threshold, the series exceeds its size bound, the write
+fails or the state store is full; 0xC210 (cannot understand) for invalid identifiers or
+an undecodable dataset; 0xA900 for an image whose pixel data is missing, empty or of the
+wrong length (``dicom_node.receive.checks``); 0xC211 for anything else. Every refusal of
+an instance whose series is known is recorded with its reason: the series is then known
+not to be whole, and is never processed as if it were (``receive/completion``).
 Only callers listed in the security settings may associate, and only to the node's own
 AE title (unless ``security.accept_any_called_ae_title``); any other association is
 rejected with A-ASSOCIATE-RJ (calling, or called, AE title not recognised) and logged. MR images (classic,
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 import threading
 
 from pydicom.uid import (
@@ -36,6 +41,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
 from dicom_node.errors import InvalidUIDError
 from dicom_node.metrics import Metrics
+from dicom_node.receive.checks import CANNOT_UNDERSTAND, instance_problem
 from dicom_node.receive.completion import Completion
 from dicom_node.store.spool import Spool, validate_uid
 from dicom_node.store.state import SeriesRef, StateStore
@@ -60,7 +66,6 @@ TRANSFER_SYNTAXES = [
 ]
 
 _OUT_OF_RESOURCES = 0xA700
-_CANNOT_UNDERSTAND = 0xC210
 _PROCESSING_FAILURE = 0xC211
 
 
@@ -96,6 +101,7 @@ class StorageSCP:
         for context in AllStoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         self._server = None
+        self._thread: threading.Thread | None = None  # the one that accepts associations
 
     def start(self) -> None:
         handlers = [
@@ -108,12 +114,16 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
         tls = self.settings.tls
+        before = set(threading.enumerate())
         self._server = self.ae.start_server(
             (self.settings.bind_address, self.settings.port),
             block=False,
             evt_handlers=handlers,
             ssl_context=server_context(tls) if tls else None,
         )
+        # pynetdicom keeps no handle on the thread it serves on: the one it just started
+        self._thread = next((thread for thread in threading.enumerate()
+                             if thread not in before and thread.name.startswith("AcceptorServer")), None)
         log.info(
             "listening as %s on %s:%d%s",
             self.settings.ae_title,
@@ -125,6 +135,11 @@ class StorageSCP:
     @property
     def listening(self) -> bool:
         return self._server is not None and self._server.socket.fileno() >= 0
+
+    @property
+    def serving(self) -> bool:
+        """Listening, and the thread that accepts associations still runs (for ``/healthz``)."""
+        return self.listening and self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -175,37 +190,62 @@ class StorageSCP:
             placement = placement_of(dataset).to_json()
         except InvalidUIDError as exc:
             log.warning("C-STORE refused: %s", exc)
-            return _CANNOT_UNDERSTAND
+            self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
+            return CANNOT_UNDERSTAND
         except Exception as exc:  # an undecodable dataset
             log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
-            return _CANNOT_UNDERSTAND
+            self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
+            return CANNOT_UNDERSTAND
+        ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title,
+                        self.spool.series_folder(study_uid, series_uid))
+        with self._lock:
+            carried = self._series_by_assoc.setdefault(id(event.assoc), set())
+            first_in_assoc = series_uid not in carried
+            carried.add(series_uid)
+        if first_in_assoc:
+            self.completion.association_started([series_uid])
+        problem = instance_problem(dataset, str(event.context.transfer_syntax))
+        if problem is not None:
+            return self._refuse(ref, sop_uid, problem.status, problem.reason)
         free = shutil.disk_usage(self.spool.root).free
         if free < self.storage.min_free_bytes:
-            log.error("C-STORE of %s refused: %d bytes free, below storage.min_free_bytes", sop_uid, free)
-            return _OUT_OF_RESOURCES
+            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
+                                f"spool below storage.min_free_bytes ({free} bytes free)")
         if self.state.instance_count(series_uid) >= self.storage.max_series_instances:
-            log.error("C-STORE of %s refused: series %s exceeds storage.max_series_instances", sop_uid, series_uid)
-            return _OUT_OF_RESOURCES
+            limit = self.storage.max_series_instances
+            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
+                                f"the series exceeds storage.max_series_instances ({limit})")
         try:
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
         except OSError as exc:
-            log.error("C-STORE of %s failed: cannot write to the spool: %s", sop_uid, exc)
-            return _OUT_OF_RESOURCES
+            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES, f"cannot write to the spool: {exc}")
         try:
-            ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title, path.parent)
-            with self._lock:
-                carried = self._series_by_assoc.setdefault(id(event.assoc), set())
-                first_in_assoc = series_uid not in carried
-                carried.add(series_uid)
-            if first_in_assoc:
-                self.completion.association_started([series_uid])
             self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
                                        placement=placement)
+        except sqlite3.OperationalError as exc:
+            if _database_full(exc):
+                log.error("C-STORE of %s refused: the state store is full: %s", sop_uid, exc)
+                self.metrics.instances_refused.labels(f"0x{_OUT_OF_RESOURCES:04X}").inc()
+                return _OUT_OF_RESOURCES
+            log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
+            return _PROCESSING_FAILURE
         except Exception:
             log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
             return _PROCESSING_FAILURE
         self.metrics.instances_received.inc()
         return 0x0000
+
+    def _refuse(self, ref: SeriesRef, sop_uid: str, status: int, reason: str) -> int:
+        """Answer ``status``, and record the refusal with its series so that the series is
+        known not whole (and says why) until the sender stores the instance after all."""
+        log.warning("C-STORE of %s (series %s) refused with 0x%04X: %s", sop_uid, ref.series_instance_uid,
+                    status, reason)
+        self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
+        try:
+            self.state.record_refusal(ref, sop_uid, status, reason)
+        except Exception as exc:  # a full database: the refusal is logged, the status still goes back
+            log.error("the refusal of %s could not be recorded: %s", sop_uid, exc)
+        return status
 
     def _end(self, event: evt.Event, *, released: bool) -> None:
         with self._lock:
@@ -223,6 +263,11 @@ class StorageSCP:
 
     def _handle_closed(self, event: evt.Event) -> None:
         self._end(event, released=False)
+
+
+def _database_full(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "full" in text or "disk i/o error" in text
 
 
 def _handle_echo(event: evt.Event) -> int:

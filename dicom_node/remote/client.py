@@ -20,19 +20,29 @@ Delivery:
   one result and sends once per job.
 * Errors a worker's model raises (missing weights, a failing model) come back as the
   same ``PipelineError`` kind with the worker's message.
+* Each task has a deadline. The worker's runner stops a model that has not answered
+  within the preset's ``timeout_seconds`` (the task's ``soft_time_limit``; the hard
+  ``time_limit`` gives it time to stop the process) and answers ``ModelTimeoutError``.
+  The node waits ``timeout_seconds`` plus ``workers.visibility_timeout_seconds`` for
+  the queue: the time a task may wait for a free worker, or for Redis to deliver it
+  again after its worker was lost. Then it stops waiting and raises the same
+  ``ModelTimeoutError``; the task ``expires`` then, so a worker that gets it later
+  drops it, and a late result is never read (a new try is a new task).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from typing import Any
 
 import nibabel as nib
 
 from dicom_node.config import WorkerSettings
 from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, decode_reply, make_app, pack
-from pipeline.errors import PipelineError, SegmentationError
+from pipeline.errors import ModelTimeoutError, PipelineError, SegmentationError
 from pipeline.model.types import ModelReply, RunnerStopped
 from pipeline.settings import ModelSettings
 
@@ -41,6 +51,7 @@ __all__ = ["CeleryModels", "queue_depth"]
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 2.0
+_STOP_MARGIN_SECONDS = 30.0  # the hard time limit past the soft one: the worker's runner stops its model
 
 
 
@@ -54,9 +65,25 @@ class CeleryModels:
         self.settings = settings
         self.app = make_app(settings)
         self._closed = threading.Event()
+        self._in_flight: dict[int, float] = {}  # each waiting call's submission (monotonic), by a token
+        self._tokens = itertools.count()
 
     def describe(self) -> str:
         return f"Celery workers (queue {self.settings.queue})"
+
+    @property
+    def deadline_seconds(self) -> float:
+        """How long the node waits for a task: the model's deadline and the queue's margin."""
+        return self.model.timeout_seconds + self.settings.visibility_timeout_seconds
+
+    def overdue(self, margin: float) -> str | None:
+        """The oldest task still awaited once it is ``margin`` s past the node's deadline."""
+        started = min(list(self._in_flight.values()), default=None)
+        age = 0.0 if started is None else time.monotonic() - started
+        if started is None or age <= self.deadline_seconds + margin:
+            return None
+        return (f"{self.describe()}: a task has been awaited {age:.0f} s, past the node's deadline of"
+                f" {self.deadline_seconds:g} s")
 
     def request(self, image: nib.Nifti1Image) -> dict[str, Any]:
         """The task's one argument, JSON: the model without this machine's paths, the preset's name, the image."""
@@ -64,18 +91,35 @@ class CeleryModels:
                 "image": pack(image)}
 
     def run(self, image: nib.Nifti1Image) -> ModelReply:
+        request = self.request(image)
+        token = next(self._tokens)
+        try:
+            return self._submit_and_wait(request, token)
+        finally:
+            self._in_flight.pop(token, None)
+
+    def _submit_and_wait(self, request: dict[str, Any], token: int) -> ModelReply:
         from celery.exceptions import TimeoutError as ResultTimeout
 
-        request = self.request(image)
+        timeout, wait = self.model.timeout_seconds, self.deadline_seconds
         delay = 1.0
         while not self._closed.is_set():
             try:
                 run_id = self._redis_run_id()
-                result = self.app.send_task(TASK_NAME, args=[request], queue=self.settings.queue)
+                result = self.app.send_task(TASK_NAME, args=[request], queue=self.settings.queue,
+                                            soft_time_limit=timeout, time_limit=timeout + _STOP_MARGIN_SECONDS,
+                                            expires=wait)
                 log.info("task %s submitted to the workers", result.id)
+                self._in_flight[token] = submitted = time.monotonic()
                 while not self._closed.is_set():
+                    left = submitted + wait - time.monotonic()
+                    if left <= 0:
+                        log.error("task %s: no answer within %g s; not waiting any longer (a late result is"
+                                  " ignored)", result.id, wait)
+                        raise ModelTimeoutError(f"the model did not answer within {timeout:g} s (Celery task"
+                                                f" {result.id}: no answer {wait:g} s after it was queued)")
                     try:
-                        data = result.get(timeout=_POLL_SECONDS, propagate=True)
+                        data = result.get(timeout=min(_POLL_SECONDS, left), propagate=True)
                     except ResultTimeout:
                         if self._redis_run_id() != run_id:
                             log.warning("task %s: Redis restarted meanwhile; submitting it again", result.id)
@@ -87,6 +131,7 @@ class CeleryModels:
             except Exception as exc:  # Redis unreachable, or the task raised
                 if not _is_connection_error(exc):
                     raise SegmentationError(f"the worker failed: {type(exc).__name__}: {exc}") from exc
+                self._in_flight.pop(token, None)  # no task awaited while Redis is away
                 log.warning("Redis (workers.broker_url) unreachable: %s; waiting %.0fs, then submitting again",
                             exc, delay)
                 self._closed.wait(delay)

@@ -1,9 +1,12 @@
 """What the node and its GPU workers say to each other over Celery: the task, its
 request and its reply, all JSON (nothing travels as pickle).
 
-A request is ``{"model": settings without the local paths, "preset": name, "image":
-compressed NIfTI}``; a reply is the label image (compressed), the label names and codes,
-the model's identity and its ``RunReport``, or ``{"error": [kind, message]}``. The
+A request is ``{"model": settings without the local keys, "preset": name, "image":
+compressed NIfTI}``; the node's deadline for the run travels as the task's Celery time
+limits (``soft_time_limit``: the model's ``timeout_seconds``), a header every worker
+release accepts, so the model dict keeps the keys it had. A reply is the label image
+(compressed), the label names and codes, the model's identity and its ``RunReport``,
+or ``{"error": [kind, message]}``. The
 client (``dicom_node.remote.client``) and the worker process
 (``dicom_node.remote.worker``) both build their Celery application here.
 """
@@ -25,7 +28,8 @@ from pipeline.model.types import ModelIdentity, ModelReply, RunReport
 __all__ = ["TASK_NAME", "LOCAL_KEYS", "make_app", "pack", "unpack", "encode_reply", "decode_reply"]
 
 TASK_NAME = "dicom_node.segment"
-LOCAL_KEYS = ("weights_dir", "home_dir", "device")  # each worker's own
+# each worker's own; timeout_seconds only where the task names no time limit (an older node)
+LOCAL_KEYS = ("weights_dir", "home_dir", "device", "timeout_seconds")
 
 
 def make_app(settings: WorkerSettings):

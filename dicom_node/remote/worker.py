@@ -4,7 +4,10 @@ runner per model preset (``pipeline.model.runner.ModelRunner``, with this machin
 
 It takes one task at a time (``--pool solo``, prefetch 1) and acknowledges it only when
 it has ended (late acknowledgement), so a worker that is lost leaves its task to
-another. A model error goes back as a reply naming its ``PipelineError`` kind.
+another. A model error goes back as a reply naming its ``PipelineError`` kind. The
+runner stops a model that has not answered within the task's soft time limit (the
+node's ``timeout_seconds``; this worker's own where the task names none): the solo
+pool enforces no Celery time limit itself, so the runner's deadline is the one that holds.
 """
 
 from __future__ import annotations
@@ -38,14 +41,15 @@ class _WorkerModels:
         local = self.local.get(request.get("preset") or "", next(iter(self.local.values())))
         return ModelSettings.model_validate({**request["model"], **{key: getattr(local, key) for key in LOCAL_KEYS}})
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+    def run(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """One task; ``timeout``: its deadline (None: the preset's ``timeout_seconds``)."""
         settings = self.settings_for(request)
         key = settings.model_dump_json()
         runner = self.runners.get(key)
         if runner is None:
             runner = self.runners[key] = ModelRunner(settings)
         try:
-            return encode_reply(runner.run(unpack(request["image"])))
+            return encode_reply(runner.run(unpack(request["image"]), timeout=timeout))
         except PipelineError as exc:
             log.warning("task failed: %s", exc)
             return {"error": [type(exc).__name__, str(exc)]}
@@ -59,7 +63,12 @@ def run_worker(config: Config, *, name: str | None = None) -> int:
     """Run a Celery worker (one process, one task at a time) until it is stopped."""
     app = make_app(config.workers)
     models = _WorkerModels({preset.name: preset.settings for preset in config.models})
-    app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)(models.run)
+
+    def segment(task, request: dict[str, Any]) -> dict[str, Any]:
+        hard, soft = getattr(task.request, "timelimit", None) or (None, None)
+        return models.run(request, timeout=soft or hard)
+
+    app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)(segment)
     hostname = name or f"dicom-node-{os.getpid()}@%h"
     try:
         app.worker_main([

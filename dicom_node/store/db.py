@@ -5,7 +5,8 @@ power cut) and foreign keys on; rows come back as ``sqlite3.Row``, read by colum
 Every write goes through ``transaction()``: ``BEGIN IMMEDIATE`` under the store's lock,
 ``COMMIT`` on success, ``ROLLBACK`` on an error, and a ``ROLLBACK`` too when the
 ``COMMIT`` itself fails (a full disk, an I/O error), so the shared connection is never
-left inside a transaction.
+left inside a transaction. A transaction refused because the database or its disk is
+full (``SQLITE_FULL``) is remembered (``full_at``, ``full_error``) for readiness.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +33,8 @@ class Database:
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA synchronous=FULL")
         self.connection.execute("PRAGMA foreign_keys=ON")
+        self.full_at: float | None = None  # when a transaction last failed with SQLITE_FULL
+        self.full_error: str | None = None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -40,14 +44,21 @@ class Database:
             self.connection.execute("BEGIN IMMEDIATE")
             try:
                 yield self.connection
-            except BaseException:
+            except BaseException as exc:
+                self._note_full(exc)
                 self._rollback()
                 raise
             try:
                 self.connection.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
+                self._note_full(exc)
                 self._rollback()
                 raise
+
+    def _note_full(self, exc: BaseException) -> None:
+        """Remember a write refused because the database or its disk is full."""
+        if isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            self.full_at, self.full_error = time.time(), str(exc)
 
     def _rollback(self) -> None:
         if self.connection.in_transaction:

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reprocess_of        INTEGER,
     model_run           TEXT,
     routing             TEXT,
-    model_outcomes      TEXT
+    model_outcomes      TEXT,
+    allow_partial       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS sends (
@@ -81,6 +82,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS refusals (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_instance_uid TEXT NOT NULL,
+    sop_instance_uid    TEXT NOT NULL,
+    status              INTEGER NOT NULL,
+    reason              TEXT NOT NULL,
+    at                  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refusals_by_series ON refusals(series_instance_uid);
 """
 
 # The timestamps, kept by the database on every write (see the module docstring).
@@ -130,6 +140,7 @@ _ADDED_COLUMNS = (
     ("jobs", "model_run", "TEXT"),
     ("jobs", "routing", "TEXT"),
     ("jobs", "model_outcomes", "TEXT"),
+    ("jobs", "allow_partial", "INTEGER NOT NULL DEFAULT 0"),
     ("sends", "destination", "TEXT"),
     ("outbox", "series_uid", "TEXT"),
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,14 @@ class Spool:
         name = validate_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm"
         return self._write_atomically(self.result_folder(job_id, key) / name, encoded)
 
+    def clear_results(self, job_id: int) -> None:
+        """Delete what an earlier run of this job saved (it crashed, or a model failed after
+        saving some objects), so that a new run's folders hold its own objects only; a job
+        still processing has no outbox row that could point there."""
+        folder = self.result_folder(job_id)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
     def _write_atomically(self, target: Path, data: bytes) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
@@ -85,7 +94,11 @@ class Spool:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
+            try:
+                os.replace(tmp_name, target)
+            except FileNotFoundError:  # retention removed the folder, empty, since the mkdir above
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_name, target)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise

@@ -31,6 +31,10 @@ An ended job (``sent``, ``skipped``, ``no_result``, ``failed``) can be processed
 as a new job over the same instances (``reprocess``; ``Job.reprocess_of`` names the
 job it repeats), for example after a policy change.
 
+Retention (``dicom_node.store.retention``) reads the series none of whose jobs is open
+(``ended_series``) and deletes one in a transaction that first checks it is still as
+seen (``purge_series``): instance rows go with their files, job rows stay, ``purged``.
+
 Timestamps: the database itself stamps every job as its state changes (triggers, so
 that every writer, whichever function moves the job, is covered): ``received_at`` (the
 first instance the job covers arrived), ``completed_at`` (the series completed; the job
@@ -43,19 +47,20 @@ outcome: each destination's recent history, which readiness (``/readyz``) reads.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 from dicom_node.store.db import Database
 from dicom_node.store.schema import migrate
 
 __all__ = [
-    "JobState", "SeriesRef", "Job", "JobUpdate", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore",
-    "TERMINAL_STATES",
+    "JobState", "SeriesRef", "Job", "JobUpdate", "Refused", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore",
+    "TERMINAL_STATES", "EndedSeries", "StoredInstance",
 ]
 
 
@@ -80,6 +85,13 @@ TERMINAL_STATES = frozenset(
     {JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED, JobState.SUPERSEDED}
 )
 _UNSENT_STATES = (JobState.RECEIVED.value, JobState.PROCESSING.value, JobState.SENDING.value)
+
+# ``write_problem``: how long a write refused as full is reported, and the room the
+# database needs (a WAL of up to 1000 pages, ~4 MiB, before it is checkpointed, and the
+# checkpoint's growth of the database file)
+_FULL_REPORTED_SECONDS = 60.0
+_FULL_MARGIN_PAGES = 16
+_FULL_MARGIN_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class Job:
     model_run: str | None = None  # where the model ran and what it cost: "WORKER on DEVICE, load Xs, ..."
     routing: str | None = None  # the routing decision and why (``dicom_node.work.plan.Plan.explanation``)
     model_outcomes: str | None = None  # one line per model preset that the rules chose: "NAME: what happened"
+    allow_partial: bool = False  # processed although its series is known not whole (``retry --allow-partial``)
 
     def stage_seconds(self) -> dict[str, float | None]:
         """Seconds per stage: receiving (first instance to completion), queued (to the
@@ -155,6 +168,34 @@ class OutboxCounts:
     pending: int = 0
     sent: int = 0
     failed: int = 0
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An instance the node refused at C-STORE and has not stored since."""
+
+    sop_instance_uid: str
+    status: int  # the DICOM status answered
+    reason: str
+
+
+@dataclass(frozen=True)
+class EndedSeries:
+    """A series none of whose jobs is open, as retention saw it (``ended_series``):
+    what ``purge_series`` checks again before it deletes anything."""
+
+    series: SeriesRef
+    jobs: tuple[Job, ...]  # its jobs not purged yet, by id
+    upto_seq: int  # the receive sequence number of its newest instance then (0: none)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """An instance row as ``purge_series`` hands it over for deletion."""
+
+    sop_instance_uid: str
+    path: Path
+    received_at: float  # when it was last recorded: its file is no newer unless it is being received again
 
 
 @dataclass(frozen=True)
@@ -251,6 +292,7 @@ class StateStore:
                    SET path = excluded.path, received_at = excluded.received_at, placement = excluded.placement""",
                 (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now, placement),
             )
+            db.execute("DELETE FROM refusals WHERE sop_instance_uid = ?", (sop_instance_uid,))  # resent, taken
 
     def instance_paths(self, series_instance_uid: str, upto_seq: int | None = None) -> list[Path]:
         """The series' instance files (those received up to ``upto_seq``, if given)."""
@@ -277,6 +319,64 @@ class StateStore:
                 "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
             ).fetchone()
         return int(row[0])
+
+    def record_refusal(self, series: SeriesRef, sop_instance_uid: str, status: int, reason: str,
+                       now: float | None = None) -> None:
+        """An instance of the series the node refused, with the status it answered and
+        why; forgotten when the same instance is later stored. The series counts as not
+        whole while one is outstanding (``refusals``), and a refusal (re)opens it like a
+        received instance, so that its timer ends it even when nothing was stored."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as db:
+            db.execute(
+                """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
+                                       folder, first_received_at, last_received_at, receiving)
+                   VALUES (?, ?, ?, ?, ?, ?, 1)
+                   ON CONFLICT(series_instance_uid) DO UPDATE
+                   SET last_received_at = excluded.last_received_at, receiving = 1""",
+                (series.series_instance_uid, series.study_instance_uid, series.calling_ae_title,
+                 str(series.folder), now, now),
+            )
+            db.execute(
+                "INSERT INTO refusals (series_instance_uid, sop_instance_uid, status, reason, at) VALUES (?, ?, ?, ?, ?)",
+                (series.series_instance_uid, sop_instance_uid, status, reason, now),
+            )
+
+    def refusals(self, series_instance_uid: str) -> list[Refused]:
+        """The series' instances refused and not stored since: (SOP instance, status,
+        reason), the latest refusal of each."""
+        with self.db.lock:
+            rows = self.db.connection.execute(
+                """SELECT sop_instance_uid, status, reason FROM refusals WHERE id IN (
+                       SELECT MAX(id) FROM refusals WHERE series_instance_uid = ? GROUP BY sop_instance_uid)
+                   ORDER BY id""",
+                (series_instance_uid,),
+            ).fetchall()
+        return [Refused(row["sop_instance_uid"], row["status"], row["reason"]) for row in rows]
+
+    def fail_incomplete_series(self, series_instance_uid: str, reason: str, now: float | None = None) -> int | None:
+        """Close a receiving series that is known not to be whole and record it as a job
+        that ``failed`` with ``reason`` (it is never processed; ``retry --reprocess
+        --allow-partial`` processes it on purpose). None when it was not receiving."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as db:
+            if not db.execute("UPDATE series SET receiving = 0 WHERE series_instance_uid = ? AND receiving = 1",
+                              (series_instance_uid,)).rowcount:
+                return None
+            upto = db.execute("SELECT COALESCE(MAX(seq), 0) FROM instances WHERE series_instance_uid = ?",
+                              (series_instance_uid,)).fetchone()[0]
+            cursor = db.execute(
+                """INSERT INTO jobs (series_instance_uid, state, reason, created_at, updated_at, upto_seq)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (series_instance_uid, JobState.FAILED.value, reason, now, now, upto),
+            )
+            job_id = int(cursor.lastrowid)
+            db.execute(
+                f"""UPDATE jobs SET state = ?, updated_at = ?, reason = 'superseded by job ' || ?
+                    WHERE series_instance_uid = ? AND id < ? AND state IN ({",".join("?" * len(_UNSENT_STATES))})""",
+                (JobState.SUPERSEDED.value, now, job_id, series_instance_uid, job_id, *_UNSENT_STATES),
+            )
+            return job_id
 
     def receiving_series(self) -> list[tuple[str, float]]:
         """(SeriesInstanceUID, last_received_at) of series still receiving."""
@@ -394,26 +494,72 @@ class StateStore:
             db.execute("DELETE FROM health")
             db.execute("INSERT INTO health VALUES (?)", (time.time(),))
 
-    def purgeable_jobs(self, before: float) -> list[Job]:
-        """Sent jobs older than ``before`` whose series has no other job still open or failed."""
-        query = f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
-            WHERE j.state = ? AND j.purged = 0 AND j.updated_at < ? AND s.receiving = 0
-              AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = j.series_instance_uid
-                              AND o.id != j.id AND o.state NOT IN (?, ?) AND o.purged = 0)
-            ORDER BY j.id"""
+    def write_problem(self, now: float | None = None) -> str | None:
+        """Why the database cannot take writes (None: it can): a write refused as full in
+        the last minute, the database at its page limit, or its disk nearly full. Reads
+        only, so that asking never uses the space it is about."""
+        now = time.time() if now is None else now
+        problems = []
+        if self.db.full_at is not None and now - self.db.full_at < _FULL_REPORTED_SECONDS:
+            problems.append(f"a write was refused {now - self.db.full_at:.0f}s ago: {self.db.full_error}")
+        with self.db.lock:
+            pages, limit, free_pages = (self.db.connection.execute(f"PRAGMA {name}").fetchone()[0]
+                                        for name in ("page_count", "max_page_count", "freelist_count"))
+        if limit - pages + free_pages < _FULL_MARGIN_PAGES:
+            problems.append(f"the database is full: {pages} of at most {limit} pages")
+        free = shutil.disk_usage(self.path.parent).free
+        if free < _FULL_MARGIN_BYTES:
+            problems.append(f"{free} bytes free on its disk, below {_FULL_MARGIN_BYTES}")
+        return f"state store {self.path}: " + "; ".join(problems) if problems else None
+
+    def ended_series(self) -> list[EndedSeries]:
+        """Series that retention may consider: not receiving, no job open, some job not
+        purged yet; each with its jobs and its newest instance as seen now."""
         with self.db.lock:
             rows = self.db.connection.execute(
-                query, (JobState.SENT.value, before, JobState.SENT.value, JobState.SUPERSEDED.value)
+                f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
+                    WHERE s.receiving = 0 AND j.purged = 0
+                      AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = s.series_instance_uid
+                                      AND o.state IN ({",".join("?" * len(_UNSENT_STATES))}))
+                    ORDER BY j.series_instance_uid, j.id""",
+                _UNSENT_STATES,
             ).fetchall()
-        return [_job(row) for row in rows]
+            newest = dict(self.db.connection.execute(
+                """SELECT series_instance_uid, MAX(seq) FROM instances WHERE series_instance_uid IN
+                   (SELECT series_instance_uid FROM series WHERE receiving = 0) GROUP BY series_instance_uid"""
+            ).fetchall())
+        grouped: dict[str, list[Job]] = {}
+        for row in rows:
+            job = _job(row)
+            grouped.setdefault(job.series.series_instance_uid, []).append(job)
+        return [EndedSeries(jobs[0].series, tuple(jobs), int(newest.get(uid) or 0)) for uid, jobs in grouped.items()]
 
-    def mark_purged(self, job_id: int) -> None:
+    def purge_series(self, seen: EndedSeries, delete: Callable[[list[StoredInstance]], None]) -> bool:
+        """Delete a series retention decided on, if it is still as ``seen``: in one
+        transaction (which every writer, ``record_instance`` too, waits for), check that
+        it is not receiving, has no instance newer than ``seen.upto_seq`` and the same
+        jobs in the same states; then ``delete`` the files of the instances known then,
+        drop their rows and mark the jobs purged (their rows stay, the audit trail).
+        False, and nothing touched, when the series changed since: retention decides again
+        at its next run."""
+        uid = seen.series.series_instance_uid
         with self.db.transaction() as db:
-            db.execute("UPDATE jobs SET purged = 1 WHERE id = ?", (job_id,))
-            db.execute(
-                "DELETE FROM instances WHERE series_instance_uid = (SELECT series_instance_uid FROM jobs WHERE id = ?)",
-                (job_id,),
-            )
+            receiving = db.execute("SELECT receiving FROM series WHERE series_instance_uid = ?", (uid,)).fetchone()
+            newest = db.execute("SELECT COALESCE(MAX(seq), 0) FROM instances WHERE series_instance_uid = ?",
+                                (uid,)).fetchone()[0]
+            jobs = db.execute("SELECT id, state FROM jobs WHERE series_instance_uid = ? AND purged = 0 ORDER BY id",
+                              (uid,)).fetchall()
+            if (receiving is None or receiving[0] or newest != seen.upto_seq
+                    or [(row[0], row[1]) for row in jobs] != [(job.id, job.state.value) for job in seen.jobs]):
+                return False
+            rows = db.execute(
+                "SELECT sop_instance_uid, path, received_at FROM instances WHERE series_instance_uid = ? AND seq <= ?",
+                (uid, seen.upto_seq),
+            ).fetchall()
+            delete([StoredInstance(row[0], Path(row[1]), row[2]) for row in rows])
+            db.execute("DELETE FROM instances WHERE series_instance_uid = ? AND seq <= ?", (uid, seen.upto_seq))
+            db.executemany("UPDATE jobs SET purged = 1 WHERE id = ?", [(job.id,) for job in seen.jobs])
+        return True
 
     def claim_next_processing(self, now: float | None = None) -> Job | None:
         """The oldest ``received`` job, moved to ``processing``; None when there is none.
@@ -440,8 +586,8 @@ class StateStore:
         self,
         job_id: int,
         items: list[tuple[str, str, Path]],
-        *,
         update: JobUpdate = JobUpdate(),
+        *,
         object_series: Mapping[str, str] | None = None,
         now: float | None = None,
     ) -> bool:
@@ -669,6 +815,8 @@ class StateStore:
                                (job.series.series_instance_uid, job_id)).fetchone()[0]
             if newer is not None:
                 raise ValueError(f"job {job_id} covers an older state of its series; job {newer} replaces it")
+            if db.execute("SELECT purged FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]:
+                raise ValueError(f"job {job_id}: its series and results were deleted by retention")
             rows = db.execute("SELECT destination, state, path FROM outbox WHERE job_id = ?", (job_id,)).fetchall()
             if destination is not None and destination not in {row[0] for row in rows}:
                 raise ValueError(f"job {job_id} has nothing for destination {destination!r}")
@@ -693,7 +841,7 @@ class StateStore:
                 self._update(db, job_id, JobState.RECEIVED, JobUpdate(attempts=0, next_attempt_at=now), now=now)
         return self.job(job_id)  # type: ignore[return-value]
 
-    def reprocess(self, job_id: int, now: float | None = None) -> Job:
+    def reprocess(self, job_id: int, now: float | None = None, *, allow_partial: bool = False) -> Job:
         """Queue the instances of an ended job for a new processing run: a new job
         (``received``, ``reprocess_of`` the old one) over the same instances; the old job
         keeps its outcome. ``KeyError`` for an unknown job, ``ValueError`` (with the
@@ -716,13 +864,14 @@ class StateStore:
                 raise ValueError(f"job {job_id} is not the latest job of its series; process job {newer} again"
                                  " instead")
             if purged:
-                raise ValueError(f"job {job_id}: its series was deleted by retention (retention.days)")
+                raise ValueError(f"job {job_id}: its series was deleted by retention")
             cursor = db.execute(
                 """INSERT INTO jobs (series_instance_uid, state, created_at, updated_at, upto_seq, received_at,
-                                     completed_at, reprocess_of, reason)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                     completed_at, reprocess_of, reason, allow_partial)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (uid, JobState.RECEIVED.value, now, now, upto, received_at, completed_at, job_id,
-                 f"queued again from job {job_id} (reprocess)"),
+                 f"queued again from job {job_id} (reprocess{', partial allowed' if allow_partial else ''})",
+                 int(allow_partial)),
             )
             new_id = int(cursor.lastrowid)
         return self.job(new_id)  # type: ignore[return-value]
@@ -756,6 +905,7 @@ def _job(row: sqlite3.Row) -> Job:
     values = {field.name: row[field.name] for field in fields(Job) if field.name != "series"}
     values["state"] = JobState(values["state"])
     values["result_path"] = Path(values["result_path"]) if values["result_path"] else None
+    values["allow_partial"] = bool(values["allow_partial"])
     series = SeriesRef(row["study_instance_uid"], row["series_instance_uid"], row["calling_ae_title"],
                        Path(row["folder"]))
     return Job(series=series, **values)

@@ -3,11 +3,15 @@
 
 ``/healthz`` (liveness) answers 200 when the SCP listens, the worker thread is alive,
 the state store takes a write and the spool's disk has more free space than
-``storage.min_free_bytes``; otherwise 503 with the failing parts named.
+``storage.min_free_bytes``; otherwise 503 with the failing parts named. The node also
+names each of its threads (``completion``, ``processing``, ``send:<destination>``,
+``retention``; the SCP's under ``scp``) and ``stuck``: a model run past its deadline
+that is not ending, so that an orchestrator restarts a node whose slot is held.
 
 ``/readyz`` (readiness) answers 503 when liveness fails, or while the node cannot do its
-work: the configured model's weights are missing (the body names the expected path and
-how to import them), or a destination has failed its last
+work: the state store cannot take writes (``database``: a write refused as full, the
+database at its page limit or its disk nearly full), the configured model's weights are
+missing (the body names the expected path and how to import them), or a destination has failed its last
 ``http.unready_after_failed_sends`` sends (the body names it, its peer and the last
 error). Both bodies are JSON: ``status``, ``failing`` (part -> what is
 wrong), ``checked``.

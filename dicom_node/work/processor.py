@@ -13,6 +13,8 @@ the loop that runs the next job.
   it stays ``processing`` and the next start runs it again.
 
 * A pipeline error fails the job with its reason; the received series is never touched.
+  A model that did not answer within its ``timeout_seconds`` (``ModelTimeoutError``) is
+  tried once more first, so that a hung model frees the processing slot and costs one job.
 * A result that cannot be saved (a full disk, an unwritable results folder) fails the job.
 * A send the destination refuses permanently (``SendError.permanent``) fails that
   outbox row at once; a transient failure is retried with exponential back-off up to
@@ -28,22 +30,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import pydicom
 
 from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError, SendFailure
 from dicom_node.metrics import Metrics
+from dicom_node.receive.completion import incompleteness
 from dicom_node.send.senders import sender_for
 from dicom_node.send.status import SendOutcome
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import Job, JobState, JobUpdate, OutboxItem, OutboxState, StateStore
 from dicom_node.work.plan import Plan, plan_series, requests_for
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelTimeoutError, PipelineError
 from pipeline.model.segment import Segmenter
 from pipeline.model.types import RunnerStopped
+from pipeline.outputs.encode import SaveInstance
+from pipeline.outputs.options import OutputRequest
 from pipeline.process import Outcome, SegResult, SeriesHeaders, process_series, read_series
 
 __all__ = ["Processor", "ModelRun", "retry_delay"]
@@ -51,6 +60,7 @@ __all__ = ["Processor", "ModelRun", "retry_delay"]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY = 3600.0
+_MAX_RECORD_DELAY = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class Processor:
         if not isinstance(segmenters, Mapping):
             segmenters = {preset.name: segmenters for preset in config.models}
         self.segmenters = dict(segmenters)
+        self.stopping = threading.Event()  # set when the node stops: waits for the state store give up
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now (each due send attempted
@@ -117,9 +128,29 @@ class Processor:
         """One send attempt of an outbox row; its job's new state."""
         try:
             return self._send(item)
+        except sqlite3.Error:
+            raise  # the state store failed, not the send: the send loop backs off
         except Exception as exc:  # the send boundary: this row fails, the sender goes on
             log.exception("job %d: unexpected error sending %s to %s", item.job_id, item.object, item.destination)
-            return self.state.record_send(item.id, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+            return self._record_send(item, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _record_send(self, item: OutboxItem, **outcome) -> JobState:
+        """Record an attempt's outcome; when the state store fails, try again with back-off
+        rather than send again: the destination already has the object once. Gives up
+        (raising) only when the node stops; the next start then sends it once more, under
+        the same UIDs, which the destination takes as the same object."""
+        delay = 0.5
+        while True:
+            try:
+                return self.state.record_send(item.id, **outcome)
+            except sqlite3.Error as exc:
+                if self.stopping.is_set():
+                    raise
+                log.error("job %d: cannot record the send of %s to %s (%s); trying again in %.1fs", item.job_id,
+                          item.object, item.destination, exc, delay)
+                if self.stopping.wait(delay):
+                    raise
+                delay = min(delay * 2, _MAX_RECORD_DELAY)
 
     def _unexpected(self, job: Job, exc: Exception) -> JobState:
         log.exception("job %d: unexpected error", job.id)
@@ -152,8 +183,13 @@ class Processor:
         recorded = JobUpdate(routing=plan.explanation, sequence_class=headers.classification.sequence_class.value)
         if plan.skip_reason is not None:
             return self._end_without_result(job, JobState.SKIPPED, Outcome.SKIPPED, plan.skip_reason, recorded)
+        missing = incompleteness(self.state, series_uid)
+        if missing is not None and not job.allow_partial:
+            return self._fail(job, f"the series is not whole: {missing}; not processed (`dicom-node retry"
+                                   f" --reprocess --allow-partial {job.id}` processes what there is)", recorded)
 
-        runs = self._run_models(job, paths, headers, plan)
+        saver = _ResultSaver(self.spool, job.id, self.config.result_key)  # each object saved as it is made
+        runs = self._run_models(job, paths, headers, plan, partial=missing, saver=saver)
         several = len(runs) > 1
         # one model: its reason as it says it; several: a line each, named
         reason = "; ".join(run.line for run in runs) if several else runs[0].text
@@ -166,6 +202,9 @@ class Processor:
         if results and results[0].result.preprocessing is not None:  # type: ignore[union-attr]
             recorded = dataclasses.replace(recorded, preprocessing=results[0].result.preprocessing.value)  # type: ignore[union-attr]
         produced = [run for run in results if run.produced]
+        if saver.error is not None:
+            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {saver.error}",
+                              recorded)
         if not produced:
             if any(run.failed for run in runs):
                 return self._fail(job, reason, recorded)
@@ -175,24 +214,19 @@ class Processor:
         if self.state.job(job.id).state is not JobState.PROCESSING:  # type: ignore[union-attr]
             return self._superseded(job)
         key = self.config.result_key
-        try:
-            saved = {key(run.preset, obj): [self.spool.store_result(job.id, key(run.preset, obj),
-                                                                    str(ds.SOPInstanceUID), _encode(ds))
-                                            for ds in obj.datasets]
-                     for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
-        except OSError as exc:
-            return self._fail(job, f"cannot save the results into the spool ({self.spool.results}): {exc}", recorded)
+        series = {key(run.preset, obj): obj.series_instance_uid
+                  for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
+        saved = saver.saved(series)  # a failed model's objects, saved before it failed, are not sent
         items = [(destination.name, name, self.spool.result_folder(job.id, name))
                  for destination in plan.destinations for name in plan.result_keys[destination.name] if name in saved]
         # the job's SEG, which a later job of a grown series replaces: the first preset's
         first = produced[0]
-        seg = first.result.seg if first.result is not None and first.preset == plan.running[0].preset else None
-        series = {key(run.preset, obj): obj.series_instance_uid
-                  for run in produced for obj in run.result.objects}  # type: ignore[union-attr]
+        seg = (first.result.seg_series_uid
+               if first.result is not None and first.preset == plan.running[0].preset else None)
         if not self.state.start_sending(
             job.id, items, object_series=series,
             update=dataclasses.replace(recorded, reason=reason, result_path=next(iter(saved.values()))[0],
-                                       seg_series_uid=None if seg is None else str(seg.SeriesInstanceUID)),
+                                       seg_series_uid=seg),
         ):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
@@ -201,9 +235,11 @@ class Processor:
         log.info("job %d: made %s with %s (%s)", job.id, made, reason, timing)
         return JobState.SENDING
 
-    def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan) -> list[ModelRun]:
+    def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan, *,
+                    partial: str | None = None, saver: _ResultSaver | None = None) -> list[ModelRun]:
         """Run each preset the plan names, in turn. A model that fails is recorded and the
-        next one runs."""
+        next one runs. ``partial``: what the series lacks, for a job processed on purpose
+        although it is not whole (its objects say so)."""
         requests = requests_for(plan)
         runs: list[ModelRun] = []
         for model in plan.models:
@@ -211,11 +247,13 @@ class Processor:
                 runs.append(ModelRun(model.preset, model.reason))
                 continue
             try:
-                result = process_series(
+                result = self._retry_after_timeout(job, model.preset, lambda: process_series(
                     paths, self.config.pipeline_for(model.preset), self.segmenters[model.preset], requests,
                     supersedes=self._superseded_seg(job, model.preset, requests, first=model is plan.running[0]),
-                    series_headers=headers, **self.config.preset_marks(model.preset),
-                )
+                    series_headers=headers, partial=partial, **self.config.preset_marks(model.preset),
+                    max_series_voxels=self.config.storage.max_series_voxels,
+                    save=None if saver is None else saver.for_preset(model.preset),
+                ))
             except PipelineError as exc:
                 log.warning("job %d: model %s failed: %s", job.id, model.preset, exc)
                 runs.append(ModelRun(model.preset, str(exc), failed=True))
@@ -230,6 +268,18 @@ class Processor:
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
             runs.append(ModelRun(model.preset, result.reason, result))
         return runs
+
+    def _retry_after_timeout(self, job: Job, preset: str, run: Callable[[], SegResult]) -> SegResult:
+        """A model past its deadline gets one more try (on a fresh model process): a hang is
+        more often the process's than the series'. A second one fails the model's run."""
+        try:
+            return run()
+        except ModelTimeoutError as exc:
+            log.warning("job %d: model %s: %s; trying once more", job.id, preset, exc)
+        try:
+            return run()
+        except ModelTimeoutError as exc:
+            raise ModelTimeoutError(f"{exc} (tried twice)") from exc
 
     def _superseded_seg(self, job: Job, preset: str, requests: list, *, first: bool) -> str | None:
         """The SEG series of this preset that an earlier job of the series sent, which the
@@ -268,7 +318,7 @@ class Processor:
         try:
             destination = self.config.destination(item.destination)
         except KeyError:
-            return self.state.record_send(item.id, ok=False, error=(
+            return self._record_send(item, ok=False, error=(
                 f"destination {item.destination!r} is no longer in the configuration; not sent"))
         files = sorted(item.path.glob("*.dcm"))
         self.metrics.send_attempts.labels(item.destination).inc()
@@ -286,12 +336,12 @@ class Processor:
                 error = (f"send refused, not retried: {exc}" if permanent
                          else f"send failed after {attempts} attempt(s): {exc}")
                 log.error("%s: %s", what, error)
-                return self.state.record_send(item.id, ok=False, error=error)
+                return self._record_send(item, ok=False, error=error)
             delay = retry_delay(attempts, settings.retry_delay_seconds)
             log.warning("%s: send attempt %d failed (%s); next in %.0fs", what, attempts, exc, delay)
-            return self.state.record_send(item.id, ok=False, error=f"send attempt {attempts} failed: {exc}",
+            return self._record_send(item, ok=False, error=f"send attempt {attempts} failed: {exc}",
                                           retry_at=time.time() + delay)
-        state = self.state.record_send(item.id, ok=True, warning=outcome.warning)
+        state = self._record_send(item, ok=True, warning=outcome.warning)
         log.info("job %d: %s sent to %s%s", item.job_id, item.object, item.destination,
                  "" if outcome.warning is None else f" with warning {outcome.warning}")
         return state
@@ -300,6 +350,40 @@ class Processor:
         send = sender_for(destination, calling_ae_title=self.config.node.ae_title,
                           timeout=self.config.send.timeout_seconds)
         return send(files)
+
+
+class _ResultSaver:
+    """Writes each result instance into the spool as the pipeline makes it, so that one
+    object is in memory at a time, never every preset's objects until all ran; keeps the
+    files by object name, in the order they were made, and the first error (the job then
+    fails with it)."""
+
+    def __init__(self, spool: Spool, job_id: int, name: Callable[[str, OutputRequest], str]) -> None:
+        self.spool = spool
+        self.job_id = job_id
+        self.name = name
+        self.files: dict[str, dict[Path, None]] = {}  # ordered sets: a model run again rewrites the same files
+        self.error: OSError | None = None
+        self._cleared = False
+
+    def for_preset(self, preset: str) -> SaveInstance:
+        """The ``save`` of one preset's ``process_series``."""
+        return lambda request, dataset: self._save(self.name(preset, request), dataset)
+
+    def _save(self, name: str, dataset: pydicom.Dataset) -> None:
+        try:
+            if not self._cleared:
+                self.spool.clear_results(self.job_id)
+                self._cleared = True
+            path = self.spool.store_result(self.job_id, name, str(dataset.SOPInstanceUID), _encode(dataset))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.files.setdefault(name, {})[path] = None
+
+    def saved(self, names: Mapping[str, object]) -> dict[str, list[Path]]:
+        """The files of the objects ``names``, in the order they were made."""
+        return {name: list(files) for name, files in self.files.items() if name in names}
 
 
 def _encode(dataset) -> bytes:

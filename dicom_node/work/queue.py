@@ -23,12 +23,14 @@ import threading
 import time
 from typing import Callable, Protocol, TypeVar
 
-from dicom_node.store.state import StateStore
+from dicom_node.store.state import JobState, JobUpdate, StateStore
 from dicom_node.work.processor import Processor
 
 __all__ = ["JobQueue", "InProcessQueue"]
 
 log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 30.0  # seconds between tries while the state store fails
 
 T = TypeVar("T")
 
@@ -78,6 +80,7 @@ class InProcessQueue:
         """Take no new job; the jobs in hand get until ``timeout`` to end. A few seconds
         before it, ``interrupt`` (stopping the model) hands a job still running back."""
         self._stop.set()
+        self.processor.stopping.set()
         self._work.set()
         self._wake_senders()
         deadline = time.monotonic() + timeout
@@ -95,6 +98,18 @@ class InProcessQueue:
     @property
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in (*self._processors, *self._senders))
+
+    def processing_problem(self) -> str | None:
+        """The processing slot threads that have ended (for ``/healthz``); None when all run."""
+        dead = [thread.name for thread in self._processors if not thread.is_alive()]
+        return f"processing thread(s) not running: {', '.join(dead)}" if dead else None
+
+    def sender_problem(self, destination: str) -> str | None:
+        """Why the send thread of ``destination`` does not run (for ``/healthz``), or None."""
+        name = f"sender-{destination}"
+        if any(thread.name == name and thread.is_alive() for thread in self._senders):
+            return None
+        return f"the send thread of destination {destination} is not running"
 
     @property
     def stopped(self) -> bool:
@@ -120,17 +135,38 @@ class InProcessQueue:
                 self.processor.process(job)  # records its own failures; this is the last guard
             except Exception:
                 log.exception("job %d: the processor could not record its outcome", job.id)
+                self._hand_back(job.id)
             self._wake_senders()
+
+    def _hand_back(self, job_id: int) -> None:
+        """A job whose outcome could not be recorded (the state store failed) goes back to
+        ``received`` once the store works again, with back-off, so that it runs again
+        without a restart (its objects come out under the same UIDs)."""
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.state.update_job(job_id, JobState.RECEIVED,
+                                      JobUpdate(reason="handed back: its outcome could not be recorded"),
+                                      expect=JobState.PROCESSING)
+                return
+            except Exception as exc:
+                log.error("job %d: cannot hand it back yet (%s); trying again in %.1fs", job_id, exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
 
     def _send_loop(self, destination: str) -> None:
         wake = self._sends[destination]
+        backoff = 0.0  # after a failure of the state store: never a tight loop of sends
         while not self._stop.is_set():
             item = self._claim(lambda: self.state.claim_next_send(destination=destination))
             if item is not None:
                 try:
                     self.processor.send(item)
+                    backoff = 0.0
                 except Exception:
                     log.exception("job %d: the processor could not record its send to %s", item.job_id, destination)
+                    backoff = min(max(backoff * 2, 0.5), _MAX_BACKOFF)
+                    self._stop.wait(backoff)
                 continue
             try:
                 due = self.state.next_wakeup(destination)

@@ -46,12 +46,16 @@ def invert_t1(
         raise ValueError(f"clip_min ({clip_min}) must be below clip_max ({clip_max})")
     clipped = np.clip(voxels.astype(np.float32, copy=False), clip_min, clip_max)
     low, high = float(clipped.min()), float(clipped.max())
-    inverted = (high - clipped + low).astype(np.float32)
+    background = None
     if background_percentile is not None:
         if not 0.0 <= background_percentile <= 100.0:
             raise ValueError(f"background_percentile must be within 0..100, got {background_percentile}")
-        threshold = np.percentile(clipped, background_percentile)
-        inverted[clipped <= threshold] = 0.0
+        background = clipped <= np.percentile(clipped, background_percentile)
+    # in place: the clipped copy becomes the result, with the float32 steps of high - x + low
+    inverted = np.subtract(high, clipped, out=clipped)
+    inverted += low
+    if background is not None:
+        inverted[background] = 0.0
     return inverted
 
 

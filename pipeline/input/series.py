@@ -270,8 +270,16 @@ def _describe_plane(plane: _Plane) -> str:
 
 
 def _check_planes(planes: list[_Plane]) -> None:
-    """One orientation, one size, one pixel spacing."""
+    """One frame of reference, one orientation, one size, one pixel spacing: checked from
+    the headers, before any pixel is decoded or a model runs."""
     first = planes[0]
+    frames_of_reference = sorted({str(p.slice.header.get("FrameOfReferenceUID", "")) for p in planes})
+    if len(frames_of_reference) > 1:
+        shown = ", ".join(uid or "(none)" for uid in frames_of_reference[:3])
+        raise SeriesError(
+            f"the images lie in {len(frames_of_reference)} frames of reference (FrameOfReferenceUID {shown}):"
+            " one volume needs one"
+        )
     for plane in planes[1:]:
         if not np.allclose(plane.orientation, first.orientation, atol=_ORIENTATION_TOLERANCE):
             raise SeriesError(
@@ -280,7 +288,7 @@ def _check_planes(planes: list[_Plane]) -> None:
             )
         if (plane.rows, plane.columns) != (first.rows, first.columns):
             raise SeriesError(
-                f"images differ in size: {plane.rows}x{plane.columns} ({_describe_plane(plane)})"
+                f"images differ in size (Rows x Columns): {plane.rows}x{plane.columns} ({_describe_plane(plane)})"
                 f" vs {first.rows}x{first.columns}"
             )
         if not np.allclose(plane.pixel_spacing, first.pixel_spacing, atol=1e-4):

@@ -5,6 +5,10 @@ syntaxes), each file once, slice by slice (or frame by frame) in the ``Series`` 
 each plane's modality LUT (rescale slope and intercept) is applied, and the result becomes a SimpleITK image whose origin, spacing
 and direction come from the validated header geometry. Slice ``k`` of the array is
 ``series.slices[k]``: this correspondence is what the SEG relies on.
+
+Memory: each plane is written into the one float32 image as it is decoded (no stack of
+planes beside it), and a series with more voxels to decode than the caller allows
+(``max_voxels``) is refused from its headers before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from pipeline.errors import SeriesError
+from pipeline.errors import SeriesError, SeriesTooLargeError
 from pipeline.input.series import Series
 
-__all__ = ["Volume", "read_volume"]
+__all__ = ["Volume", "read_volume", "decoded_voxels"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,12 @@ class Volume:
         """Voxels as (slice, row, column), a copy."""
         return sitk.GetArrayFromImage(self.image)
 
+    @property
+    def voxels(self) -> np.ndarray:
+        """Voxels as (slice, row, column), read only and without a copy: a view of the
+        image's buffer, valid while this volume is referenced."""
+        return sitk.GetArrayViewFromImage(self.image)
+
     def with_array(self, array: np.ndarray) -> "Volume":
         """The same geometry with other voxels (e.g. after preprocessing)."""
         image = sitk.GetImageFromArray(array)
@@ -40,9 +50,30 @@ class Volume:
         return Volume(image=image, series=self.series)
 
 
-def read_volume(series: Series) -> Volume:
-    """Decode every slice of ``series`` into one float32 SimpleITK image."""
-    planes = []
+def decoded_voxels(series: Series) -> tuple[int, str]:
+    """How many voxels decoding ``series`` takes, and what they are: Rows x Columns of each
+    classic plane, and of every frame of each multi-frame object it takes planes from
+    (pydicom decodes such an object whole)."""
+    classic = sum(1 for s in series.slices if s.frame_number is None)
+    objects = {s.path: s.header for s in series.slices if s.frame_number is not None}
+    frames = sum(int(header.get("NumberOfFrames", 1) or 1) for header in objects.values())
+    parts = ([f"{classic} images"] if classic else []) + (
+        [f"{frames} frames of {len(objects)} multi-frame object(s)"] if objects else [])
+    return series.rows * series.columns * (classic + frames), f"{' and '.join(parts)} of {series.rows}x{series.columns}"
+
+
+def read_volume(series: Series, *, max_voxels: int | None = None) -> Volume:
+    """Decode every slice of ``series`` into one float32 SimpleITK image; with
+    ``max_voxels``, a series that needs more is refused before any pixel is decoded."""
+    if max_voxels is not None:
+        voxels, what = decoded_voxels(series)
+        if voxels > max_voxels:
+            raise SeriesTooLargeError(
+                f"too large to decode: {voxels:,} voxels ({what}), above the limit of {max_voxels:,} per series"
+                " (max_series_voxels); no pixel was decoded"
+            )
+    # planes go straight into the image (SimpleITK pastes in place): one float32 copy, never two
+    image = sitk.Image([series.columns, series.rows, len(series.slices)], sitk.sitkFloat32)
     decoded: tuple[object, np.ndarray] | None = None  # (path, pixels) of the last file read
     for index, slice_ in enumerate(series.slices):
         try:
@@ -59,8 +90,8 @@ def read_volume(series: Series) -> Volume:
                 f" {series.rows}x{series.columns}"
             )
         slope, intercept = slice_.rescale
-        planes.append(np.asarray(pixels, dtype=np.float32) * np.float32(slope) + np.float32(intercept))
-    image = sitk.GetImageFromArray(np.stack(planes))
+        plane = np.asarray(pixels, dtype=np.float32) * np.float32(slope) + np.float32(intercept)
+        image[:, :, index] = sitk.GetImageFromArray(plane)
     image.SetOrigin(series.slices[0].position)
     row_spacing, column_spacing = series.pixel_spacing
     image.SetSpacing((column_spacing, row_spacing, series.slice_spacing))

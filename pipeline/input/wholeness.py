@@ -36,7 +36,7 @@ import pydicom
 
 from pipeline.input.series import MR_IMAGE_STORAGE, MULTI_FRAME_MR_CLASSES
 
-__all__ = ["PlacementKind", "Placement", "Wholeness", "placement_of", "is_whole"]
+__all__ = ["PlacementKind", "Placement", "Wholeness", "placement_of", "is_whole", "known_missing"]
 
 _ORIENTATION_TOLERANCE = 1e-3
 _SAME_POSITION_MM = 0.01
@@ -202,3 +202,38 @@ def is_whole(placements: Iterable[Placement]) -> Wholeness:
         if announced != have:
             return Wholeness(False, f"{have} received, {what} announces {announced}")
     return Wholeness(True, f"{len(images)} images at {len(positions)} positions, as the headers announce")
+
+
+def known_missing(placements: Iterable[Placement]) -> str | None:
+    """Why the instances received are known to lack some of the series, or None when
+    nothing says so (which is not the same as known whole).
+
+    Known missing: a single stack of classic images whose positions leave a gap (a step
+    of at least 1.5 times the smallest), or fewer images than the headers announce
+    (ImagesInAcquisition, the scanner's private slice count). A series whose headers say
+    nothing either way is left to the completion timer, as before."""
+    images = [p for p in placements if p.kind is PlacementKind.CLASSIC]
+    if not images or any(p.orientation is None or p.position is None for p in images):
+        return None
+    orientations = np.array([p.orientation for p in images])
+    if np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
+        return None  # several stacks (a localizer): not a question of missing slices
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    distances = np.sort(np.array([p.position for p in images]) @ normal)
+    starts = np.concatenate([[True], np.diff(distances) > _SAME_POSITION_MM])
+    positions = distances[starts]
+    if len(positions) > 2:
+        steps = np.diff(positions)
+        spacing = float(steps.min())
+        if steps.max() >= 1.5 * spacing:
+            at = int(np.argmax(steps))
+            missing = int(round(steps[at] / spacing)) - 1
+            return (f"a gap of {steps[at]:.2f} mm after position {at + 1} of {len(positions)} where the spacing is"
+                    f" {spacing:.2f} mm: about {missing} slice(s) missing")
+    for what, announced, have in (
+        ("ImagesInAcquisition", _announced(p.images_in_acquisition for p in images), len(images)),
+        ("the scanner's slice count", _announced(p.slices_announced for p in images), len(positions)),
+    ):
+        if isinstance(announced, int) and have < announced:
+            return f"{have} received where {what} announces {announced}"
+    return None

@@ -14,6 +14,11 @@ and a ``RunReport`` with the load count and the time of each stage).
   once more; a second death fails the request with the reason
   (``SegmentationError``). Errors the back-end raises (missing weights, a failing
   model) come back as the same ``PipelineError`` kind with the same message.
+* Every request has a deadline (``timeout_seconds``): a model that has not answered by
+  then (a hung GPU, a read that never returns) has its process stopped (SIGTERM, then
+  SIGKILL) and the request fails with ``ModelTimeoutError``; the next request starts a
+  fresh process. ``overdue`` tells the node's ``/healthz`` about a request past its
+  deadline that is not ending, and about a process that outlived SIGKILL.
 * The process watches its parent and exits when the parent is gone, even after
   ``kill -9`` of the parent, so no model process outlives the node.
 * ``close()`` stops it; a request that ``close()`` interrupts raises ``RunnerStopped``
@@ -40,7 +45,7 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import PipelineError, SegmentationError, error_of_kind
+from pipeline.errors import ModelTimeoutError, PipelineError, SegmentationError, error_of_kind
 from pipeline.model.types import Backend, ModelReply, RunnerStopped
 from pipeline.settings import ModelSettings
 
@@ -49,6 +54,8 @@ __all__ = ["ModelRunner", "make_backend", "ModelChild", "run_model_on_nifti"]
 log = logging.getLogger(__name__)
 
 _PARENT_CHECK_SECONDS = 0.5
+_STOP_SECONDS = 5.0  # a model process's time to exit after SIGTERM, and again after SIGKILL
+_POLL_SECONDS = 1.0  # how often a waiting request looks whether the runner was closed
 
 
 def make_backend(settings: ModelSettings) -> Backend:
@@ -74,6 +81,8 @@ class ModelRunner:
         self._closed = False
         self._loads_before = 0  # loads of processes that ended
         self._loads_now = 0
+        self._in_flight: tuple[float, float] | None = None  # (monotonic start, deadline seconds) of the request
+        self._left_behind: list[multiprocessing.process.BaseProcess] = []  # outlived SIGKILL
         self.starts = 0
 
     def describe(self) -> str:
@@ -100,31 +109,60 @@ class ModelRunner:
         with self._lock:
             self._ensure_started()
 
-    def run(self, image: nib.Nifti1Image) -> ModelReply:
-        """Segment ``image``; restarts a dead runner and tries once more."""
+    def run(self, image: nib.Nifti1Image, *, timeout: float | None = None) -> ModelReply:
+        """Segment ``image`` within ``timeout`` seconds (``settings.timeout_seconds``);
+        restarts a dead runner and tries once more within the same deadline."""
         payload = image.to_bytes()
+        limit = self.settings.timeout_seconds if timeout is None else timeout
         with self._lock:
-            for attempt in (1, 2):
-                self._ensure_started()
-                try:
-                    self._conn.send_bytes(payload)
-                    status, value = self._conn.recv()
-                except (EOFError, OSError) as exc:
-                    if self._closed:
-                        raise RunnerStopped(f"{self.what}: the model process was stopped") from exc
-                    code = self._reap()
-                    if attempt == 2:
-                        raise SegmentationError(
-                            f"{self.what}: the model process died twice on this series (exit code {code});"
-                            " not tried again"
-                        ) from exc
-                    log.warning("%s: the model process died (exit code %s); starting it again", self.what, code)
-                    continue
-                if status == "ok":
-                    self._loads_now = value.report.loads
-                    return value
-                kind, message = value
-                raise error_of_kind(kind, message)
+            self._in_flight = (time.monotonic(), limit)
+            try:
+                return self._run(payload, limit)
+            finally:
+                self._in_flight = None
+
+    def overdue(self, margin: float) -> str | None:
+        """What is stuck (for the node's ``/healthz``): the request in flight once it is
+        more than ``margin`` seconds past its deadline (its process is not stopping),
+        and every model process that outlived SIGKILL; None when nothing is."""
+        problems = []
+        in_flight = self._in_flight
+        if in_flight is not None:
+            age = time.monotonic() - in_flight[0]
+            if age > in_flight[1] + margin:
+                pid = self._process.pid if self._process is not None else None
+                problems.append(f"{self.what}: a run has taken {age:.0f} s, past its deadline of {in_flight[1]:g} s"
+                                f" (timeout_seconds), model process {pid}")
+        problems += [f"{self.what}: model process {process.pid} did not exit after SIGKILL"
+                     for process in self._left_behind if process.is_alive()]
+        return "; ".join(problems) or None
+
+    def _run(self, payload: bytes, limit: float) -> ModelReply:
+        deadline = time.monotonic() + limit
+        for attempt in (1, 2):
+            self._ensure_started()
+            try:
+                self._send(payload)
+                if not self._answered_by(deadline):
+                    self._stop_hung()
+                    raise ModelTimeoutError(f"the model did not answer within {limit:g} s")
+                status, value = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                if self._closed:
+                    raise RunnerStopped(f"{self.what}: the model process was stopped") from exc
+                code = self._reap()
+                if attempt == 2:
+                    raise SegmentationError(
+                        f"{self.what}: the model process died twice on this series (exit code {code});"
+                        " not tried again"
+                    ) from exc
+                log.warning("%s: the model process died (exit code %s); starting it again", self.what, code)
+                continue
+            if status == "ok":
+                self._loads_now = value.report.loads
+                return value
+            kind, message = value
+            raise error_of_kind(kind, message)
         raise AssertionError("unreachable")
 
     def segment_nifti(self, image: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -151,8 +189,41 @@ class ModelRunner:
             process.join(timeout)
         if process.is_alive():
             process.kill()
-            process.join()
+            process.join(timeout)
+        if process.is_alive():
+            log.error("%s: the model process (pid %s) did not exit after SIGKILL; left behind", self.what,
+                      process.pid)
         conn.close()
+
+    def _send(self, payload: bytes) -> None:
+        """Send the request from a thread of its own: a model process that does not read
+        (frozen) would block the sender, and the deadline must still hold."""
+        conn = self._conn
+
+        def send() -> None:
+            try:
+                conn.send_bytes(payload)
+            except (OSError, ValueError):
+                pass  # the process is gone or was stopped: the wait for the answer reads that
+
+        threading.Thread(target=send, name=f"{self.what} request", daemon=True).start()
+
+    def _answered_by(self, deadline: float) -> bool:
+        """Wait for the answer (or the process's end) until ``deadline``; False when
+        neither came. Raises ``OSError`` when ``close()`` closed the pipe meanwhile."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._conn.poll(min(left, _POLL_SECONDS)):
+                return True
+            if self._closed:
+                raise OSError("the runner was closed")
+
+    def _stop_hung(self) -> None:
+        """Stop a model process that missed its deadline; the next request starts a fresh one."""
+        log.error("%s: the model process (pid %s) did not answer in time; stopping it", self.what, self._process.pid)
+        self._reap(stop=True)
 
     def _ensure_started(self) -> None:
         if self._closed:
@@ -168,16 +239,28 @@ class ModelRunner:
         process.start()
         child_end.close()  # so that the child's death reads as EOF here
         self._process, self._conn = process, parent_end
+        if self.starts:
+            log.info("%s: model process started again (pid %s)", self.what, process.pid)
         self.starts += 1
 
-    def _reap(self) -> int | None:
+    def _reap(self, *, stop: bool = False) -> int | None:
+        """Forget the model process once it has ended (``stop``: SIGTERM it first), SIGKILL
+        when it lingers. One that outlives SIGKILL too (stuck in the kernel or a GPU
+        driver) is left behind and stays in ``overdue``: no wait here is without an end."""
         process = self._process
         if process is None:
             return None
-        process.join(timeout=5)
+        if stop:
+            process.terminate()
+        process.join(_STOP_SECONDS)
         if process.is_alive():
+            log.warning("%s: the model process (pid %s) did not end; killing it", self.what, process.pid)
             process.kill()
-            process.join()
+            process.join(_STOP_SECONDS)
+        if process.is_alive():
+            log.error("%s: the model process (pid %s) did not exit after SIGKILL; left behind", self.what,
+                      process.pid)
+            self._left_behind.append(process)
         self._conn.close()
         self._process = self._conn = None
         self._loads_before += self._loads_now

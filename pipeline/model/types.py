@@ -83,7 +83,9 @@ class ModelService(Protocol):
 
     def describe(self) -> str: ...
 
-    def run(self, image: nib.Nifti1Image) -> ModelReply: ...
+    def run(self, image: nib.Nifti1Image) -> ModelReply: ...  # within its deadline, else ModelTimeoutError
+
+    def overdue(self, margin: float) -> str | None: ...  # a run more than margin s past its deadline: what
 
     def close(self) -> None: ...
 

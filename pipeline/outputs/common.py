@@ -96,6 +96,7 @@ class Algorithm:
     clip_max: float | None = None
     background_percentile: float | None = None
     series_number_offset: int = 0  # added to each object's SeriesNumber (several model presets); no content
+    partial: str | None = None  # what the series lacked, when processed on purpose although not whole
 
     def __post_init__(self) -> None:
         room = LO_MAX - len(REPLACES)
@@ -107,9 +108,12 @@ class Algorithm:
 
     @property
     def identity(self) -> str:
-        """Everything about the algorithm that decides the SEG's content, as canonical text."""
+        """Everything about the algorithm that decides the SEG's content, as canonical text
+        (a partial series' reason only when there is one, so whole series keep their UIDs)."""
+        extra = {} if self.partial is None else {"partial": self.partial}
         return json.dumps(
             {
+                **extra,
                 "name": self.name,
                 "version": self.version,
                 "task": self.task,
@@ -147,6 +151,7 @@ def algorithm_parameters(algorithm: Algorithm) -> dict[str, str]:
         "background_percentile": algorithm.background_percentile,
         "sequence_class": algorithm.sequence_class,
         "classification": algorithm.classification,
+        "partial": algorithm.partial,
     }
     parameters = {key: parameter_value(str(value)) for key, value in values.items() if value is not None}
     if sum(len(k) + len(v) + 2 for k, v in parameters.items()) > _LT_MAX:

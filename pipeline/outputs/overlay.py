@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -36,7 +37,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from pipeline.input.series import Series
+from pipeline.input.series import Series, Slice
 from pipeline.input.volume import Volume, read_volume
 from pipeline.model.types import LabelMap
 from pipeline.outputs.common import (
@@ -57,6 +58,7 @@ __all__ = [
     "SECONDARY_CAPTURE_IMAGE_STORAGE",
     "DISCLAIMER",
     "encode_overlay",
+    "iter_overlay",
     "check_overlay_geometry",
     "image_area",
 ]
@@ -216,9 +218,23 @@ def encode_overlay(
 
     ``source`` is the volume as acquired (the label map's own volume may be the
     preprocessed one, inverted): None decodes it again from the series' files."""
+    images = list(iter_overlay(label_map, algorithm, source=source))
+    if not images:
+        return None
+    check_overlay_geometry(images, label_map)
+    return images
+
+
+def iter_overlay(
+    label_map: LabelMap, algorithm: Algorithm, *, source: Volume | None = None
+) -> Iterator[Dataset]:
+    """``encode_overlay``'s images one at a time, each checked against its source plane
+    as it is made (none when no label is present): a caller that saves each and lets it
+    go holds a few planes, never the whole overlay, the largest object of a series (three
+    bytes a pixel, one image per source plane)."""
     present = present_labels(label_map)
     if not present:
-        return None
+        return
     series = label_map.volume.series
     if source is None:
         source = read_volume(series)
@@ -238,7 +254,7 @@ def encode_overlay(
 
     identity = output_identity(label_map, algorithm, "OVERLAY", style=_STYLE)
     common = list(_common_attributes(label_map, algorithm, identity, height, width))
-    images = []
+    orientation = np.asarray((*series.row_direction, *series.column_direction), float)
     # a few planes at a time, each step on all of them at once: the source planes in
     # grey, the structures over them, the legend of each plane's structures to the
     # right, the text below
@@ -254,9 +270,10 @@ def encode_overlay(
                 legends[here] = _legend(entries, height, scale)
             canvas[offset, :, columns:] = legends[here]
         np.maximum(canvas[:, rows:], band[: height - rows], out=canvas[:, rows:])
-        images += [_image(common, series, start + offset, identity, canvas[offset]) for offset in range(len(labels))]
-    check_overlay_geometry(images, label_map)
-    return images
+        for offset in range(len(labels)):
+            image = _image(common, series, start + offset, identity, canvas[offset])
+            _check_image(image, start + offset + 1, series.slices[start + offset], orientation)
+            yield image
 
 
 def _common_attributes(label_map: LabelMap, algorithm: Algorithm, identity: str, height: int, width: int) -> Dataset:
@@ -338,13 +355,19 @@ def check_overlay_geometry(images: list[pydicom.Dataset], label_map: LabelMap) -
         raise OutputEncodingError(f"{len(images)} overlay images for {len(series.slices)} source planes")
     orientation = np.asarray((*series.row_direction, *series.column_direction), float)
     for index, (ds, plane) in enumerate(zip(images, series.slices), start=1):
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), orientation, atol=1e-4):
-            raise OutputEncodingError(f"overlay image {index}: orientation differs from its source plane")
-        position = np.asarray(ds.ImagePositionPatient, float)
-        if np.max(np.abs(position - np.asarray(plane.position, float))) > POSITION_TOLERANCE_MM:
-            raise OutputEncodingError(f"overlay image {index} lies at {position.tolist()}, its source plane at"
-                                      f" {list(plane.position)}")
-        [reference] = ds.SourceImageSequence
-        if (str(reference.ReferencedSOPInstanceUID), reference.get("ReferencedFrameNumber")) != (
-                plane.sop_instance_uid, plane.frame_number):
-            raise OutputEncodingError(f"overlay image {index} does not reference its source plane")
+        _check_image(ds, index, plane, orientation)
+
+
+def _check_image(ds: pydicom.Dataset, index: int, plane: Slice, orientation: np.ndarray) -> None:
+    """Overlay image ``index`` (1-based) at its source plane's position and orientation,
+    referencing it."""
+    if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), orientation, atol=1e-4):
+        raise OutputEncodingError(f"overlay image {index}: orientation differs from its source plane")
+    position = np.asarray(ds.ImagePositionPatient, float)
+    if np.max(np.abs(position - np.asarray(plane.position, float))) > POSITION_TOLERANCE_MM:
+        raise OutputEncodingError(f"overlay image {index} lies at {position.tolist()}, its source plane at"
+                                  f" {list(plane.position)}")
+    [reference] = ds.SourceImageSequence
+    if (str(reference.ReferencedSOPInstanceUID), reference.get("ReferencedFrameNumber")) != (
+            plane.sop_instance_uid, plane.frame_number):
+        raise OutputEncodingError(f"overlay image {index} does not reference its source plane")

@@ -229,6 +229,8 @@ def _image_comments(algorithm: Algorithm, replaces: str | None) -> str:
     """The exact classification reason (AlgorithmParameters carries it made safe) and
     the SEG this one replaces."""
     lines = [f"Classification: {algorithm.classification}"]
+    if algorithm.partial is not None:
+        lines.append(f"PARTIAL: made on purpose from a series that is not whole: {algorithm.partial}")
     if replaces is not None:
         lines.append(f"Replaces the earlier SEG series {replaces} of this source series.")
     return "\n".join(lines)

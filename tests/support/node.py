@@ -111,7 +111,8 @@ def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path
         "destination": {"ae_title": destination[0], "host": LOCALHOST, "port": destination[1]},
         "storage": {"spool_dir": str(folder / "spool"), "state_db": str(folder / "state.sqlite3"),
                     "min_free_bytes": 10_000_000},
-        "completion": {"stable_seconds": 3, "complete_on_release": True},
+        # a series known not whole fails 1 s after its timer (the default waits 600 s for the sender's retry)
+        "completion": {"stable_seconds": 3, "complete_on_release": True, "incomplete_grace_seconds": 1},
         "send": {"max_attempts": 5, "retry_delay_seconds": 1, "timeout_seconds": 10},
         "pipeline": {"model": {"weights_dir": str(weights_dir), "home_dir": str(folder / "totalseg")}},
         "http": {"port": 0},
