@@ -235,10 +235,11 @@ class StorageSettings(_Frozen):
     state_db: Path = Path("var/state.sqlite3")
     min_free_bytes: int = Field(1_000_000_000, ge=0)
     max_series_instances: int = Field(5000, ge=1)
-    # Voxels a job may decode from one series (Rows x Columns per image, every frame of a
-    # multi-frame object): 512x512x2000, twice a 512x512x1000 series, far above a
-    # 240-frame enhanced one; one float32 copy of it is 2 GiB. Larger fails the job
-    # before any pixel is decoded.
+    # Voxels a job may decode from one series (Rows x Columns of each image of its volume,
+    # a multi-frame object with all its frames): 512x512x2000, twice a 512x512x1000
+    # series, far above a 240-frame enhanced one; one float32 copy of it is 2 GiB, and a
+    # job holds a few at its peak (the model's input). More fails the job before any
+    # pixel is decoded.
     max_series_voxels: int = Field(512 * 512 * 2000, ge=1)
 
 

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pydicom
+import yaml
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
@@ -22,7 +23,7 @@ from tests.derived import copy_series
 from tests.support.asserts import assert_exactly_one_seg, seg_receptions
 from tests.support.dcmtk import StoreSCP
 from tests.support.disk import fill_to, small_disk
-from tests.support.node import NodeProcess, node_config
+from tests.support.node import NodeProcess, node_config, status_of
 from tests.support.wait import wait_until
 
 MPRAGE = "t1_philips_3t_mprage_sag"
@@ -209,3 +210,16 @@ def test_a_spool_that_fills_half_way_never_gives_a_partial_seg(tmp_path, mri_dir
             node.stop()
             pacs.stop()
             shutil.rmtree(spool, ignore_errors=True)
+
+
+def test_status_names_a_series_waiting_because_instances_were_refused(tmp_path):
+    state, ref = _state_with(tmp_path, [None] * 3, refused=2)
+    state.close()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "destination": {"ae_title": "P", "host": "127.0.0.1", "port": 104},
+        "storage": {"state_db": str(tmp_path / "state.db"), "spool_dir": str(tmp_path / "spool")}}))
+    shown = status_of(config)
+    assert shown.returncode == 0, shown.stderr
+    assert (f"not whole, waiting up to 600 s for the sender: series {ref.series_instance_uid}: the node refused 2"
+            " instance(s) (0xA700: spool below storage.min_free_bytes)") in shown.stdout

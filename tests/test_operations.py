@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import requests
 
-from dicom_node.config import parse_config
+from dicom_node.config import RetentionSettings, parse_config
 from dicom_node.logs import setup_logging
 from dicom_node.service import Node
-from dicom_node.config import RetentionSettings
 from dicom_node.store.retention import Retention
 from dicom_node.store.state import JobState, JobUpdate
 from pipeline.model.types import LabelMap
@@ -57,7 +56,8 @@ def _get(node, path):
 def test_healthz_is_200_when_all_is_up_and_503_naming_an_unwritable_state_store(node, tmp_path):
     response = _get(node, "/healthz")
     assert response.status_code == 200, response.text
-    assert set(response.json()["checked"]) == {"scp", "worker", "state_store", "disk"}
+    assert set(response.json()["checked"]) == {"scp", "worker", "state_store", "disk", "completion", "processing",
+                                               "send:pacs", "retention", "stuck"}
     db = node.state.db.connection
     db.execute("PRAGMA query_only = ON")  # the database refuses writes, as a read-only disk would
     try:

@@ -82,7 +82,8 @@ def test_not_ready_naming_the_missing_weights_until_they_are_imported(weightless
     answer = requests.get(base + "/readyz", timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"status": "ready", "failing": {},
-                             "checked": ["database", "destination", "disk", "scp", "state_store", "weights",
+                             "checked": ["completion", "database", "destination", "disk", "processing",
+                                         "retention", "scp", "send:pacs", "state_store", "stuck", "weights",
                                          "worker"]}
     assert requests.get(base + "/nothing", timeout=10).status_code == 404
     assert requests.get(base + "/", timeout=10).status_code == 404  # the status page is off by default

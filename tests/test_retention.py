@@ -9,11 +9,13 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from dicom_node.config import RetentionSettings, parse_config
 from dicom_node.errors import ConfigError
@@ -40,11 +42,11 @@ class Site:
         self.spool = Spool(root / "spool")
         self.state = StateStore(root / "state.sqlite3")
         self.metrics = Metrics(self.state)
-        self.free = 10**12  # what the injected free-space function answers, unless a test sets it
+        self.free = 10**12  # what the injected free-space function answers: no disk pressure
 
-    def retention(self, settings: RetentionSettings = RetentionSettings(), min_free: int = 0) -> Retention:
-        return Retention(self.state, self.spool, settings, min_free, deletions=self.metrics.retention_deletions,
-                         free_bytes=lambda: self.free)
+    def retention(self, settings: RetentionSettings | None = None) -> Retention:
+        return Retention(self.state, self.spool, settings or RetentionSettings(), 0,
+                         deletions=self.metrics.retention_deletions, free_bytes=lambda: self.free)
 
     def ref(self, series: str) -> SeriesRef:
         return SeriesRef(STUDY, series, "MODALITY", self.spool.series_folder(STUDY, series))
@@ -167,7 +169,9 @@ def test_disk_pressure_deletes_the_first_ended_first_and_never_an_open_job(site)
     running = site.series("1.2.4.4", size=500)
     site.job("1.2.4.4", None)
     # a disk as the spool's files fill it: 1 GB free at first
-    used = lambda: sum(f.stat().st_size for f in site.spool.root.rglob("*") if f.is_file())  # noqa: E731
+    def used() -> int:
+        return sum(f.stat().st_size for f in site.spool.root.rglob("*") if f.is_file())
+
     capacity = 10**9 + used()
     retention = Retention(site.state, site.spool, RetentionSettings(days=0, skipped_days=0, failed_days=0),
                           min_free_bytes=10**6, deletions=site.metrics.retention_deletions,
@@ -291,7 +295,7 @@ def test_retention_keys_and_their_defaults(tmp_path):
 
 # -- a running node ---------------------------------------------------------------------
 
-node = node_fixture(retention={"skipped_days": 2 / DAY, "interval_seconds": 0.5})
+node = node_fixture(retention={"skipped_days": 0.2 / DAY, "interval_seconds": 0.1})
 
 
 def _files_and_rows(node: NodeProcess) -> tuple[set[Path], set[Path]]:
@@ -313,26 +317,29 @@ def _metric(node: NodeProcess, name: str, labels: str) -> float:
 
 @pytest.mark.peers
 def test_a_running_node_deletes_skipped_series_and_keeps_every_instance_that_arrives_meanwhile(node, mri_dir):
-    """A localizer (skipped) is sent again and again while the node's retention deletes
-    it two seconds after each job ends: whatever the interleaving, every instance row the
-    node holds when it stops has its file, and every file its row."""
+    """A localizer (skipped) is sent again as soon as its last job ended, while the node's
+    retention deletes it a fifth of a second after that (checking ten times a second):
+    whatever the interleaving, every instance row the node holds when it stops has its
+    file, and every file its row."""
     node.config["http"]["port"] = free_port()
+    node.config["completion"]["stable_seconds"] = 1
     localizer = mri_dir / "hard_localizer_ge_3plane_phantom"
     node.start()
     storescu(node.port, localizer)
-    wait_until(lambda: _metric(node, "dicom_node_retention_deletions_total", '{reason="period"}') >= 1, 60, 0.2,
+    wait_until(lambda: _metric(node, "dicom_node_retention_deletions_total", '{reason="period"}') >= 1, 60, 0.1,
                "retention to delete the skipped localizer")
     assert [job.state for job in node.jobs()] == [JobState.SKIPPED]
     assert _files_and_rows(node) == (set(), set())
     assert "retention (period): deleted series" in node.log()
-    for _ in range(6):  # each round reopens the series; retention runs between and during them
+    for _ in range(6):  # each round reopens the series just as retention is about to delete it
         storescu(node.port, localizer)
-    wait_until(lambda: node_settled(node, 2), 60, 0.2, "the last round's job to end")
+        wait_until(lambda: node_settled(node, 1), 60, 0.05, "the round's series to end")
+    deletions = _metric(node, "dicom_node_retention_deletions_total", '{reason="period"}')
     assert node.stop() == 0
     files, rows = _files_and_rows(node)
     assert files == rows  # no row without its file, no file without its row
     assert all(job.state is JobState.SKIPPED for job in node.jobs())
-    assert "retention run failed" not in node.log()
+    assert deletions >= 2 and "retention run failed" not in node.log()
 
 
 @pytest.fixture
@@ -341,7 +348,7 @@ def small_disk(tmp_path: Path):
     folder = tmp_path / "disk"
     folder.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
+                      capture_output=True, check=False).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield folder
     subprocess.run(["umount", "-l", str(folder)], check=True)
@@ -401,3 +408,49 @@ def test_readyz_says_why_when_the_database_is_full(tmp_path):
     finally:
         running.state.db.connection.execute("PRAGMA max_page_count = 1073741823")
         running.stop()
+
+
+def test_a_series_sent_again_after_its_deletion_is_a_new_job(site):
+    """Receive sequence numbers never go back when retention deletes the newest rows, so
+    the same instances sent again are new to the series' last job."""
+    site.series("1.2.11.1")
+    first = site.job("1.2.11.1", JobState.SKIPPED)
+    assert len(site.retention().run(now=time.time() + 2 * DAY)) == 1
+    site.series("1.2.11.1")
+    again = site.state.complete_series("1.2.11.1")
+    assert again is not None and again != first
+    assert site.state.job(again).upto_seq > site.state.job(first).upto_seq
+    assert len(site.state.instance_paths("1.2.11.1", site.state.job(again).upto_seq)) == 3
+
+
+def test_cleanup_shows_then_does_what_the_node_would(tmp_path):
+    """``dicom-node cleanup --dry-run`` lists the series whose periods passed, with the
+    outcome of each job; ``cleanup`` deletes them; jobs still within their period stay."""
+    site = Site(tmp_path)
+    skipped = site.series("1.2.12.1")
+    site.job("1.2.12.1", JobState.SKIPPED, at=time.time() - 2 * DAY)
+    failed = site.series("1.2.12.2")
+    site.job("1.2.12.2", JobState.FAILED, at=time.time() - 2 * DAY)  # failed_days 30: kept
+    site.state.close()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "state_db": str(tmp_path / "state.sqlite3"),
+                    "min_free_bytes": 0},
+        "retention": {"pressure_free_bytes": 0},
+    }))
+
+    def cleanup(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "dicom_node", "cleanup", *args, "--config", str(config)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        return result.stdout
+
+    shown = cleanup("--dry-run")
+    assert "would delete series 1.2.12.1 (jobs 1 skipped;" in shown and "its periods have passed" in shown
+    assert "1.2.12.2" not in shown and shown.endswith("1 series would be cleaned up\n")
+    assert _kept(skipped) and _kept(failed)
+    done = cleanup()
+    assert "deleted series 1.2.12.1 (jobs 1 skipped;" in done and "3 instance file(s)" in done
+    assert _gone(skipped) and _kept(failed)
+    assert cleanup("--dry-run").endswith("0 series would be cleaned up\n")

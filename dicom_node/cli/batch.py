@@ -53,6 +53,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
             record: dict = {"series_instance_uid": series_uid, "instances": len(paths)}
             try:
                 result = process_series(paths, settings, segmenter, outputs, on_stage=progress.stage,
+                                        max_series_voxels=config.storage.max_series_voxels,
                                         **config.preset_marks(preset.name))
             except PipelineError as exc:
                 failures += 1

@@ -104,6 +104,16 @@ def _workers_line(config: Config, jobs: list[Job]) -> str:
     return f"workers: embedded warm runner, {in_flight} series in flight, {waiting} job(s) waiting"
 
 
+def _refusal_lines(refused: dict, grace: float) -> list[str]:
+    """Series still receiving of which the node refused instances: not whole until the
+    sender stores them, and failed after the grace if it does not."""
+    return [
+        f"not whole, waiting up to {grace:g} s for the sender: series {uid}: the node refused {len(items)}"
+        f" instance(s) (0x{items[-1].status:04X}: {items[-1].reason})"
+        for uid, items in refused.items()
+    ]
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
     state = StateStore(config.storage.state_db)
@@ -111,6 +121,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         jobs = every_job = state.jobs()
         outboxes = state.outboxes()
         counts = state.outbox_counts()
+        refused = {uid: found for uid, _ in state.receiving_series() for found in [state.refusals(uid)] if found}
     finally:
         state.close()
     now = time.time()
@@ -120,7 +131,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         jobs = [job for job in jobs if job.updated_at >= now - args.since]
     lines = _status_lines(jobs, args.json, now, outboxes)
     if not args.json:
-        lines[:0] = [_workers_line(config, every_job), *_destination_lines(config, counts)]
+        lines[:0] = [_workers_line(config, every_job), *_destination_lines(config, counts),
+                     *_refusal_lines(refused, config.completion.incomplete_grace_seconds)]
     try:
         for line in lines:
             print(line)

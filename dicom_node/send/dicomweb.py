@@ -1,7 +1,9 @@
 """The DICOMweb sender: STOW-RS the result objects to a ``protocol: dicomweb`` destination.
 
 ``stow_files`` posts all the files of one send in a single ``multipart/related;
-type="application/dicom"`` request to ``{url}/studies`` (PS3.18 10.5) and returns the
+type="application/dicom"`` request to ``{url}/studies`` (PS3.18 10.5), its body read from
+the files while it is sent (a Content-Length computed from their sizes, never the whole
+body in memory), and returns the
 HTTP status when the destination stored every instance (200, or 202 with warnings
 only; the WarningReason codes are recorded as with a C-STORE warning). Anything else
 raises ``SendError``, which names the URL, the failed instances with their
@@ -39,7 +41,7 @@ import base64
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -61,6 +63,7 @@ _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
 
 _TRANSIENT_HTTP = {408, 429}  # request timeout, too many requests; and every 5xx
+_CHUNK = 2**20  # bytes of a file read at a time while the request is sent
 
 
 def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: float) -> SendOutcome:
@@ -72,8 +75,9 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: floa
         raise ValueError("no files to send")
     peer = destination.url
     endpoint = destination.url.rstrip("/") + "/studies"
-    parts, sent_uids = _read_files(paths, peer)
-    boundary = _boundary(parts)
+    sizes, sent_uids = _read_headers(paths, peer)
+    # 128 random bits: that a file holds the boundary is too unlikely to read them all for
+    boundary = secrets.token_hex(16)
     headers = {
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
@@ -82,19 +86,22 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: floa
         headers["Authorization"] = _authorization(destination.auth, peer)
     verify: bool | str = str(destination.ca_certificates) if destination.ca_certificates else destination.verify_tls
     try:
-        response = requests.post(endpoint, data=_multipart(parts, boundary), headers=headers, timeout=timeout,
-                                 verify=verify, allow_redirects=False)
+        response = requests.post(endpoint, data=_MultipartBody(paths, sizes, boundary), headers=headers,
+                                 timeout=timeout, verify=verify, allow_redirects=False)
     except requests.RequestException as exc:
         raise _request_failure(exc, peer, endpoint, timeout) from exc
+    except _UnreadableFile as exc:
+        raise SendError(f"cannot read {exc.path} to send it to {peer}: {exc.reason}", peer=peer) from exc
     return _outcome(response, peer, endpoint, sent_uids, destination.auth)
 
 
-def _read_files(paths: Sequence[Path], peer: str) -> tuple[list[bytes], list[str]]:
-    """The files' bytes and SOPInstanceUIDs (to check the answer against)."""
-    parts, uids = [], []
+def _read_headers(paths: Sequence[Path], peer: str) -> tuple[list[int], list[str]]:
+    """The files' sizes (for the Content-Length) and SOPInstanceUIDs (to check the answer
+    against), read before the request: an unreadable file fails the send before it starts."""
+    sizes, uids = [], []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
+            size = Path(path).stat().st_size
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
             uid = str(header.SOPInstanceUID)
         except OSError as exc:
@@ -102,25 +109,56 @@ def _read_files(paths: Sequence[Path], peer: str) -> tuple[list[bytes], list[str
         except (InvalidDicomError, AttributeError) as exc:
             raise SendError(f"{path} is not a DICOM Part 10 file with a SOPInstanceUID", peer=peer,
                             permanent=True) from exc
-        parts.append(data)
+        sizes.append(size)
         uids.append(uid)
-    return parts, uids
+    return sizes, uids
 
 
-def _boundary(parts: Sequence[bytes]) -> str:
-    while True:
-        boundary = secrets.token_hex(16)
-        if not any(boundary.encode() in part for part in parts):
-            return boundary
+class _UnreadableFile(Exception):
+    """A file that could not be read while the request was sent (not an ``OSError``, which
+    requests would take for a failed connection)."""
+
+    def __init__(self, path: Path, reason: object) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
-def _multipart(parts: Sequence[bytes], boundary: str) -> bytes:
-    delimiter = b"--" + boundary.encode("ascii")
-    chunks = []
-    for part in parts:
-        chunks += [delimiter, b"\r\nContent-Type: application/dicom\r\n\r\n", part, b"\r\n"]
-    chunks += [delimiter, b"--\r\n"]
-    return b"".join(chunks)
+class _MultipartBody:
+    """The multipart/related body of the files, read from them while requests sends it,
+    ``_CHUNK`` bytes at a time; its length is known beforehand, so the request carries a
+    Content-Length (not every server takes a chunked upload)."""
+
+    def __init__(self, paths: Sequence[Path], sizes: Sequence[int], boundary: str) -> None:
+        delimiter = b"--" + boundary.encode("ascii")
+        self.head = delimiter + b"\r\nContent-Type: application/dicom\r\n\r\n"
+        self.tail = delimiter + b"--\r\n"
+        self.parts = list(zip(paths, sizes))
+
+    def __len__(self) -> int:
+        return sum(len(self.head) + size + 2 for _, size in self.parts) + len(self.tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for path, size in self.parts:
+            yield self.head
+            yield from _file_chunks(path, size)
+            yield b"\r\n"
+        yield self.tail
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The ``size`` bytes of the file, as the Content-Length counted them."""
+    try:
+        with open(path, "rb") as handle:
+            left = size
+            while left:
+                chunk = handle.read(min(_CHUNK, left))
+                if not chunk:
+                    raise _UnreadableFile(path, f"it ends {left} bytes short of its size when the send began")
+                left -= len(chunk)
+                yield chunk
+    except OSError as exc:
+        raise _UnreadableFile(path, exc) from exc
 
 
 def _authorization(auth: HttpAuth, peer: str) -> str:

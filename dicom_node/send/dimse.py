@@ -2,7 +2,10 @@
 
 ``send_files`` sends every file of one object over one association and returns when
 the destination took them all (success, or a warning such as 0xB000 coercion of data
-elements, which is recorded); ``send_file`` sends one.
+elements, which is recorded); ``send_file`` sends one. Each file goes as it lies on
+disk, read in PDU-sized chunks and never decoded (only its file meta and series UID are
+read, to negotiate), and read only as fast as the peer takes it (``_SendQueue``):
+memory stays flat whatever the object's size.
 Anything else raises ``SendError``, which names the peer, the DICOM status in hex and
 its meaning where there is one, and says whether trying again can help:
 
@@ -24,13 +27,18 @@ connection and a peer that does not answer from one that closed on us.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination
@@ -41,6 +49,13 @@ from dicom_node.tls import client_context
 __all__ = ["send_file", "send_files"]
 
 log = logging.getLogger(__name__)
+
+# pynetdicom's documented switch: a C-STORE given a file path sends the file's encoded
+# dataset in chunks instead of decoding it (which needs an accepted context in the file's
+# own transfer syntax: the only one send_files proposes). The node sends nothing else.
+pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+_READ_AHEAD_BYTES = 4 * 2**20  # what a C-STORE may have read from its file before the socket took it
 
 _CONTEXT_RESULTS = {
     0x01: "user rejection",
@@ -64,11 +79,11 @@ def send_files(
     ``SendError`` at the first the destination does not take (a later attempt sends
     them all again: same UIDs, so the destination keeps one copy). The outcome carries
     the first warning."""
-    datasets = [pydicom.dcmread(path) for path in paths]
     peer = destination.peer
+    headers = [_header(path, peer) for path in paths]
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = sorted({(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets})
+    contexts = sorted({(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) for meta, _ in headers})
     for sop_class in sorted({sop for sop, _ in contexts}):
         ae.add_requested_context(sop_class, sorted({ts for sop, ts in contexts if sop == sop_class}))
     tls_args = (client_context(destination.tls), None) if destination.tls else None
@@ -88,23 +103,82 @@ def send_files(
         )
     if not assoc.is_established:
         raise _association_failure(assoc, peer, destination, timeout)
+    _bound_read_ahead(assoc, timeout)
     warning = None
     try:
-        for dataset in datasets:
-            outcome = _store(assoc, dataset, peer, timeout)
+        for path, (meta, _) in zip(paths, headers):
+            outcome = _store(assoc, path, str(meta.MediaStorageSOPInstanceUID), peer, timeout)
             warning = warning or outcome.warning
     finally:
         if assoc.is_established:
             assoc.release()
-    log.info("sent %d instance(s) of series %s to %s", len(datasets), datasets[0].SeriesInstanceUID, peer)
+    log.info("sent %d instance(s) of series %s to %s", len(paths), headers[0][1], peer)
     return SendOutcome(0xB000 if warning else 0x0000, warning)
 
 
-def _store(assoc, dataset: pydicom.Dataset, peer: str, timeout: float) -> SendOutcome:
-    """One C-STORE in an established association."""
+class _SendQueue(queue.Queue):
+    """pynetdicom's queue of what its reactor thread is to send, with back-pressure.
+
+    A C-STORE from a file puts the file's PDUs here as fast as it reads them, and the
+    reactor sends them as fast as the peer takes them: unbounded, as pynetdicom makes it,
+    the queue holds most of a large file. Here a P-DATA waits while ``limit`` of them
+    are queued. It never waits for good: once the reactor has stopped (the association
+    ended) or has taken nothing for ``stall`` seconds (a peer that stopped reading), the
+    queue takes everything as pynetdicom's does, and the C-STORE ends as it would have
+    (no answer within the timeout).
+    """
+
+    def __init__(self, reactor: threading.Thread, limit: int, stall: float) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.limit = limit
+        self.stall = stall
+        self.bounded = True
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        if self.bounded and isinstance(item, P_DATA):
+            waited = 0.0
+            with self.not_full:  # notified by every get()
+                while self.bounded and self._qsize() >= self.limit:
+                    if waited >= self.stall or not self.reactor.is_alive():
+                        self.bounded = False
+                    elif self.not_full.wait(0.1):
+                        waited = 0.0
+                    else:
+                        waited += 0.1
+        super().put(item, block, timeout)
+
+
+def _bound_read_ahead(assoc, stall: float) -> None:
+    """Put a ``_SendQueue`` in place of the new association's (empty) send queue."""
+    dul = assoc.dul
+    if not dul.to_provider_queue.empty():  # never the case after A-ASSOCIATE-AC: keep pynetdicom's
+        return
+    pdu = int(assoc.acceptor.maximum_length or 0)  # 0: the peer takes PDUs of any size, a file is one
+    dul.to_provider_queue = _SendQueue(dul, max(2, _READ_AHEAD_BYTES // pdu) if pdu else 2, stall)
+
+
+def _header(path: Path, peer: str) -> tuple[pydicom.dataset.FileMetaDataset, str]:
+    """A file's meta information (SOP class and instance, transfer syntax) and its series
+    UID, without reading the rest of it (``OSError`` as it comes: a local failure)."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except InvalidDicomError as exc:
+        raise SendError(f"{path} is not a DICOM Part 10 file: {exc}", peer=peer, permanent=True) from exc
+    meta = header.file_meta
+    missing = [key for key in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+               if key not in meta]
+    if missing:
+        raise SendError(f"{path} lacks {', '.join(missing)} in its file meta information", peer=peer,
+                        permanent=True)
+    return meta, str(header.get("SeriesInstanceUID", "?"))
+
+
+def _store(assoc, path: Path, sop_instance_uid: str, peer: str, timeout: float) -> SendOutcome:
+    """One C-STORE in an established association, the dataset read from ``path`` in chunks."""
     started = time.monotonic()
     try:
-        status = assoc.send_c_store(dataset)
+        status = assoc.send_c_store(path)
     except (RuntimeError, ValueError, OSError) as exc:
         raise SendError(f"C-STORE to {peer} failed: {type(exc).__name__}: {exc}", peer=peer) from exc
     if not status or "Status" not in status:
@@ -119,7 +193,7 @@ def _store(assoc, dataset: pydicom.Dataset, peer: str, timeout: float) -> SendOu
         return SendOutcome(code)
     if category == "Warning":
         warning = f"0x{code:04X} ({status_meaning(code)})"
-        log.warning("sent %s to %s with warning %s", dataset.SOPInstanceUID, peer, warning)
+        log.warning("sent %s to %s with warning %s", sop_instance_uid, peer, warning)
         return SendOutcome(code, warning)
     raise SendError(
         f"{peer} answered C-STORE with status 0x{code:04X} ({status_meaning(code)})",

@@ -33,10 +33,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import Counter
 
@@ -89,7 +89,7 @@ class Candidate:
         return self.due_at is not None and self.due_at <= now
 
     @classmethod
-    def of(cls, seen: EndedSeries, settings: RetentionSettings) -> "Candidate":
+    def of(cls, seen: EndedSeries, settings: RetentionSettings) -> Candidate:
         replaced = {job.reprocess_of for job in seen.jobs if job.reprocess_of is not None}
         deciding = [job for job in seen.jobs if job.state is not JobState.SUPERSEDED and job.id not in replaced]
         ended_at = max(job.updated_at for job in seen.jobs)

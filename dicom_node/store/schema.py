@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
 CREATE INDEX IF NOT EXISTS instances_by_seq ON instances(seq);
+CREATE INDEX IF NOT EXISTS instances_by_series_seq ON instances(series_instance_uid, seq);  -- a series' newest
 CREATE TABLE IF NOT EXISTS jobs (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     series_instance_uid TEXT NOT NULL REFERENCES series(series_instance_uid),
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     allow_partial       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE INDEX IF NOT EXISTS jobs_by_upto ON jobs(upto_seq);  -- the next receive sequence number
 CREATE TABLE IF NOT EXISTS sends (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id              INTEGER NOT NULL,

@@ -263,7 +263,9 @@ class StateStore:
         """Record a received instance; (re)opens its series for receiving.
 
         A new instance gets the next receive sequence number; an instance received again
-        keeps its number, so a sender repeating itself does not grow the series.
+        keeps its number, so a sender repeating itself does not grow the series. Numbers
+        never go back, not even after retention deleted the newest rows: the next is above
+        every instance's and every job's (whose snapshot ends there).
         ``placement`` is what series completion needs to know of it (JSON, see
         ``pipeline.input.wholeness``).
         """
@@ -287,7 +289,8 @@ class StateStore:
             db.execute(
                 """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at,
                                           seq, placement)
-                   VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM instances), ?)
+                   VALUES (?, ?, ?, ?, ?, (SELECT MAX((SELECT COALESCE(MAX(seq), 0) FROM instances),
+                                                  (SELECT COALESCE(MAX(upto_seq), 0) FROM jobs)) + 1), ?)
                    ON CONFLICT(sop_instance_uid) DO UPDATE
                    SET path = excluded.path, received_at = excluded.received_at, placement = excluded.placement""",
                 (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now, placement),
@@ -517,22 +520,20 @@ class StateStore:
         purged yet; each with its jobs and its newest instance as seen now."""
         with self.db.lock:
             rows = self.db.connection.execute(
-                f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
+                f"""SELECT {_JOB_COLUMNS}, (SELECT COALESCE(MAX(i.seq), 0) FROM instances i
+                                            WHERE i.series_instance_uid = s.series_instance_uid) AS newest_seq
+                    FROM jobs j JOIN series s USING (series_instance_uid)
                     WHERE s.receiving = 0 AND j.purged = 0
                       AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.series_instance_uid = s.series_instance_uid
                                       AND o.state IN ({",".join("?" * len(_UNSENT_STATES))}))
                     ORDER BY j.series_instance_uid, j.id""",
                 _UNSENT_STATES,
             ).fetchall()
-            newest = dict(self.db.connection.execute(
-                """SELECT series_instance_uid, MAX(seq) FROM instances WHERE series_instance_uid IN
-                   (SELECT series_instance_uid FROM series WHERE receiving = 0) GROUP BY series_instance_uid"""
-            ).fetchall())
-        grouped: dict[str, list[Job]] = {}
+        grouped: dict[str, tuple[int, list[Job]]] = {}
         for row in rows:
             job = _job(row)
-            grouped.setdefault(job.series.series_instance_uid, []).append(job)
-        return [EndedSeries(jobs[0].series, tuple(jobs), int(newest.get(uid) or 0)) for uid, jobs in grouped.items()]
+            grouped.setdefault(job.series.series_instance_uid, (int(row["newest_seq"]), []))[1].append(job)
+        return [EndedSeries(jobs[0].series, tuple(jobs), newest) for newest, jobs in grouped.values()]
 
     def purge_series(self, seen: EndedSeries, delete: Callable[[list[StoredInstance]], None]) -> bool:
         """Delete a series retention decided on, if it is still as ``seen``: in one
@@ -558,6 +559,7 @@ class StateStore:
             ).fetchall()
             delete([StoredInstance(row[0], Path(row[1]), row[2]) for row in rows])
             db.execute("DELETE FROM instances WHERE series_instance_uid = ? AND seq <= ?", (uid, seen.upto_seq))
+            db.execute("DELETE FROM refusals WHERE series_instance_uid = ?", (uid,))  # the series ended; its jobs say why
             db.executemany("UPDATE jobs SET purged = 1 WHERE id = ?", [(job.id,) for job in seen.jobs])
         return True
 

@@ -29,6 +29,7 @@ the loop that runs the next job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sqlite3
 import threading
@@ -247,7 +248,8 @@ class Processor:
                 runs.append(ModelRun(model.preset, model.reason))
                 continue
             try:
-                result = self._retry_after_timeout(job, model.preset, lambda: process_series(
+                result = self._retry_after_timeout(job, model.preset, functools.partial(
+                    process_series,
                     paths, self.config.pipeline_for(model.preset), self.segmenters[model.preset], requests,
                     supersedes=self._superseded_seg(job, model.preset, requests, first=model is plan.running[0]),
                     series_headers=headers, partial=partial, **self.config.preset_marks(model.preset),

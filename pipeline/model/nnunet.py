@@ -63,7 +63,7 @@ class NnUNet:
             raise WeightsMissingError(
                 f"the nnU-Net model {self.settings.nnunet_model} is incomplete: expected {missing[0]}."
                 " Import the trained model folder now: `dicom-node weights import FOLDER --config CONFIG`"
-                f" installs it into {self.settings.weights_dir} (the config key pipeline.model.weights_dir)."
+                f" installs it into {self.settings.weights_dir} (the config key models[].weights_dir of the preset)."
                 " Series received meanwhile are kept; their failed jobs (`dicom-node status --state failed`)"
                 " can be retried once the model is in."
             )

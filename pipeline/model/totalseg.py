@@ -86,7 +86,7 @@ class TotalSegmentator:
                 f" Import them now: `dicom-node weights import ARCHIVE_OR_FOLDER --config CONFIG` with"
                 f" the release archive or folder '{folder.parent.name}' (with its '{folder.name}'"
                 f" subfolder); it installs them into {self.settings.weights_dir} (the config key"
-                " pipeline.model.weights_dir). On a machine with internet, TotalSegmentator's"
+                " models[].weights_dir of the preset). On a machine with internet, TotalSegmentator's"
                 " `totalseg_download_weights` fetches them. Series received meanwhile are kept; their"
                 " failed jobs (`dicom-node status --state failed`) can be retried once the weights are in."
             )
