@@ -226,18 +226,22 @@ def _pynetdicom(port: int, files: list[Path], calling: str) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for sop_class, syntax in sorted(_contexts(files)):
         ae.add_requested_context(sop_class, syntax)
+    began = time.monotonic()
     assoc = ae.associate(LOCALHOST, port, ae_title=NODE_AE)
     if not assoc.is_established:
-        raise SendFailed("association not established (rejected, aborted or nobody listening)")
+        raise SendFailed(f"association not established after {time.monotonic() - began:.0f} s (rejected,"
+                         " aborted or nobody listening)")
     try:
         for path in files:
+            began = time.monotonic()
             try:
                 status = assoc.send_c_store(path)
             except Exception as exc:  # the peer went away mid-association
                 raise SendFailed(f"C-STORE raised {type(exc).__name__}: {exc}") from exc
             code = status.get("Status") if status else None
             if code is None or not (code == 0 or 0xB000 <= code <= 0xBFFF):
-                raise SendFailed("no answer (association lost)" if code is None else f"answered 0x{code:04X}")
+                raise SendFailed(f"no answer after {time.monotonic() - began:.0f} s (association lost)"
+                                 if code is None else f"answered 0x{code:04X}")
         assoc.release()
     finally:
         if assoc.is_alive():
@@ -844,6 +848,10 @@ def format_report(report: SoakReport) -> Iterator[str]:
     yield "  senders: " + ", ".join(f"{sender} {mode} {n}" for (sender, mode), n in sorted(senders.items()))
     resent = [s for s in sent if s.attempts > 1]
     yield f"  series sent more than once (a failure, then the whole series again): {len(resent)}"
+    failures = Counter((s.plan.sender.value, re.sub(r"\b\d+\b", "N", failure.split(" ", 1)[1]))
+                       for s in sent for failure in s.failures)
+    for (sender, failure), count in sorted(failures.items()):
+        yield f"    {count:4d} x {sender}: {failure}"
     for event in report.faults:
         yield (f"  fault at {event.started_at - report.started_at:.0f} s: {event.fault.kind.value}"
                f" ({event.detail})")
