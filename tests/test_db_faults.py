@@ -8,32 +8,19 @@ from __future__ import annotations
 import sqlite3
 import threading
 
-import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.config import parse_config
 from dicom_node.service import Node
 from dicom_node.store.state import JobState
-from pipeline.model.types import LabelMap
 from tests.derived import copy_series
 from tests.support.asserts import assert_exactly_one_seg
 from tests.support.dcmtk import storescu
 from tests.support.disk import fill_to, small_disk
-from tests.support.paths import free_port
+from tests.support.inprocess import inprocess_node
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.peers
-
-
-class FakeSegmenter:
-    def describe(self) -> str:
-        return "fake"
-
-    def segment(self, volume):
-        array = np.zeros(volume.array.shape, np.uint16)
-        array[5:10, 100:120, 100:120] = 90
-        return LabelMap(array, {90: "brain"}, volume)
 
 
 class FaultyConnection:
@@ -67,15 +54,7 @@ class FaultyConnection:
 
 
 def _node(tmp_path, storescp, **storage) -> Node:
-    config = parse_config({
-        "node": {"port": free_port()},
-        "security": {"allowed_callers": [{"ae_title": "MODALITY"}]},
-        "destination": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port},
-        "storage": {"min_free_bytes": 1_000_000, **storage},
-        "completion": {"stable_seconds": 2},
-        "send": {"retry_delay_seconds": 1},
-    }, tmp_path)
-    node = Node(config, segmenter=FakeSegmenter())
+    node = inprocess_node(tmp_path, storescp, storage=storage, send={"retry_delay_seconds": 1}, http={"port": 0})
     node.start()
     return node
 

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from dicom_node.config import WorkerSettings, parse_config
-from dicom_node.service import Node
+from dicom_node.config import WorkerSettings
 from dicom_node.store.state import JobState
 from pipeline.errors import ModelTimeoutError
 from pipeline.input.nifti import volume_to_nifti
@@ -37,6 +36,7 @@ from pipeline.settings import ModelSettings
 from tests.derived import copy_series
 from tests.support.asserts import assert_exactly_one_seg, series_uid_of
 from tests.support.dcmtk import storescu
+from tests.support.inprocess import inprocess_node
 from tests.support.node import CeleryWorker, node_fixture, node_settled
 from tests.support.paths import free_port
 from tests.support.redis import RedisServer
@@ -133,15 +133,8 @@ class ExitingSegmenter:
 @pytest.mark.peers
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's SystemExit
 def test_healthz_names_each_thread_and_a_dead_one(tmp_path, storescp, t1_dir):
-    config = parse_config({
-        "node": {"port": free_port()},
-        "security": {"allowed_callers": [{"ae_title": "MODALITY"}]},
-        "destination": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port},
-        "storage": {"min_free_bytes": 1_000_000},
-        "completion": {"stable_seconds": 1},
-        "http": {"port": free_port()},
-    }, tmp_path)
-    node = Node(config, segmenter=ExitingSegmenter())
+    node = inprocess_node(tmp_path, storescp, segmenter=ExitingSegmenter(), completion={"stable_seconds": 1})
+    config = node.config
     node.start()
     url = f"http://127.0.0.1:{config.http.port}/healthz"
     try:

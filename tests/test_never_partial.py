@@ -9,8 +9,8 @@ import struct
 from pathlib import Path
 
 import pydicom
-import yaml
 import pytest
+import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
@@ -115,11 +115,14 @@ def _state_with(tmp_path: Path, placements: list[str | None], refused: int = 0) 
     return state, ref
 
 
+def _completion_settings(tmp_path: Path):
+    return parse_config({"destination": {"ae_title": "P", "host": "127.0.0.1", "port": 104},
+                         "completion": {"stable_seconds": 5, "incomplete_grace_seconds": 60}}, tmp_path).completion
+
+
 def test_a_series_with_refused_instances_waits_for_the_sender_then_fails_with_the_count(tmp_path):
     state, ref = _state_with(tmp_path, [None] * 107, refused=63)
-    settings = parse_config({"destination": {"ae_title": "P", "host": "127.0.0.1", "port": 104},
-                             "completion": {"stable_seconds": 5, "incomplete_grace_seconds": 60}},
-                            tmp_path).completion
+    settings = _completion_settings(tmp_path)
     created: list[int] = []
     failed: list[int] = []
     completion = Completion(settings, state, created.append, on_incomplete=failed.append)
@@ -136,9 +139,7 @@ def test_a_series_with_refused_instances_waits_for_the_sender_then_fails_with_th
 
 def test_a_resend_within_the_grace_makes_the_series_whole_again(tmp_path):
     state, ref = _state_with(tmp_path, [None] * 2, refused=1)
-    settings = parse_config({"destination": {"ae_title": "P", "host": "127.0.0.1", "port": 104},
-                             "completion": {"stable_seconds": 5, "incomplete_grace_seconds": 60}},
-                            tmp_path).completion
+    settings = _completion_settings(tmp_path)
     created: list[int] = []
     completion = Completion(settings, state, created.append)
     assert completion.check(now=110) == []

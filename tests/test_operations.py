@@ -5,43 +5,22 @@ import json
 import logging
 import time
 
-import numpy as np
 import pytest
 import requests
 
-from dicom_node.config import RetentionSettings, parse_config
+from dicom_node.config import RetentionSettings
 from dicom_node.logs import setup_logging
-from dicom_node.service import Node
 from dicom_node.store.retention import Retention
 from dicom_node.store.state import JobState, JobUpdate
-from pipeline.model.types import LabelMap
 from tests.support.asserts import assert_exactly_one_seg
 from tests.support.dcmtk import storescu
-from tests.support.paths import free_port
+from tests.support.inprocess import inprocess_node
 from tests.support.wait import wait_until
-
-
-class FakeSegmenter:
-    def describe(self) -> str:
-        return "fake"
-
-    def segment(self, volume):
-        array = np.zeros(volume.array.shape, np.uint16)
-        array[5:10, 100:120, 100:120] = 90
-        return LabelMap(array, {90: "brain"}, volume)
 
 
 @pytest.fixture
 def node(tmp_path, storescp):
-    config = parse_config({
-        "node": {"port": free_port()},
-        "security": {"allowed_callers": [{"ae_title": "MODALITY"}]},
-        "destination": {"ae_title": storescp.ae_title, "host": "127.0.0.1", "port": storescp.port},
-        "storage": {"min_free_bytes": 1_000_000},
-        "completion": {"stable_seconds": 2},
-        "http": {"port": free_port()},
-    }, tmp_path)
-    node = Node(config, segmenter=FakeSegmenter())
+    node = inprocess_node(tmp_path, storescp)
     node.start()
     yield node
     if not node._stop.is_set():

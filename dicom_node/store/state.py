@@ -271,21 +271,7 @@ class StateStore:
         """
         now = time.time() if now is None else now
         with self.db.transaction() as db:
-            db.execute(
-                """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
-                                       folder, first_received_at, last_received_at, receiving)
-                   VALUES (?, ?, ?, ?, ?, ?, 1)
-                   ON CONFLICT(series_instance_uid) DO UPDATE
-                   SET last_received_at = excluded.last_received_at, receiving = 1""",
-                (
-                    series.series_instance_uid,
-                    series.study_instance_uid,
-                    series.calling_ae_title,
-                    str(series.folder),
-                    now,
-                    now,
-                ),
-            )
+            _open_series(db, series, now)
             db.execute(
                 """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at,
                                           seq, placement)
@@ -331,15 +317,7 @@ class StateStore:
         received instance, so that its timer ends it even when nothing was stored."""
         now = time.time() if now is None else now
         with self.db.transaction() as db:
-            db.execute(
-                """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
-                                       folder, first_received_at, last_received_at, receiving)
-                   VALUES (?, ?, ?, ?, ?, ?, 1)
-                   ON CONFLICT(series_instance_uid) DO UPDATE
-                   SET last_received_at = excluded.last_received_at, receiving = 1""",
-                (series.series_instance_uid, series.study_instance_uid, series.calling_ae_title,
-                 str(series.folder), now, now),
-            )
+            _open_series(db, series, now)
             db.execute(
                 "INSERT INTO refusals (series_instance_uid, sop_instance_uid, status, reason, at) VALUES (?, ?, ?, ?, ?)",
                 (series.series_instance_uid, sop_instance_uid, status, reason, now),
@@ -891,6 +869,19 @@ class StateStore:
 
 _OUTBOX_COLUMNS = """o.id, o.job_id, o.destination, o.object, o.path, o.state, o.attempts, o.next_attempt_at,
     o.last_error, o.warning, o.sent_at"""
+
+
+def _open_series(db: sqlite3.Connection, series: SeriesRef, now: float) -> None:
+    """The series' row, (re)opened for receiving, with ``now`` as its latest activity."""
+    db.execute(
+        """INSERT INTO series (series_instance_uid, study_instance_uid, calling_ae_title,
+                               folder, first_received_at, last_received_at, receiving)
+           VALUES (?, ?, ?, ?, ?, ?, 1)
+           ON CONFLICT(series_instance_uid) DO UPDATE
+           SET last_received_at = excluded.last_received_at, receiving = 1""",
+        (series.series_instance_uid, series.study_instance_uid, series.calling_ae_title, str(series.folder),
+         now, now),
+    )
 
 
 def _outbox_item(row: sqlite3.Row) -> OutboxItem:

@@ -40,19 +40,8 @@ from pydicom.uid import UID
 from pipeline.input.series import Series, Slice
 from pipeline.input.volume import Volume, read_volume
 from pipeline.model.types import LabelMap
-from pipeline.outputs.common import (
-    Algorithm,
-    OutputEncodingError,
-    checked_length,
-    output_description,
-    output_file_meta,
-    output_identity,
-    output_series_number,
-    output_uid,
-    patient_and_study,
-    present_labels,
-    structure_infos,
-)
+from pipeline.outputs import common
+from pipeline.outputs.common import Algorithm, OutputEncodingError
 
 __all__ = [
     "SECONDARY_CAPTURE_IMAGE_STORAGE",
@@ -232,7 +221,7 @@ def iter_overlay(
     as it is made (none when no label is present): a caller that saves each and lets it
     go holds a few planes, never the whole overlay, the largest object of a series (three
     bytes a pixel, one image per source plane)."""
-    present = present_labels(label_map)
+    present = common.present_labels(label_map)
     if not present:
         return
     series = label_map.volume.series
@@ -241,7 +230,7 @@ def iter_overlay(
     _check_source(label_map, source)
     pixels = sitk.GetArrayViewFromImage(source.image)  # read only here: no copy
     window = _window(pixels)
-    infos = structure_infos(label_map, present)
+    infos = common.structure_infos(label_map, present)
     colours = np.zeros((int(label_map.array.max()) + 1, 3), np.uint8)
     for label, info in infos.items():
         colours[label] = info.rgb
@@ -252,8 +241,8 @@ def iter_overlay(
     band = _disclaimer(width, scale)
     legends: dict[tuple[int, ...], np.ndarray] = {}
 
-    identity = output_identity(label_map, algorithm, "OVERLAY", style=_STYLE)
-    common = list(_common_attributes(label_map, algorithm, identity, height, width))
+    identity = common.output_identity(label_map, algorithm, "OVERLAY", style=_STYLE)
+    shared = list(_common_attributes(label_map, algorithm, identity, height, width))
     orientation = np.asarray((*series.row_direction, *series.column_direction), float)
     # a few planes at a time, each step on all of them at once: the source planes in
     # grey, the structures over them, the legend of each plane's structures to the
@@ -271,7 +260,7 @@ def iter_overlay(
             canvas[offset, :, columns:] = legends[here]
         np.maximum(canvas[:, rows:], band[: height - rows], out=canvas[:, rows:])
         for offset in range(len(labels)):
-            image = _image(common, series, start + offset, identity, canvas[offset])
+            image = _image(shared, series, start + offset, identity, canvas[offset])
             _check_image(image, start + offset + 1, series.slices[start + offset], orientation)
             yield image
 
@@ -280,23 +269,23 @@ def _common_attributes(label_map: LabelMap, algorithm: Algorithm, identity: str,
     series = label_map.volume.series
     header = series.header
     now = datetime.datetime.now()
-    ds = patient_and_study(header)
+    ds = common.patient_and_study(header)
     ds.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
     ds.Modality = "OT"
     # Type 2C (a paired body part): the source's, else empty; dciodvfy wants it present
     ds.Laterality = header.get("Laterality")
-    ds.SeriesInstanceUID = output_uid(identity, "OVERLAY", "series")
-    ds.SeriesNumber = output_series_number(series, "OVERLAY", algorithm)
-    ds.SeriesDescription = output_description(algorithm, "OVERLAY")
+    ds.SeriesInstanceUID = common.output_uid(identity, "OVERLAY", "series")
+    ds.SeriesNumber = common.output_series_number(series, "OVERLAY", algorithm)
+    ds.SeriesDescription = common.output_description(algorithm, "OVERLAY")
     ds.Manufacturer = "dicom-node"
     ds.ConversionType = "WSD"
     ds.SecondaryCaptureDeviceManufacturer = "dicom-node"
-    ds.SecondaryCaptureDeviceManufacturerModelName = checked_length(algorithm.name, 64, "the algorithm name")
-    ds.SecondaryCaptureDeviceSoftwareVersions = checked_length(algorithm.software_version, 64, "the software version")
+    ds.SecondaryCaptureDeviceManufacturerModelName = common.checked_length(algorithm.name, 64, "the algorithm name")
+    ds.SecondaryCaptureDeviceSoftwareVersions = common.checked_length(algorithm.software_version, 64, "the software version")
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
-    ds.DerivationDescription = checked_length(
+    ds.DerivationDescription = common.checked_length(
         f"Source image with an automatic segmentation drawn over it: {algorithm.name} {algorithm.task},"
         f" {algorithm.sequence_class}, {algorithm.preprocessing}", 1024, "the derivation description")
     ds.ImageComments = f"{DISCLAIMER}. Classification: {algorithm.classification}"
@@ -327,15 +316,15 @@ def _copied(element: DataElement) -> DataElement:
     return copy.copy(element)
 
 
-def _image(common: list[DataElement], series: Series, index: int, identity: str, canvas: np.ndarray) -> Dataset:
+def _image(shared: list[DataElement], series: Series, index: int, identity: str, canvas: np.ndarray) -> Dataset:
     plane = series.slices[index]
-    sop_instance_uid = output_uid(identity, "OVERLAY", f"instance {index + 1}")
+    sop_instance_uid = common.output_uid(identity, "OVERLAY", f"instance {index + 1}")
     reference = [DataElement(_REFERENCED_SOP_CLASS_UID, "UI", series.header.SOPClassUID),
                  DataElement(_REFERENCED_SOP_INSTANCE_UID, "UI", plane.sop_instance_uid)]
     if plane.frame_number is not None:
         reference.append(DataElement(_REFERENCED_FRAME_NUMBER, "IS", plane.frame_number))
     elements = [
-        *(_copied(element) for element in common),
+        *(_copied(element) for element in shared),
         DataElement(_SOP_INSTANCE_UID, "UI", sop_instance_uid),
         DataElement(_INSTANCE_NUMBER, "IS", index + 1),
         DataElement(_IMAGE_POSITION, "DS", [round(float(v), 6) for v in plane.position]),
@@ -343,7 +332,7 @@ def _image(common: list[DataElement], series: Series, index: int, identity: str,
         DataElement(_PIXEL_DATA, "OB or OW", canvas.tobytes()),  # OB when written (BitsAllocated 8)
     ]
     ds = Dataset({element.tag: element for element in elements})
-    ds.file_meta = output_file_meta(SECONDARY_CAPTURE_IMAGE_STORAGE, sop_instance_uid)
+    ds.file_meta = common.output_file_meta(SECONDARY_CAPTURE_IMAGE_STORAGE, sop_instance_uid)
     return ds
 
 

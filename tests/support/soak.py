@@ -298,23 +298,26 @@ class SentSeries:
     failures: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Pace:
+    """How the senders pace themselves: ``spread_seconds`` over the day (0: back to back),
+    a failed attempt again after ``retry_seconds``, up to ``max_attempts``."""
+
+    spread_seconds: float = 0
+    retry_seconds: float = 2.0
+    max_attempts: int = 60
+    keep_files: bool = False
+
+
 class Traffic:
     """The three senders as threads, each sending its series in order; a series goes no
     earlier than its slot (``spread_seconds`` over the day; 0: back to back). A failed
     attempt is retried after ``retry_seconds``, up to ``max_attempts``."""
 
     def __init__(self, plans: list[SeriesPlan], port: Callable[[], int], data_dir: Path, folder: Path, *,
-                 seed: str, spread_seconds: float = 0, retry_seconds: float = 2.0, max_attempts: int = 60,
-                 keep_files: bool = False) -> None:
-        self.plans = plans
-        self.port = port
-        self.data_dir = data_dir
-        self.folder = folder
-        self.seed = seed
-        self.spread_seconds = spread_seconds
-        self.retry_seconds = retry_seconds
-        self.max_attempts = max_attempts
-        self.keep_files = keep_files
+                 seed: str, pace: Pace = Pace()) -> None:
+        self.plans, self.port, self.data_dir, self.folder, self.seed = plans, port, data_dir, folder, seed
+        self.pace = pace
         self.sent: dict[int, SentSeries] = {}
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -332,7 +335,7 @@ class Traffic:
     def done(self) -> int:
         """Series whose sending has ended (delivered or given up)."""
         with self._lock:
-            return sum(1 for sent in self.sent.values() if sent.delivered or sent.attempts >= self.max_attempts)
+            return sum(1 for sent in self.sent.values() if sent.delivered or sent.attempts >= self.pace.max_attempts)
 
     def progress(self) -> float:
         return self.done() / len(self.plans) if self.plans else 1.0
@@ -349,7 +352,7 @@ class Traffic:
     def _run(self, sender: Sender) -> None:
         try:
             for plan in (p for p in self.plans if p.sender is sender):
-                slot = self.started_at + self.spread_seconds * plan.index / max(len(self.plans), 1)
+                slot = self.started_at + self.pace.spread_seconds * plan.index / max(len(self.plans), 1)
                 if self._stop.wait(max(0.0, slot - time.time())):
                     return
                 self._send_one(plan)
@@ -366,20 +369,20 @@ class Traffic:
         sent = SentSeries(plan, str(headers[0].SeriesInstanceUID), frozenset(str(h.SOPInstanceUID) for h in headers))
         with self._lock:
             self.sent[plan.index] = sent
-        while sent.attempts < self.max_attempts and not self._stop.is_set():
+        while sent.attempts < self.pace.max_attempts and not self._stop.is_set():
             with self._lock:
                 sent.attempts += 1
             try:
                 send_series(self.port(), files, plan.sender, plan.mode)
             except Exception as exc:  # refused, node down, association lost: send it all again
                 sent.failures.append(f"{time.time():.1f} {type(exc).__name__}: {exc}")
-                self._stop.wait(self.retry_seconds)
+                self._stop.wait(self.pace.retry_seconds)
                 continue
             with self._lock:
                 sent.last_sent_at = time.time()
                 sent.delivered = True
             break
-        if not self.keep_files:
+        if not self.pace.keep_files:
             for path in files:
                 path.unlink(missing_ok=True)
             folder.rmdir()
@@ -417,7 +420,6 @@ class FaultRunner:
         self.destination = destination
         self.events: list[FaultEvent] = []
         self.errors: list[str] = []
-        self.node_lock = threading.Lock()  # held while the node is down and being started again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
 
@@ -445,9 +447,8 @@ class FaultRunner:
                     self.destination.start()
                     detail = f"storescp down {time.time() - started:.1f} s, back on port {self.destination.port}"
                 else:
-                    with self.node_lock:
-                        code = self.node.stop(signal.SIGKILL)
-                        self.node.start()
+                    code = self.node.stop(signal.SIGKILL)
+                    self.node.start()
                     detail = f"node exit {code}, listening again after {time.time() - started:.1f} s"
                 self.events.append(FaultEvent(fault, started, time.time(), detail))
         except Exception:  # reported with the run, not swallowed
@@ -466,15 +467,14 @@ class Sample:
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes in the files under ``folder``, as far as they are still there."""
-    total = 0
-    for root, _, names in os.walk(folder):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
+    """Bytes in the files under ``folder``, as far as they are still there (retention
+    deletes while this counts)."""
+    sizes = []
+    for path in folder.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file():
+                sizes.append(path.stat().st_size)
+    return sum(sizes)
 
 
 def _rss(pid: int) -> int:
@@ -786,8 +786,8 @@ def _soak(run: _Run, workdir: Path, spool: Path, data_dir: Path, weights: Path, 
     run.sampler = Sampler(node).start()
     plans = plan_traffic(settings.series, seed=settings.seed, large_t1_every=settings.large_t1_every)
     run.traffic = traffic = Traffic(plans, lambda: node.port, data_dir, workdir / "sources",
-                                    seed=f"soak{settings.seed}", spread_seconds=settings.spread_minutes * 60,
-                                    retry_seconds=settings.sender_retry_seconds)
+                                    seed=f"soak{settings.seed}", pace=Pace(settings.spread_minutes * 60,
+                                                                           settings.sender_retry_seconds))
     run.faults = faults = FaultRunner(list(settings.faults), traffic, node, run.destination)
     traffic.start()
     faults.start()
@@ -848,7 +848,7 @@ def format_report(report: SoakReport) -> Iterator[str]:
     yield "  senders: " + ", ".join(f"{sender} {mode} {n}" for (sender, mode), n in sorted(senders.items()))
     resent = [s for s in sent if s.attempts > 1]
     yield f"  series sent more than once (a failure, then the whole series again): {len(resent)}"
-    failures = Counter((s.plan.sender.value, re.sub(r"\b\d+\b", "N", failure.split(" ", 1)[1]))
+    failures = Counter((s.plan.sender.value, re.sub(r"(?<!after )\b\d+\b", "N", failure.split(" ", 1)[1]))
                        for s in sent for failure in s.failures)
     for (sender, failure), count in sorted(failures.items()):
         yield f"    {count:4d} x {sender}: {failure}"
