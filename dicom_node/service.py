@@ -197,7 +197,7 @@ class Node:
                 config.http.port,
                 {
                     "scp": self._scp_problem,
-                    "worker": lambda: None if self.queue.alive else "the worker thread is not running",
+                    "worker": lambda: None if self.queue.alive else "a processing or send thread is not running",
                     "state_store": self._state_store_check,
                     "disk": disk_check(self.spool.root, config.storage.min_free_bytes),
                     # every thread, by name, and a model run past its deadline
@@ -246,7 +246,7 @@ class Node:
         return None
 
     def start(self) -> None:
-        """Resume, run the worker, open HTTP, run completion and, last, open the SCP. On
+        """Resume, run the processing and send threads, open HTTP, run completion and, last, open the SCP. On
         any failure the parts already started are stopped again and the error
         propagates (a ``StartupError`` for a port taken since ``check_startup``)."""
         try:

@@ -1,4 +1,4 @@
-"""The worker: processes jobs and sends their results, recording every step.
+"""The processor: processes jobs and sends their results, recording every step.
 
 ``Processor.process(job)`` runs the pipeline over the instances a claimed job covers,
 saves the result objects the destinations ask for into the spool and puts one outbox
@@ -104,7 +104,7 @@ class Processor:
         if not isinstance(segmenters, Mapping):
             segmenters = {preset.name: segmenters for preset in config.models}
         self.segmenters = dict(segmenters)
-        self.stopping = threading.Event()  # set when the node stops: waits for the state store give up
+        self.stopping = threading.Event()  # set when the node stops: waiting for the state store ends
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now (each due send attempted
@@ -122,7 +122,7 @@ class Processor:
         except RunnerStopped:
             log.info("job %d: handed back (the node is stopping); it runs again at the next start", job.id)
             return JobState.PROCESSING
-        except Exception as exc:  # the job boundary: one job fails, the worker goes on
+        except Exception as exc:  # the job boundary: one job fails, the processor goes on
             return self._unexpected(job, exc)
 
     def send(self, item: OutboxItem) -> JobState:

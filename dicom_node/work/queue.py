@@ -7,7 +7,7 @@ of the node's process:
 * ``processing_slots`` processing threads each claim the oldest ``received`` job (one
   transaction, so no two take the same job) and run ``Processor.process``: the pipeline
   up to a SEG saved in the spool. Where the model runs is the ``ModelService`` behind
-  the worker's segmenter: the embedded warm runner (one slot), or GPU workers over
+  the processor's segmenter: the embedded warm runner (one slot), or GPU workers over
   Celery (``workers.max_in_flight`` slots, several series at once).
 * one send thread per destination runs ``Processor.send`` for each of that destination's
   outbox rows whose attempt is due, on its own schedule: a send never waits behind a
