@@ -43,6 +43,7 @@ from dicom_node.errors import InvalidUIDError
 from dicom_node.metrics import Metrics
 from dicom_node.receive.checks import CANNOT_UNDERSTAND, instance_problem
 from dicom_node.receive.completion import Completion
+from dicom_node.store.db import cannot_write
 from dicom_node.store.spool import Spool, validate_uid
 from dicom_node.store.state import SeriesRef, StateStore
 from dicom_node.tls import server_context
@@ -223,7 +224,7 @@ class StorageSCP:
             self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
                                        placement=placement)
         except sqlite3.OperationalError as exc:
-            if _database_full(exc):
+            if cannot_write(exc):
                 log.error("C-STORE of %s refused: the state store is full: %s", sop_uid, exc)
                 self.metrics.instances_refused.labels(f"0x{_OUT_OF_RESOURCES:04X}").inc()
                 return _OUT_OF_RESOURCES
@@ -263,11 +264,6 @@ class StorageSCP:
 
     def _handle_closed(self, event: evt.Event) -> None:
         self._end(event, released=False)
-
-
-def _database_full(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "full" in text or "disk i/o error" in text
 
 
 def _handle_echo(event: evt.Event) -> int:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Database"]
+__all__ = ["Database", "is_full", "cannot_write"]
 
 
 class Database:
@@ -57,7 +57,7 @@ class Database:
 
     def _note_full(self, exc: BaseException) -> None:
         """Remember a write refused because the database or its disk is full."""
-        if isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        if is_full(exc):
             self.full_at, self.full_error = time.time(), str(exc)
 
     def _rollback(self) -> None:
@@ -81,3 +81,16 @@ class Database:
     def close(self) -> None:
         with self.lock:
             self.connection.close()
+
+
+def is_full(exc: BaseException) -> bool:
+    """The database or its disk is full (SQLITE_FULL)."""
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """The database cannot take a write for want of room: full, or an I/O error (a full
+    disk under the WAL file shows as one): out of resources, not a fault of the data."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return is_full(exc) or (isinstance(exc, sqlite3.OperationalError) and code is not None
+                            and code & 0xFF == sqlite3.SQLITE_IOERR)
