@@ -7,7 +7,10 @@ taken relative to the config file's folder.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,16 +37,21 @@ __all__ = [
     "LoggingSettings",
     "RetentionSettings",
     "WorkerSettings",
+    "AuditSettings",
+    "SyslogSettings",
     "ModelPreset",
     "DEFAULT_MODEL",
     "Config",
     "load_config",
     "parse_config",
+    "url_has_credentials",
+    "without_credentials",
 ]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused value (a URL with a password) is never echoed by the error's text
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 def _check_ae_title(value: str) -> str:
@@ -53,12 +61,19 @@ def _check_ae_title(value: str) -> str:
 
 
 class TlsSettings(_Frozen):
-    """DICOM TLS (PS3.15 B.1): PEM certificate and key, and the CA that vouches for peers."""
+    """DICOM TLS (PS3.15 B.1): PEM certificate and key, and the CA that vouches for peers.
+
+    For a destination, the peer's certificate must be signed by ``ca_certificates`` (the
+    system's CAs when there is none) and name the destination's ``host``;
+    ``check_hostname: false`` drops the name check (insecure: any certificate that CA
+    signed then passes) and needs ``ca_certificates``, a CA of the site's own.
+    """
 
     certificate: Path | None = None
     private_key: Path | None = None
     ca_certificates: Path | None = None
     require_client_certificate: bool = False
+    check_hostname: bool = True
 
 
 class NodeSettings(_Frozen):
@@ -82,6 +97,8 @@ class NodeSettings(_Frozen):
             raise ValueError("the SCP's TLS needs certificate and private_key")
         if tls is not None and tls.require_client_certificate and tls.ca_certificates is None:
             raise ValueError("require_client_certificate needs ca_certificates")
+        if tls is not None and not tls.check_hostname:
+            raise ValueError("check_hostname is a setting of a destination's tls, not of the SCP's")
         return tls
 
 
@@ -167,6 +184,9 @@ class Destination(_Frozen):
     ``protocol: dicomweb``: STOW-RS to ``url`` (the DICOMweb base, e.g.
     ``https://pacs.example.org/dicom-web``), with optional ``auth``; TLS certificates are
     verified (against ``ca_certificates`` if given) unless ``verify_tls: false``.
+    Credentials in clear (``auth`` over ``http://``) and ``verify_tls: false`` are refused
+    unless ``allow_insecure: true`` (the node then warns once at start); a user or
+    password inside ``url`` is always refused (it would reach logs and errors).
     ``outputs``: the result objects it receives (``seg``, ``rtstruct``, ``overlay``,
     ``report``); ``segmentation_type`` and ``omit_empty_frames`` shape its SEG.
     """
@@ -181,6 +201,7 @@ class Destination(_Frozen):
     auth: HttpAuth | None = None
     verify_tls: bool = True
     ca_certificates: Path | None = None
+    allow_insecure: bool = False
     outputs: tuple[Output, ...] = ("seg",)
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     omit_empty_frames: bool = True
@@ -189,6 +210,14 @@ class Destination(_Frozen):
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value is not None and url_has_credentials(value):
+            raise ValueError("a user or password inside the URL is refused (it would reach logs and errors);"
+                             " give them in auth, with password_file or password_env")
+        return value
 
     @field_validator("outputs")
     @classmethod
@@ -213,7 +242,29 @@ class Destination(_Frozen):
             raise ValueError(f"protocol {self.protocol} needs {', '.join(missing)}")
         if foreign:
             raise ValueError(f"{', '.join(foreign)}: not a setting of protocol {self.protocol}")
+        if self.protocol == "dimse" and self.tls is not None and not self.tls.check_hostname \
+                and self.tls.ca_certificates is None:
+            raise ValueError("tls.check_hostname false needs tls.ca_certificates: without a name check any"
+                             " certificate a public CA signed for any host would pass")
+        insecure = self.insecurity
+        if insecure and not self.allow_insecure:
+            raise ValueError(f"{insecure}: refused unless allow_insecure: true")
+        if self.allow_insecure and self.protocol != "dicomweb":
+            raise ValueError("allow_insecure: not a setting of protocol dimse")
         return self
+
+    @property
+    def insecurity(self) -> str | None:
+        """What makes this DICOMweb destination insecure (None: nothing): credentials sent in
+        clear, or certificates not verified. Allowed only with ``allow_insecure``."""
+        if self.protocol != "dicomweb":
+            return None
+        problems = []
+        if self.auth is not None and str(self.url).lower().startswith("http://"):
+            problems.append("auth over http:// sends the credentials in clear (use https://)")
+        if not self.verify_tls:
+            problems.append("verify_tls false accepts any server's certificate")
+        return "; ".join(problems) or None
 
     @property
     def seg_options(self) -> SegOptions:
@@ -227,7 +278,23 @@ class Destination(_Frozen):
     @property
     def peer(self) -> str:
         """How logs and errors name it: ``AE@host:port`` or the URL."""
-        return f"{self.ae_title}@{self.host}:{self.port}" if self.protocol == "dimse" else str(self.url)
+        if self.protocol == "dimse":
+            return f"{self.ae_title}@{self.host}:{self.port}"
+        return without_credentials(str(self.url))
+
+
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether a URL carries a user or password (``scheme://user:password@host``)."""
+    return bool(_URL_USERINFO.search(url))
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***``, for
+    whatever a URL may reach: logs, errors, the page."""
+    return _URL_USERINFO.sub(r"\1***@", text)
 
 
 class StorageSettings(_Frozen):
@@ -266,22 +333,84 @@ class HttpSettings(_Frozen):
 
     ``/readyz`` answers 503 once a destination has failed its last
     ``unready_after_failed_sends`` sends (0: never for that reason). ``ui`` serves the
-    status page; its actions (retry) need the token, given in the config or in a file
-    the config names (at least 16 characters); without one the page is read-only.
+    status page. Its reads need a token too: the action token (``ui_token_file`` or
+    ``ui_token_env``; reads and retry) or the read-only token (``ui_read_token_file`` or
+    ``ui_read_token_env``), each at least 16 characters and never written in the config
+    itself; ``ui_public_read`` opens the reads explicitly. ``ui_previews: false`` turns
+    the previews off. ``allowed_hosts``: the ``Host`` names every path answers for
+    (None: the bind address, ``localhost`` and the loopback addresses).
     """
 
     bind_address: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     unready_after_failed_sends: int = Field(3, ge=0)
     ui: bool = False
-    ui_token: str | None = Field(None, min_length=16)
+    ui_token: str | None = None  # refused: a secret is not written in the config
     ui_token_file: Path | None = None
+    ui_token_env: str | None = Field(None, min_length=1)
+    ui_read_token_file: Path | None = None
+    ui_read_token_env: str | None = Field(None, min_length=1)
+    ui_public_read: bool = False
+    ui_previews: bool = True
+    allowed_hosts: tuple[str, ...] | None = None
+
+    @field_validator("ui_token")
+    @classmethod
+    def _no_inline_token(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("a secret is not written in the config: put the token in a file named by"
+                             " http.ui_token_file, or in an environment variable named by http.ui_token_env")
+        return None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        names = tuple(name.strip().lower().strip("[]") for name in value)
+        for name in names:
+            if not name or any(c in name for c in "/ @\\") or (":" in name and name.count(":") == 1):
+                raise ValueError(f"{name!r} is not a host name or address (no scheme, port or path)")
+        if not names:
+            raise ValueError("give at least one host name (leave the key out for the default)")
+        return names
 
     @model_validator(mode="after")
     def _one_token_source(self) -> "HttpSettings":
-        if self.ui_token is not None and self.ui_token_file is not None:
-            raise ValueError("give ui_token or ui_token_file, not both")
+        if self.ui_token_file is not None and self.ui_token_env is not None:
+            raise ValueError("give ui_token_file or ui_token_env, not both")
+        if self.ui_read_token_file is not None and self.ui_read_token_env is not None:
+            raise ValueError("give ui_read_token_file or ui_read_token_env, not both")
+        if self.port and self.ui and not self.ui_public_read and not self.has_ui_token:
+            raise ValueError("the status page (ui: true) is closed to readers without a token: give"
+                             " ui_token_file or ui_token_env (reads and actions), ui_read_token_file or"
+                             " ui_read_token_env (reads only), or ui_public_read: true")
         return self
+
+    @property
+    def has_ui_token(self) -> bool:
+        return any(value is not None for value in (self.ui_token_file, self.ui_token_env,
+                                                    self.ui_read_token_file, self.ui_read_token_env))
+
+
+class SyslogSettings(_Frozen):
+    """An audit collector: RFC 5424 messages over UDP (RFC 5426) to ``host``:``port``,
+    ``facility`` 10 (security/authorization, as IHE ATNA asks) by default."""
+
+    host: str
+    port: int = Field(514, ge=1, le=65535)
+    facility: int = Field(10, ge=0, le=23)
+    app_name: str = Field("dicom-node", pattern=r"^[!-~]{1,48}$")
+
+
+class AuditSettings(_Frozen):
+    """The audit trail (``dicom_node.audit``): JSON lines in ``path`` (None:
+    ``audit.jsonl`` beside ``storage.state_db``), and with ``syslog`` the same events to a
+    collector. On by default: a trail that must be turned on is missing when it is needed."""
+
+    enabled: bool = True
+    path: Path | None = None
+    syslog: SyslogSettings | None = None
 
 
 class LoggingSettings(_Frozen):
@@ -321,19 +450,57 @@ class WorkerSettings(_Frozen):
     (``broker_url``) to ``dicom-node worker`` processes, one per GPU, with up to
     ``max_in_flight`` series at once. A task whose worker was lost is delivered again
     after ``visibility_timeout_seconds`` (longer than the slowest series takes).
+
+    A broker URL with a password is never written in the config: ``broker_url_file``
+    names a file holding the whole URL, ``broker_url_env`` an environment variable; a
+    password inside ``broker_url`` itself is refused. ``broker()`` reads it.
     """
 
     backend: Literal["embedded", "celery"] = "embedded"
     max_in_flight: int = Field(1, ge=1)
     broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url_file: Path | None = None
+    broker_url_env: str | None = None
     queue: str = "dicom-node"
     visibility_timeout_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _no_password_in_broker_url(cls, value: str) -> str:
+        if url_has_credentials(value):
+            raise ValueError("a user or password inside the URL is refused (the config is no place for it); put the"
+                             " whole URL in the file broker_url_file names, or in the variable broker_url_env names")
+        return value
 
     @model_validator(mode="after")
     def _embedded_runs_one(self) -> "WorkerSettings":
         if self.backend == "embedded" and self.max_in_flight != 1:
             raise ValueError("the embedded runner processes one series at a time: max_in_flight 1, or backend celery")
+        given = [key for key in ("broker_url", "broker_url_file", "broker_url_env") if key in self.model_fields_set]
+        if len(given) > 1:
+            raise ValueError(f"give one of broker_url, broker_url_file or broker_url_env, not {' and '.join(given)}")
         return self
+
+    def broker(self) -> str:
+        """The broker URL, read from ``broker_url_file`` or ``broker_url_env`` when one is
+        given (``ConfigError`` naming the key when it cannot be read or is empty)."""
+        if self.broker_url_file is not None:
+            try:
+                value = self.broker_url_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"workers.broker_url_file {self.broker_url_file} cannot be read"
+                                  f" ({exc.strerror or exc})") from exc
+            where = f"workers.broker_url_file {self.broker_url_file}"
+        elif self.broker_url_env is not None:
+            value = os.environ.get(self.broker_url_env, "").strip()
+            where = f"workers.broker_url_env: the environment variable {self.broker_url_env}"
+        else:
+            return self.broker_url
+        if not value:
+            raise ConfigError(f"{where} is empty or missing")
+        if not re.match(r"(?i)^rediss?://", value):
+            raise ConfigError(f"{where} does not hold a redis:// or rediss:// URL")
+        return value
 
 
 def _named_once(items: tuple, what: str, kind: str) -> tuple:
@@ -361,6 +528,7 @@ class Config(_Frozen):
     logging: LoggingSettings = LoggingSettings()
     retention: RetentionSettings = RetentionSettings()
     workers: WorkerSettings = WorkerSettings()
+    audit: AuditSettings = AuditSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -499,11 +667,57 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         })
         for destination in config.destinations
     )
-    token_file = config.http.ui_token_file
-    http = config.http.model_copy(update={"ui_token_file": None if token_file is None else absolute(token_file)})
+    http = config.http.model_copy(update={
+        key: absolute(getattr(config.http, key)) for key in ("ui_token_file", "ui_read_token_file")
+        if getattr(config.http, key) is not None
+    })
+    broker_file = config.workers.broker_url_file
+    workers = config.workers.model_copy(update={"broker_url_file": None if broker_file is None else absolute(broker_file)})
+    audit_path = config.audit.path
+    audit = config.audit.model_copy(update={  # default: beside the state database
+        "path": storage.state_db.parent / "audit.jsonl" if audit_path is None else absolute(audit_path)})
     return config.model_copy(
-        update={"node": node, "destinations": destinations, "storage": storage, "models": models, "http": http}
+        update={"node": node, "destinations": destinations, "storage": storage, "models": models, "http": http,
+                "workers": workers, "audit": audit}
     )
+
+
+def _key_name(loc: tuple) -> str:
+    """A pydantic error location as the README writes keys: ``destinations[0].outputs[1]``
+    (list items by their index, counted from 0 like ``rules[N]`` in the rules' messages)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif str(part) and not str(part).startswith(("function-", "tagged-union", "union[")):
+            name += f".{part}" if name else str(part)
+    return name
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (itself, or inside Optional, a tuple or a list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        model = _model_in(argument)
+        if model is not None:
+            return model
+    return None
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """``"; did you mean stable_seconds?"`` for an unknown key close to one the section has."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None or not loc:
+        return ""
+    known = [field.alias or name for name, field in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def parse_config(data: Any, base: Path, source: str = "config") -> Config:
@@ -515,8 +729,11 @@ def parse_config(data: Any, base: Path, source: str = "config") -> Config:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            key = _key_name(error["loc"]) or "(top level)"
+            if error["type"] == "extra_forbidden":
+                message = "unknown key" + _did_you_mean(error["loc"])
+            else:
+                message = error["msg"]
             problems.append(f"{key}: {message}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
     if config.ruleset is not None:

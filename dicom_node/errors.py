@@ -61,7 +61,7 @@ class SendError(NodeError):
     * ``failure status``: a C-STORE failure status, instances a STOW-RS answer lists as
       failed or leaves unaccounted, or an HTTP error status;
     * ``not authorised``: the DICOMweb server refuses the credentials (HTTP 401/403);
-    * ``tls error``: the TLS handshake or the certificate check with a DICOMweb server failed;
+    * ``tls error``: the TLS handshake or the certificate check (its CA, its host name) failed;
     * ``local error``: on this side: a result file unreadable or gone, the auth secret
       unreadable, an unexpected error of the DICOM or HTTP library.
     """

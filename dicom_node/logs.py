@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 __all__ = ["setup_logging"]
@@ -29,11 +30,28 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def _not_our_own_association(record: logging.LogRecord) -> bool:
+    """Drop what pynetdicom logs in an association the node requested (a send, an echo):
+    its two or three ERROR lines for a refused connection or a rejection say again what the
+    node's own line says, with the destination's name and what happens next."""
+    if not record.name.startswith("pynetdicom"):
+        return True
+    thread = threading.current_thread()  # the association's thread, or its DUL's (which knows the association)
+    association = getattr(thread, "_assoc", thread)
+    return not getattr(association, "is_requestor", False)
+
+
 def setup_logging(level: str = "INFO", format: str = "text") -> None:
+    """Log lines to stderr at ``level``. pynetdicom's own logger stays at WARNING, and its
+    lines about the node's outgoing associations are left out, unless ``level`` is DEBUG
+    (then all of pynetdicom's lines are kept, for a peer's conversation in full)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if format == "json" else logging.Formatter(_TEXT))
+    debug = logging.getLevelName(str(level).upper()) == logging.DEBUG
+    if not debug:
+        handler.addFilter(_not_our_own_association)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)

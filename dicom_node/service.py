@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -21,14 +22,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable
 
+from dicom_node.audit import Audit
 from dicom_node.config import Config, ModelPreset, TlsSettings
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.metrics import Metrics
 from dicom_node.receive.completion import Completion
 from dicom_node.receive.scp import StorageSCP
+from dicom_node.send.echo import StartupEchoes
 from dicom_node.store.retention import Retention
 from dicom_node.store.spool import Spool
-from dicom_node.store.state import StateStore
+from dicom_node.store.state import JobState, StateStore
+from dicom_node.web.access import PageTokens
 from dicom_node.web.http import HttpEndpoint, destination_check, disk_check
 from dicom_node.web.status_page import StatusPage
 from dicom_node.work.processor import Processor
@@ -134,7 +138,7 @@ def check_startup(config: Config) -> None:
         _check_port("http", config.http.bind_address, config.http.port)
     tls_sections: tuple[tuple[str, TlsSettings | None], ...] = (
         ("node.tls", config.node.tls),
-        *((f"destinations.{n}.tls", d.tls) for n, d in enumerate(config.destinations)),
+        *((f"destinations[{n}].tls", d.tls) for n, d in enumerate(config.destinations)),
     )
     for section, tls in tls_sections:
         if tls is None:
@@ -145,16 +149,30 @@ def check_startup(config: Config) -> None:
                 _check_readable(f"{section}.{name}", path)
     for n, destination in enumerate(config.destinations):
         if destination.ca_certificates is not None:
-            _check_readable(f"destinations.{n}.ca_certificates", destination.ca_certificates)
+            _check_readable(f"destinations[{n}].ca_certificates", destination.ca_certificates)
         if destination.auth is not None:
             try:
                 destination.auth.secret()
             except ConfigError as exc:
                 where = destination.auth.password_file or destination.auth.token_file
-                raise StartupError(f"destinations.{n}.auth ({destination.name}): {exc}", key=f"destinations.{n}.auth",
+                raise StartupError(f"destinations[{n}].auth ({destination.name}): {exc}", key=f"destinations[{n}].auth",
                                    value=where, problem=StartupProblem.FILE_UNREADABLE) from exc
-    if config.http.port and config.http.ui and config.http.ui_token_file is not None:
-        _check_readable("http.ui_token_file", config.http.ui_token_file)
+    if config.http.port and config.http.ui:
+        for key in ("ui_token_file", "ui_read_token_file"):
+            if getattr(config.http, key) is not None:
+                _check_readable(f"http.{key}", getattr(config.http, key))
+        for key in ("ui_token_env", "ui_read_token_env"):
+            name = getattr(config.http, key)
+            if name is not None and not os.environ.get(name, "").strip():
+                raise StartupError(f"http.{key} {name}: the environment variable is not set or empty",
+                                   key=f"http.{key}", value=name, problem=StartupProblem.FILE_UNREADABLE)
+    if config.workers.backend == "celery":
+        try:
+            config.workers.broker()
+        except ConfigError as exc:
+            key = "workers.broker_url_file" if config.workers.broker_url_file else "workers.broker_url_env"
+            raise StartupError(str(exc), key=key, value=config.workers.broker_url_file or config.workers.broker_url_env,
+                               problem=StartupProblem.FILE_UNREADABLE) from exc
     spool = config.storage.spool_dir
     _check_writable_folder("storage.spool_dir", spool)
     for sub in ("incoming", "results", "tmp"):
@@ -165,6 +183,13 @@ def check_startup(config: Config) -> None:
     if db.exists() and not os.access(db, os.R_OK | os.W_OK):
         raise StartupError(f"storage.state_db {db} is not writable",
                            key="storage.state_db", value=db, problem=StartupProblem.FOLDER_UNWRITABLE)
+    audit = config.audit.path
+    if config.audit.enabled and audit is not None:
+        if audit.exists() and (audit.is_dir() or not os.access(audit, os.W_OK)):
+            raise StartupError(f"audit.path {audit} is not a writable file",
+                               key="audit.path", value=audit, problem=StartupProblem.FOLDER_UNWRITABLE)
+        if not audit.exists():
+            _check_writable_folder("audit.path", audit.parent, shown=audit)
 
 
 class Node:
@@ -174,6 +199,7 @@ class Node:
         self.spool = Spool(config.storage.spool_dir)
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
+        self.audit = Audit(config.audit, ae_title=config.node.ae_title) if config.audit.enabled else Audit.off()
         self.models: dict[str, ModelService] = {}  # by preset name
         segmenters: Segmenter | dict[str, Segmenter] | None = segmenter
         if segmenters is None:
@@ -181,15 +207,19 @@ class Node:
             segmenters = {name: make_segmenter(config.preset(name).settings, service)
                           for name, service in self.models.items()}
             self.metrics.worker_queue_depth = getattr(next(iter(self.models.values())), "queue_depth", None)
-        processor = Processor(config, self.state, self.spool, segmenters, self.metrics)
+        processor = Processor(config, self.state, self.spool, segmenters, self.metrics, self.audit)
         self.segmenters = processor.segmenters  # by preset name
         self.queue = InProcessQueue(self.state, processor, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
         self.completion = Completion(config.completion, self.state, self.queue.submit,
-                                     on_incomplete=lambda job_id: self.metrics.series_incomplete.inc())
+                                     on_incomplete=functools.partial(self._incomplete, processor))
         self.scp = StorageSCP(
-            config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics
+            config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics,
+            self.audit,
         )
+        # each destination checked at start (C-ECHO or QIDO-RS), in the background, until it answered once
+        self.echoes = StartupEchoes(config.destinations, calling_ae_title=config.node.ae_title,
+                                    timeout=config.send.timeout_seconds, answered_by_send=self._sent_to)
         self.http: HttpEndpoint | None = None
         if config.http.port:
             self.http = HttpEndpoint(
@@ -212,16 +242,29 @@ class Node:
                 readiness={
                     "database": self.state.write_problem,
                     "weights": self._weights_problem,
+                    "audit": self.audit.problem,
                     "destination": destination_check(self.state, config.destinations,
                                                      config.http.unready_after_failed_sends),
+                    **{f"echo:{d.name}": functools.partial(self.echoes.problem, d.name) for d in config.destinations},
                 },
-                pages=StatusPage(self.state, config.destinations, _ui_token(config)) if config.http.ui else None,
+                pages=StatusPage(self.state, config.destinations, _ui_tokens(config),
+                                 previews=config.http.ui_previews, audit=self.audit) if config.http.ui else None,
+                allowed_hosts=config.http.allowed_hosts,
             )
         self._started: list[object] = []  # the parts running, stopped again by stop()
         self._stop = threading.Event()
         self.retention = Retention(self.state, self.spool, config.retention, config.storage.min_free_bytes,
-                                   deletions=self.metrics.retention_deletions)
+                                   deletions=self.metrics.retention_deletions, audit=self.audit)
         self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+
+    def _incomplete(self, processor: Processor, job_id: int) -> None:
+        """A series completion failed as not whole: counted, and its job's end audited."""
+        self.metrics.series_incomplete.inc()
+        processor.audit_end(job_id, JobState.FAILED)
+
+    def _sent_to(self, destination: str) -> bool:
+        """A send to ``destination`` went through lately: it answers."""
+        return any(ok for _, ok, _ in self.state.recent_sends(100, destination))
 
     def _scp_problem(self) -> str | None:
         if not self.scp.listening:
@@ -250,6 +293,9 @@ class Node:
         any failure the parts already started are stopped again and the error
         propagates (a ``StartupError`` for a port taken since ``check_startup``)."""
         try:
+            self.audit.start()
+            self._started.append(self.audit)
+            self.audit.record_application("Application Start", detail=_config_summary(self.config))
             resumed = self.state.resume_interrupted()
             names = [destination.name for destination in self.config.destinations]
             adopted = self.state.adopt_unsent(names[0])
@@ -259,10 +305,15 @@ class Node:
             if orphaned:
                 log.warning("%d pending send(s) to destinations no longer configured have failed"
                             " (`dicom-node status` names them)", orphaned)
+            self.echoes.start()
             self._report_weights()
             self._start_models()
             if not self.config.security.allowed_callers:
                 log.warning("security.allowed_callers is empty: every association will be rejected")
+            for destination in self.config.destinations:  # once, at start; the config refuses it without allow_insecure
+                if destination.insecurity:
+                    log.warning("destination %s (%s) is insecure, allowed by allow_insecure: true: %s",
+                                destination.name, destination.peer, destination.insecurity)
             self.queue.start()
             self._started.append(self.queue)
             if self.http is not None:
@@ -315,9 +366,14 @@ class Node:
     def stop(self) -> None:
         log.info("stopping")
         self._stop.set()
+        self.echoes.stop()
+        audited = any(self.audit is running for running in self._started)
         self._stop_started()
         if self._retention.is_alive():  # a run in hand ends before the state store closes under it
             self._retention.join(timeout=30)
+        if audited:
+            self.audit.record_application("Application Stop")
+        self.audit.close()
         if self.queue.stopped:
             self.state.close()
         else:  # a thread still holds a job; the process exits without closing under it
@@ -370,17 +426,41 @@ class Node:
                 log.info("model weights present for %s", self.segmenters[name].describe())
 
 
-def _ui_token(config: Config) -> str | None:
-    """The status page's token, from the config or the file it names (checked readable at start)."""
+def _ui_tokens(config: Config) -> PageTokens:
+    """The status page's tokens, from the files or environment variables the config names
+    (checked at start); each at least 16 characters, the two different."""
     http = config.http
-    token = http.ui_token
-    if http.ui_token_file is not None:
-        token = http.ui_token_file.read_text(encoding="utf-8").strip()
+
+    def read(key: str) -> str | None:
+        file, env = getattr(http, f"{key}_file"), getattr(http, f"{key}_env")
+        if file is not None:
+            token, where = file.read_text(encoding="utf-8").strip(), f"http.{key}_file {file}"
+        elif env is not None:
+            token, where = os.environ.get(env, "").strip(), f"http.{key}_env {env}"
+        else:
+            return None
         if len(token) < 16:
-            raise ConfigError(f"http.ui_token_file {http.ui_token_file}: the token must be at least 16 characters")
-    if token is None:
-        log.warning("http.ui is on without http.ui_token or http.ui_token_file: the status page is read-only")
-    return token
+            raise ConfigError(f"{where}: the token must be at least 16 characters")
+        return token
+
+    action, read_only = read("ui_token"), read("ui_read_token")
+    if action is not None and action == read_only:
+        raise ConfigError("http.ui_read_token_file/_env: the read-only token must differ from the action token")
+    if action is None:
+        log.warning("http.ui is on without http.ui_token_file or http.ui_token_env: the status page has no actions")
+    if http.ui_public_read:
+        log.warning("http.ui_public_read is true: the status page's reads need no token")
+    return PageTokens(action=action, read=read_only, public_read=http.ui_public_read)
+
+
+def _config_summary(config: Config) -> dict[str, object]:
+    """What the Application Start event records of the configuration: its digest (a changed
+    configuration shows in the trail) and what it opens and sends to (no secret)."""
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    return {"config_sha256": digest, "ae_title": config.node.ae_title,
+            "dicom": f"{config.node.bind_address}:{config.node.port}",
+            "http": f"{config.http.bind_address}:{config.http.port}" if config.http.port else None,
+            "destinations": [{"name": d.name, "peer": d.peer} for d in config.destinations]}
 
 
 def model_service(config: Config, preset: ModelPreset) -> ModelService:

@@ -28,7 +28,7 @@ from pipeline.input.series import MR_IMAGE_CLASSES, assemble_series, read_header
 from pipeline.input.volume import read_volume
 from pipeline.model.identity import describe_model
 from pipeline.model.segment import Segmenter
-from pipeline.model.types import ModelIdentity
+from pipeline.model.types import ModelIdentity, RunReport
 from pipeline.outputs.common import Algorithm
 from pipeline.outputs.encode import ResultObject, SaveInstance, encode_results
 from pipeline.outputs.options import OutputRequest
@@ -64,7 +64,28 @@ class SegResult:
     preprocessing: PreprocessingMode | None = None
     objects: tuple[ResultObject, ...] = ()
     segments: tuple[str, ...] = ()
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # read, preprocess, segment, encode
+    model_report: RunReport | None = None  # the model process's own account of the segment stage
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Where the time went, in parts that add up to the stages' sum: load (the model,
+        0 when warm), read (headers and pixels), preprocess (Equation 1), forward (the
+        network), export (the rest of the segment stage: the image's way to the model
+        process and back, the model's own resampling and the writing of its labels) and
+        encode (the result objects, saved as made). Load, forward and export split the
+        segment stage by the model process's report; load comes first, as the issue and
+        the model line always began with it."""
+        seconds = dict(self.seconds)
+        report = self.model_report
+        if report is None or "segment" not in seconds:
+            return seconds
+        segment = seconds.pop("segment")
+        load = min(report.load_seconds, segment)
+        forward = min(report.forward_seconds, segment - load)
+        parts = {"load": load, "read": seconds.pop("read", 0.0), "preprocess": seconds.pop("preprocess", 0.0),
+                 "forward": forward, "export": segment - load - forward}
+        return {**parts, **seconds}
 
     @property
     def seg(self) -> pydicom.Dataset | None:
@@ -256,7 +277,7 @@ def process_series(
     if not objects:
         return SegResult(
             Outcome.EMPTY, f"{segmenter.describe()} found no structure; no result made; {made}",
-            classification, mode, seconds=seconds,
+            classification, mode, seconds=seconds, model_report=label_map.report,
         )
     names = tuple(label_map.names.get(label, str(label)) for label in label_map.present)
     return SegResult(
@@ -267,4 +288,5 @@ def process_series(
         objects=objects,
         segments=names,
         seconds=seconds,
+        model_report=label_map.report,
     )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,9 @@ CHECKPOINT = (
 )
 
 
+_LOGS_BEFORE = pytest.StashKey[int]()
+
+
 def patient_strings(mri_dir: Path) -> set[str]:
     """The patient names, IDs and birth dates of the shared test data (3+ characters)."""
     import pydicom
@@ -31,6 +35,40 @@ def patient_strings(mri_dir: Path) -> set[str]:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
         found |= {str(ds.get(k) or "") for k in ("PatientName", "PatientID", "PatientBirthDate")}
     return {value for value in found if len(value) >= 3}
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_call(item):
+    """A test that sets the node's logging up in this process (``setup_logging``, a CLI
+    command run in-process) leaves the root handlers and the levels as they were: a
+    handler on a closed capture stream would fail every later log line. (Innermost, so
+    that pytest's own capture handlers of the call are the ones put back.)"""
+    root, quiet = logging.getLogger(), ("pynetdicom", "highdicom")
+    handlers, level, levels = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in quiet}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_LOGS_BEFORE] = len(NODE_LOGS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the tail of every node (and worker) log it started, so that a
+    failure seen only in CI says what the node was doing."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for log in NODE_LOGS[item.stash.get(_LOGS_BEFORE, len(NODE_LOGS)):]:
+        if log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-80:]
+            report.sections.append((f"node log {log.name} ({log.parent.name}), last lines", "\n".join(tail)))
 
 
 @pytest.hookimpl(trylast=True)

@@ -39,6 +39,27 @@ def test_unknown_key_is_named():
         parse_config({**MINIMAL, "node": {"prot": 1}}, Path("."))
 
 
+@pytest.mark.parametrize("data, message", [
+    ({**MINIMAL, "completion": {"stable_secnds": 3}}, "completion.stable_secnds: unknown key; did you mean stable_seconds?"),
+    ({**MINIMAL, "models": [{"name": "a", "weigths_dir": "w"}]}, "models[0].weigths_dir: unknown key; did you mean weights_dir?"),
+    ({**MINIMAL, "models": [{"name": "a"}], "rules": [{"name": "r", "models": ["a"], "contineu": True}]},
+     "rules[0].contineu: unknown key; did you mean continue?"),
+    ({**MINIMAL, "node": {"colour": "red"}}, "node.colour: unknown key"),
+])
+def test_an_unknown_key_is_named_as_the_readme_writes_it_with_the_nearest_known_key(data, message):
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data, Path("."))
+    assert str(refused.value).endswith(message)  # "node.colour" is close to nothing: no suggestion
+
+
+def test_list_items_are_named_by_their_index_in_brackets_from_0():
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"destinations": [{**ARCHIVE, "name": "a"}, {**ARCHIVE, "name": "b", "outputs": ["seg", "pdf"]}]},
+                     Path("."))
+    assert "destinations[1].outputs[1]: Input should be" in str(refused.value)
+    assert "destinations.1" not in str(refused.value)
+
+
 def test_bad_value_is_named():
     with pytest.raises(ConfigError, match=r"completion\.stable_seconds"):
         parse_config({**MINIMAL, "completion": {"stable_seconds": -1}}, Path("."))
@@ -94,8 +115,8 @@ def test_destinations_each_with_their_protocol_outputs_and_paths(tmp_path):
     ({"name": "x", "protocol": "dimse", "host": "h", "port": 104}, "protocol dimse needs ae_title"),
     ({"name": "x", "protocol": "dicomweb"}, "protocol dicomweb needs url"),
     ({**ARCHIVE, "ae_title": "PACS"}, "ae_title: not a setting of protocol dicomweb"),
-    ({**ARCHIVE, "url": "ftp://archive"}, "destinations.0.url"),
-    ({**ARCHIVE, "outputs": ["seg", "pdf"]}, "destinations.0.outputs.1"),
+    ({**ARCHIVE, "url": "ftp://archive"}, r"destinations\[0\]\.url"),
+    ({**ARCHIVE, "outputs": ["seg", "pdf"]}, r"destinations\[0\]\.outputs\[1\]"),
     ({**ARCHIVE, "outputs": []}, "name at least one of seg"),
     ({**ARCHIVE, "auth": {"type": "basic", "username": "u"}}, "needs one of password_file or password_env"),
     ({**ARCHIVE, "auth": {"type": "bearer", "token_env": "T", "password_env": "P"}}, "takes a token"),

@@ -78,6 +78,7 @@ def test_one_series_to_three_destinations_each_with_its_own_outputs(peers, tmp_p
         {"name": "research", "ae_title": research.ae_title, "host": LOCALHOST, "port": research.port,
          "outputs": ["rtstruct", "report"]},
         {"name": "archive", "protocol": "dicomweb", "url": archive.dicomweb_url, "outputs": ["seg"],
+         "allow_insecure": True,  # basic auth over http://: the test's Orthanc on 127.0.0.1 speaks plain HTTP
          "auth": {"type": "basic", "username": "node", "password_file": str(tmp_path / "archive.password")}},
         {"name": "refusing", "protocol": "dicomweb", "url": refusing.dicomweb_url, "outputs": ["report"]},
     ]

@@ -166,7 +166,7 @@ def test_process_command_writes_a_valid_seg(phantom_weights, t1_dir, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     segs = list(out.glob("*.dcm"))
     assert len(segs) == 1
-    assert ": seg " in result.stdout
+    assert f"  wrote seg: {segs[0]}" in result.stdout
     check_seg_against_source(segs[0], t1_dir)
     assert dciodvfy_errors(segs[0]) == []
 
@@ -197,6 +197,8 @@ def test_process_keeps_one_warm_model_for_the_batch_and_writes_json_lines(phanto
     assert skipped["reason"].startswith("T2 series, not segmented by policy")
     assert (config.parent / "home" / "config.json").exists(), "home_dir resolved from the config's folder"
     assert len(list((tmp_path / "out").glob("*.seg.dcm"))) == 2
+    listed = [Path(path) for record in records for path in record.get("objects", {}).values()]
+    assert sorted(listed) == sorted((tmp_path / "out").iterdir()), "--json lists every object written"
 
 
 @pytest.mark.peers

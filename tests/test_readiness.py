@@ -52,9 +52,10 @@ def test_the_destination_is_not_ready_after_its_last_n_sends_failed(tmp_path):
 
 
 @pytest.fixture
-def weightless_node(tmp_path):
+def weightless_node(tmp_path, storescp):
     weights = tmp_path / "weights"
-    config = node_config(tmp_path / "node", destination=("PACS", free_port()), weights_dir=weights,
+    # a destination that answers the node's echo at start: only the weights are missing
+    config = node_config(tmp_path / "node", destination=(storescp.ae_title, storescp.port), weights_dir=weights,
                          http={"port": free_port()})
     node = NodeProcess(tmp_path / "node", config).start()
     yield node, weights
@@ -66,6 +67,8 @@ def test_not_ready_naming_the_missing_weights_until_they_are_imported(weightless
     node, weights = weightless_node
     base = f"http://127.0.0.1:{node.config['http']['port']}"
     assert requests.get(base + "/healthz", timeout=10).status_code == 200  # alive all the same
+    wait_until(lambda: "echo:pacs" not in requests.get(base + "/readyz", timeout=30).json()["failing"], 30, 0.1,
+               "the destination's answer to the echo at start")
     answer = requests.get(base + "/readyz", timeout=30)
     assert answer.status_code == 503
     body = answer.json()
@@ -82,9 +85,9 @@ def test_not_ready_naming_the_missing_weights_until_they_are_imported(weightless
     answer = requests.get(base + "/readyz", timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"status": "ready", "failing": {},
-                             "checked": ["completion", "database", "destination", "disk", "processing",
-                                         "retention", "scp", "send:pacs", "state_store", "stuck", "weights",
-                                         "worker"]}
+                             "checked": ["audit", "completion", "database", "destination", "disk", "echo:pacs",
+                                         "processing", "retention", "scp", "send:pacs", "state_store", "stuck",
+                                         "weights", "worker"]}
     assert requests.get(base + "/nothing", timeout=10).status_code == 404
     assert requests.get(base + "/", timeout=10).status_code == 404  # the status page is off by default
 

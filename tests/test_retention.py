@@ -382,11 +382,12 @@ def test_a_running_node_under_disk_pressure_deletes_the_first_ended_series(small
 
 
 @pytest.mark.peers
-def test_readyz_says_why_when_the_database_is_full(tmp_path):
+def test_readyz_says_why_when_the_database_is_full(tmp_path, storescp):
     config = parse_config({
         "node": {"port": free_port()},
         "security": {"allowed_callers": [{"ae_title": "MODALITY"}]},
-        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()},
+        # a destination that answers the node's echo at start (one that does not is not ready)
+        "destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": storescp.port},
         "storage": {"min_free_bytes": 1_000_000},
         "http": {"port": free_port()},
     }, tmp_path)
@@ -394,7 +395,7 @@ def test_readyz_says_why_when_the_database_is_full(tmp_path):
     running.start()
     try:
         url = f"http://127.0.0.1:{config.http.port}/readyz"
-        assert requests.get(url, timeout=10).json()["failing"] == {}
+        wait_until(lambda: requests.get(url, timeout=10).json()["failing"] == {}, 30, 0.1, "ready")
         db = running.state.db.connection
         db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
         ref = SeriesRef(STUDY, "1.2.10.1", "MODALITY", tmp_path)

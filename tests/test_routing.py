@@ -317,7 +317,7 @@ def test_a_celery_task_names_its_preset_and_the_worker_takes_its_own_paths_for_i
     assert request["preset"] == "kidney" and "weights_dir" not in request["model"]
 
     worker = _WorkerModels({"total": ModelSettings(weights_dir=tmp_path / "w-total"),
-                            "kidney": ModelSettings(weights_dir=tmp_path / "w-kidney", device="gpu")})
+                            "kidney": ModelSettings(weights_dir=tmp_path / "w-kidney", device="gpu")}, max_bytes=2**20)
     settings = worker.settings_for(request)
     assert (settings.weights_dir, settings.device, settings.nnunet_model) == (tmp_path / "w-kidney", "gpu", "D/T")
     unknown = worker.settings_for({**request, "preset": "elsewhere"})  # a preset this worker lacks: its first

@@ -127,6 +127,8 @@ def round_trip(tmp_path_factory, phantom_weights, t1_dir):
     ready = f"http://127.0.0.1:{config['http']['port']}/readyz"
     seen = {}
     try:
+        # ready once Orthanc has answered the node's echo at start (in the background, never holding up the start)
+        wait_until(lambda: requests.get(ready, timeout=10).status_code == 200, 30, 0.2, "ready before the round trip")
         seen["before"] = requests.get(ready, timeout=10)
         series = orthanc.upload(t1_dir)
         seen["series"] = series

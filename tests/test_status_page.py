@@ -1,7 +1,8 @@
 """The status page (``http.ui: true``): the preview drawn from a real series and SEG, and
 Debian's headless Chromium (through selenium and chromium-driver) against the page of a
-node during an Orthanc round trip: the jobs with their state and reason, a filter, the
-preview image, and retry refused without the token and queued with it."""
+node during an Orthanc round trip: no data without a token, the jobs with their state
+and reason with the read-only token, a filter, the preview image, and retry refused
+without the action token and queued with it; a 5000-character text keeps its row short."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import io
 import logging
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,16 @@ from PIL import Image
 from dicom_node.store.state import JobState, JobUpdate
 from dicom_node.web.status_page import middle_image, overlay, render_preview
 from tests.conftest import patient_strings
-from tests.support.node import NodeProcess, node_config
+from tests.derived import copy_series
+from tests.support.node import UI_READ_TOKEN, UI_TOKEN, NodeProcess, node_config, ui_http
 from tests.support.orthanc import Orthanc
 from tests.support.paths import REPO, free_port
 from tests.support.wait import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-TOKEN = "status-page-test-token-0123456789"
+TOKEN = UI_TOKEN
+READ = {"Authorization": f"Bearer {UI_READ_TOKEN}"}
 ARTIFACTS = REPO / ".cache" / "artifacts"
 
 
@@ -115,19 +119,31 @@ def test_the_preview_is_the_middle_slice_with_the_seg_drawn_over_it(seg_on_t1):
 
 # -- the page in a browser, during an Orthanc round trip ------------------------------------------
 
+FAMILY, GIVEN, MRN, BIRTH = "Mustermann", "Erika", "MRN778899", "19641231"
+SCANNER_COPIED = {"SeriesDescription": f"t1 {FAMILY} {GIVEN} {MRN}", "StudyDescription": f"Kopf {FAMILY} {BIRTH}",
+                  "ProtocolName": f"t1_{GIVEN.upper()}_{MRN}"}
+
 @pytest.fixture(scope="module")
 def page_node(tmp_path_factory, phantom_weights, t1_dir, mri_dir):
     """A node with the status page on, after Orthanc sent it the T1 series (segmented and
-    sent back) and a T2 series (skipped by policy)."""
+    sent back) and a T2 series (skipped by policy). The T1 copy names its patient in its
+    free text, as scanners sometimes copy it (``SCANNER_COPIED``)."""
     folder = tmp_path_factory.mktemp("status_page")
+    t1_copy = folder / "t1"
+    for path in copy_series(t1_dir, t1_copy, "status-page"):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = f"{FAMILY}^{GIVEN}", MRN, BIRTH
+        for keyword, text in SCANNER_COPIED.items():
+            setattr(ds, keyword, text)
+        ds.save_as(path)
     node_port = free_port()
     orthanc = Orthanc(folder / "orthanc", node_port=node_port).start()
     config = node_config(folder / "node", destination=(orthanc.ae_title, orthanc.dicom_port),
-                         weights_dir=phantom_weights, http={"port": free_port(), "ui": True, "ui_token": TOKEN})
+                         weights_dir=phantom_weights, http=ui_http(folder / "node"))
     config["node"]["port"] = node_port
     node = NodeProcess(folder / "node", config).start()
     try:
-        series = orthanc.upload(t1_dir) + orthanc.upload(mri_dir / "t2_siemens_3t_tse_ax_adi")
+        series = orthanc.upload(t1_copy) + orthanc.upload(mri_dir / "t2_siemens_3t_tse_ax_adi")
         orthanc.post("/modalities/node/store", {"Resources": series, "Synchronous": True})
 
         def ended():
@@ -184,14 +200,31 @@ def _row(driver, job_id: int):
 @pytest.mark.peers
 def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token(page_node, browser, mri_dir):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     node, _ = page_node
     jobs = {job.state: job for job in node.jobs()}
     sent, skipped = jobs[JobState.SENT], jobs[JobState.SKIPPED]
     browser.get(_url(node))
 
-    # the jobs with their state and reason
+    # without a token: the shell only, its data refused
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-jobs-status"), "the first read")
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-jobs-status") == "401"
+    assert _row(browser, sent.id) is None and browser.find_element(By.ID, "locked").is_displayed()
+    assert requests.get(_url(node, "/api/jobs"), timeout=30).status_code == 401
+    assert requests.get(_url(node, f"/api/jobs/{sent.id}/preview.png"), timeout=30).status_code == 401
+    rebound = requests.get(_url(node, "/api/jobs"), headers={**READ, "Host": "attacker.example"}, timeout=30)
+    assert rebound.status_code == 421, "DNS rebinding: another host name is refused"
+    shell = requests.get(_url(node), timeout=30)
+    assert shell.headers["Cache-Control"] == "no-store" and shell.headers["Referrer-Policy"] == "no-referrer"
+    assert "default-src 'self'" in shell.headers["Content-Security-Policy"]
+
+    # the read-only token, typed into the page: the jobs with their state and reason
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(UI_READ_TOKEN + Keys.ENTER)
     row = _wait(browser, lambda d: _row(d, sent.id), "the sent job's row")
+    assert not browser.find_element(By.ID, "locked").is_displayed()
     assert row.get_attribute("data-state") == "sent"
     assert sent.reason in row.text and "sent" in row.text
     assert "T1" in row.text and "invert_black_background" in row.text
@@ -202,9 +235,10 @@ def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token
     # the preview image loads
     image = row.find_element(By.CSS_SELECTOR, "img.preview")
     _wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image),
-          "the preview image")
+          "the preview image", timeout=60)
     assert browser.execute_script("return arguments[0].naturalWidth", image) > 0
-    preview = requests.get(_url(node, f"/api/jobs/{sent.id}/preview.png"), timeout=60)
+    assert image.get_attribute("src").startswith("blob:"), "fetched with the token, never a token in a URL"
+    preview = requests.get(_url(node, f"/api/jobs/{sent.id}/preview.png"), headers=READ, timeout=60)
     assert preview.status_code == 200 and preview.headers["Content-Type"] == "image/png"
     assert any(_coloured(p) for p in _png(preview.content).reshape(-1, 3)[::7]), "the SEG is drawn over the slice"
 
@@ -221,16 +255,16 @@ def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token
     _wait(browser, lambda d: _row(d, sent.id) is not None, "every job again")
 
     # no patient names, IDs or birth dates, on the page or in its data
-    text = browser.page_source + requests.get(_url(node, "/api/jobs"), timeout=30).text
+    text = browser.page_source + requests.get(_url(node, "/api/jobs"), headers=READ, timeout=30).text
     for secret in patient_strings(mri_dir):
         assert secret not in text, f"the status page shows patient data ({secret!r})"
 
-    # retry without the token: refused, nothing queued
+    # retry with the read-only token (or none): refused, nothing queued
     before = [(job.id, job.state) for job in node.jobs()]
     _row(browser, sent.id).find_element(By.CSS_SELECTOR, "button.retry").click()
     message = browser.find_element(By.ID, "message")
     _wait(browser, lambda d: message.get_attribute("data-status"), "the answer to the retry")
-    assert message.get_attribute("data-status") == "401" and "refused" in message.text
+    assert message.get_attribute("data-status") == "403" and "read-only token" in message.text
     wrong = requests.post(_url(node, f"/api/jobs/{sent.id}/retry"), headers={"Authorization": "Bearer wrong"},
                           timeout=30)
     assert wrong.status_code == 403
@@ -243,12 +277,15 @@ def test_the_page_shows_the_jobs_the_preview_and_refuses_retry_without_the_token
 @pytest.mark.peers
 def test_retry_with_the_token_queues_the_job(page_node, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     node, _ = page_node
     skipped = next(job for job in node.jobs() if job.state is JobState.SKIPPED)
     browser.get(_url(node))
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(TOKEN + Keys.ENTER)  # the action token reads too
     _wait(browser, lambda d: _row(d, skipped.id), "the skipped job's row")
-    browser.find_element(By.ID, "token").send_keys(TOKEN)
     _row(browser, skipped.id).find_element(By.CSS_SELECTOR, "button.retry").click()
     message = browser.find_element(By.ID, "message")
     _wait(browser, lambda d: message.get_attribute("data-status"), "the answer to the retry")
@@ -262,19 +299,62 @@ def test_retry_with_the_token_queues_the_job(page_node, browser):
     browser.save_screenshot(str(ARTIFACTS / "status-page-queued.png"))
 
 
+@pytest.mark.e2e
+@pytest.mark.peers
+def test_a_patient_named_in_free_text_is_masked_wherever_the_node_shows_the_series(page_node, browser):
+    """The T1 copy's SeriesDescription, StudyDescription and ProtocolName name its patient:
+    the page shows the description masked, and no surface carries a name part or the ID."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    node, _ = page_node
+    sent = next(job for job in node.jobs() if job.state is JobState.SENT)
+    browser.get(_url(node))
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(UI_READ_TOKEN + Keys.ENTER)
+    row = _wait(browser, lambda d: _row(d, sent.id), "the sent job's row")
+    assert "t1 *** *** ***" in row.text, "the description is shown, masked"
+    api = requests.get(_url(node, "/api/jobs"), headers=READ, timeout=30)
+    [record] = [record for record in api.json()["jobs"] if record["id"] == sent.id]
+    assert record["series_description"] == "t1 *** *** ***"
+    assert "t1 *** *** ***" in (sent.routing or ""), "the routing explanation masks it the same way"
+    sends = record["sends"]  # and the row counts its sends in the words of `dicom-node status`
+    tries = sum(item["attempts"] for item in sends)
+    assert f"{len(sends)} of {len(sends)} object(s) delivered in {tries} send attempt(s)" in row.text, row.text
+    surfaces = {
+        "the page": browser.page_source,
+        "/api/jobs": api.text,
+        "/metrics": requests.get(_url(node, "/metrics"), timeout=30).text,
+        "status --json": node.cli("status", "--json").stdout,
+        "status": node.cli("status").stdout,
+        "the node's log": node.log(),
+        "the audit trail": (Path(node.config["storage"]["state_db"]).parent / "audit.jsonl").read_text(),
+    }
+    for surface, text in surfaces.items():
+        assert text.strip(), f"{surface} is empty"
+        for secret in (FAMILY, GIVEN, MRN, BIRTH):
+            assert secret.lower() not in text.lower(), f"{secret!r} on {surface}"
+
+
 # -- the token, without a browser ------------------------------------------------------------------
 
-def test_the_token_is_one_setting_of_at_least_16_characters(tmp_path):
+def test_the_tokens_are_never_written_in_the_config_and_the_page_is_closed_by_default(tmp_path):
     from dicom_node.config import parse_config
     from dicom_node.errors import ConfigError
 
     base = {"destination": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}
-    with pytest.raises(ConfigError, match="http.ui_token"):
-        parse_config({**base, "http": {"ui": True, "ui_token": "short"}}, tmp_path)
+    with pytest.raises(ConfigError, match="http.ui_token: .*not written in the config.*http.ui_token_file"):
+        parse_config({**base, "http": {"ui": True, "ui_token": TOKEN}}, tmp_path)
     with pytest.raises(ConfigError, match="http: .*not both"):
-        parse_config({**base, "http": {"ui": True, "ui_token": TOKEN, "ui_token_file": "t"}}, tmp_path)
-    config = parse_config({**base, "http": {"ui": True, "ui_token_file": "secrets/ui.token"}}, tmp_path)
+        parse_config({**base, "http": {"ui": True, "ui_token_env": "T", "ui_token_file": "t"}}, tmp_path)
+    with pytest.raises(ConfigError, match="http: .*closed to readers without a token.*ui_public_read"):
+        parse_config({**base, "http": {"ui": True}}, tmp_path)
+    assert parse_config({**base, "http": {"ui": True, "ui_public_read": True}}, tmp_path).http.ui_public_read
+    config = parse_config({**base, "http": {"ui": True, "ui_token_file": "secrets/ui.token",
+                                            "ui_read_token_file": "secrets/read.token"}}, tmp_path)
     assert config.http.ui_token_file == tmp_path / "secrets" / "ui.token"  # from the config's folder
+    assert config.http.ui_read_token_file == tmp_path / "secrets" / "read.token"
 
 
 @pytest.mark.peers
@@ -304,6 +384,7 @@ def page_endpoint(tmp_path):
     from dicom_node.config import Destination
     from dicom_node.store.state import SeriesRef, StateStore
     from dicom_node.web.http import HttpEndpoint
+    from dicom_node.web.access import PageTokens
     from dicom_node.web.status_page import StatusPage
 
     state = StateStore(tmp_path / "state.db")
@@ -313,7 +394,8 @@ def page_endpoint(tmp_path):
         state.complete_series(ref.series_instance_uid)
     state.update_job(1, JobState.FAILED, JobUpdate(reason="test failure"))
     endpoint = HttpEndpoint("127.0.0.1", 0, {}, lambda: b"",
-                            pages=StatusPage(state, [Destination(ae_title="PACS", host="127.0.0.1", port=104)], TOKEN))
+                            pages=StatusPage(state, [Destination(ae_title="PACS", host="127.0.0.1", port=104)],
+                                             PageTokens(action=TOKEN, read=UI_READ_TOKEN)))
     endpoint.start()
     yield f"http://127.0.0.1:{endpoint.port}", state
     endpoint.stop()
@@ -332,6 +414,8 @@ def test_actions_need_the_token_and_refusals_queue_nothing(page_endpoint):
     assert answer.status_code == 401 and answer.headers["WWW-Authenticate"].startswith("Bearer")
     assert retry(1, "not-the-token-at-all").status_code == 403
     assert requests.post(f"{url}/api/jobs/1/retry", headers={"Authorization": TOKEN}, timeout=10).status_code == 403
+    read_only = retry(1, UI_READ_TOKEN)
+    assert read_only.status_code == 403 and "read-only token" in read_only.json()["error"]
     assert requests.get(f"{url}/api/jobs/1/retry", timeout=10).status_code == 405
     assert [(job.id, job.state) for job in state.jobs()] == before
     assert retry(2, TOKEN).status_code == 409  # received: not ended
@@ -343,14 +427,15 @@ def test_actions_need_the_token_and_refusals_queue_nothing(page_endpoint):
 
 def test_the_job_list_and_its_filters(page_endpoint):
     url, _ = page_endpoint
-    data = requests.get(f"{url}/api/jobs", timeout=10).json()
+    data = requests.get(f"{url}/api/jobs", headers=READ, timeout=10).json()
     assert [job["id"] for job in data["jobs"]] == [2, 1]  # newest first
     assert data["destinations"] == [{"name": "pacs", "peer": "PACS@127.0.0.1:104", "outputs": ["seg"], "pending": 0,
                                      "sent": 0, "failed": 0}] and data["actions"]
-    failed = requests.get(f"{url}/api/jobs?state=failed", timeout=10).json()["jobs"]
+    assert data["previews"] and not data["can_act"]  # the read-only token cannot act
+    failed = requests.get(f"{url}/api/jobs?state=failed", headers=READ, timeout=10).json()["jobs"]
     assert [(job["id"], job["reason"]) for job in failed] == [(1, "test failure")]
-    assert requests.get(f"{url}/api/jobs?state=lost", timeout=10).status_code == 400
-    assert requests.get(f"{url}/api/jobs/1/preview.png", timeout=10).status_code == 404  # no instance on disk
+    assert requests.get(f"{url}/api/jobs?state=lost", headers=READ, timeout=10).status_code == 400
+    assert requests.get(f"{url}/api/jobs/1/preview.png", headers=READ, timeout=10).status_code == 404  # not on disk
     page = requests.get(url + "/", timeout=10)
     assert page.status_code == 200 and '<script src="/static/status.js">' in page.text
     for name in ("status.js", "status.css"):
@@ -358,3 +443,47 @@ def test_the_job_list_and_its_filters(page_endpoint):
     assert requests.get(f"{url}/static/../ui.py", timeout=10).status_code == 404
     assert "http" not in requests.get(f"{url}/static/status.js", timeout=10).text.replace("HTTP", ""), \
         "the page loads nothing from elsewhere"
+
+
+@pytest.mark.peers
+def test_a_5000_character_text_keeps_its_row_short(tmp_path, t1_dir, browser):
+    """A scanner's 5000-character SeriesDescription and a 5000-character reason: cut to a
+    few lines on the page (the whole of it on hover), never a row thousands of pixels tall."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from dicom_node.config import Destination
+    from dicom_node.store.state import SeriesRef, StateStore
+    from dicom_node.web.access import PageTokens
+    from dicom_node.web.http import HttpEndpoint
+    from dicom_node.web.status_page import StatusPage
+
+    long_text = " ".join(f"word{n:04d}" for n in range(600))[:5000]
+    state = StateStore(tmp_path / "state.db")
+    ds = pydicom.dcmread(sorted(t1_dir.glob("*.dcm"))[0])
+    (tmp_path / "in").mkdir()
+    with warnings.catch_warnings():  # longer than a DICOM LO allows: scanners write them anyway
+        warnings.simplefilter("ignore", UserWarning)
+        ds.SeriesDescription = long_text[:4000]
+        ds.save_as(tmp_path / "in" / "1.dcm")
+    ref = SeriesRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "MODALITY", tmp_path / "in")
+    state.record_instance(ref, str(ds.SOPInstanceUID), str(ds.SOPClassUID), tmp_path / "in" / "1.dcm")
+    job = state.complete_series(ref.series_instance_uid)
+    state.update_job(job, JobState.FAILED, JobUpdate(reason=long_text, last_error="e" * 5000))
+    http = HttpEndpoint("127.0.0.1", 0, {}, lambda: b"", pages=StatusPage(
+        state, [Destination(ae_title="PACS", host="127.0.0.1", port=104)], PageTokens(read=UI_READ_TOKEN),
+        previews=False))
+    http.start()
+    try:
+        browser.get(f"http://127.0.0.1:{http.port}/")
+        token = browser.find_element(By.ID, "token")
+        token.clear()
+        token.send_keys(UI_READ_TOKEN + Keys.ENTER)
+        row = _wait(browser, lambda d: _row(d, job), "the job's row")
+        height = browser.execute_script("return arguments[0].getBoundingClientRect().height", row)
+        assert 20 < height < 300, f"a row {height} px tall"
+        reason = row.find_element(By.CSS_SELECTOR, ".reason")
+        assert len(reason.text) < 300 and reason.get_attribute("title") == long_text, "cut, the whole on hover"
+    finally:
+        http.stop()
+        state.close()

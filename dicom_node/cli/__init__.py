@@ -1,21 +1,24 @@
-"""The ``dicom-node`` command: serve, process, worker, status, retry, rules test, weights, cleanup, evaluate,
-demo-study, demo-model.
+"""The ``dicom-node`` command: serve, process, worker, status, retry, rules test, weights, cleanup, echo,
+evaluate, demo-study, demo-model.
 
 Exit statuses are ``ExitStatus`` (listed in ``--help`` and the README); ``serve`` has one
 per ``StartupProblem``, with one line on stderr naming the config key and its value.
 
 One module per group of commands: ``batch`` (process, rules test), ``jobs`` (status,
-retry, cleanup), ``models`` (worker, weights, evaluate) and ``demo`` (demo-study,
-demo-model); ``serve`` is here. Each registers its own sub-commands.
+retry, cleanup), ``echo`` (the destinations answer?), ``models`` (worker, weights,
+evaluate) and ``demo`` (demo-study, demo-model); ``serve`` is here. Each registers its
+own sub-commands. A reader that closes stdout early (``| head``) ends any command
+quietly (``main``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 
-from dicom_node.cli import batch, demo, jobs, models
+from dicom_node.cli import batch, demo, echo, jobs, models
 from dicom_node.cli.common import CONFIG_HELP, ExitStatus, load
 from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
@@ -50,7 +53,9 @@ _EPILOG = """exit statuses:
   3  serve: node.port or http.port is already in use
   4  serve: the port is not permitted (below 1024 without privileges)
   5  serve: cannot listen on the bind address
-  6  serve: a TLS file (node.tls.*, destination.tls.*) or http.ui_token_file cannot be read
+  6  serve: a TLS file (node.tls.*, destinations[].tls.*, destinations[].ca_certificates), a DICOMweb
+     secret (destinations[].auth) or a status page token (http.ui_token_file, http.ui_read_token_file,
+     http.ui_token_env, http.ui_read_token_env) cannot be read
   7  serve: storage.spool_dir or storage.state_db cannot be written"""
 
 
@@ -69,15 +74,35 @@ def _parser() -> argparse.ArgumentParser:
 
     batch.register(commands)
     jobs.register(commands)
+    echo.register(commands)
     models.register(commands)
     demo.register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        args = _parser().parse_args(argv)  # --help and --version write too
+        status = int(args.func(args))
+        sys.stdout.flush()
+        return status
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return ExitStatus.CONFIG_ERROR
+    except BrokenPipeError:
+        return _reader_gone()
+    except SystemExit as exc:  # argparse after --help, --version or a usage error
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _reader_gone()
+        raise
+
+
+def _reader_gone() -> int:
+    """The reader of stdout stopped early (``| head``): not an error, for every command.
+    As the Python documentation recommends, the rest of the output goes to /dev/null, so
+    that the interpreter's flush at exit does not fail again (and print a traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return ExitStatus.OK

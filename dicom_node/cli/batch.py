@@ -60,9 +60,10 @@ def _cmd_process(args: argparse.Namespace) -> int:
                 record.update(outcome="failed", reason=str(exc))
             else:
                 record.update(outcome=result.outcome.value, reason=result.reason,
-                              seconds={k: round(v, 3) for k, v in result.seconds.items()})
+                              seconds={k: round(v, 3) for k, v in result.timing.items()})
                 if result.outcome is Outcome.SEG:
-                    record.update(_save_objects(result.objects, output, series_uid), segments=list(result.segments))
+                    saved = _save_objects(result.objects, output, series_uid)
+                    record.update(saved, objects=saved, segments=list(result.segments))
             record["model_loads"] = runner.loads
             progress.done(record)
             if args.json:
@@ -74,7 +75,7 @@ def _cmd_process(args: argparse.Namespace) -> int:
 
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     """What the node would do with each series under the folder, without running a model."""
-    from dicom_node.work.plan import plan_series
+    from dicom_node.work.plan import check_series, plan_series
     from pipeline.errors import PipelineError
     from pipeline.process import read_series
 
@@ -92,13 +93,15 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
         except PipelineError as exc:
             print(f"cannot read the series: {exc}")
             continue
-        print(plan_series(config, headers, args.calling_ae).explanation)
+        plan = check_series(config, headers, plan_series(config, headers, args.calling_ae))
+        print(plan.explanation)
     return ExitStatus.OK
 
 
 def _save_objects(objects, output: Path, series_uid: str) -> dict[str, str]:
-    """Each result object as ``SERIES.KEY.dcm`` (``SERIES.overlay/`` for the overlay's
-    images); the paths by object key."""
+    """Each result object as ``SERIES.KEY.dcm`` (a folder ``SERIES.KEY/`` for an object of
+    several instances, such as the overlay's images); the paths by object key, every
+    object written (SEG, RTSTRUCT, overlay, report)."""
     saved = {}
     for obj in objects:
         if len(obj.datasets) == 1:
@@ -137,10 +140,9 @@ class _Progress:
 
     def done(self, record: dict) -> None:
         if self.enabled:  # with --json the caller writes the record itself
-            line = f"{record['series_instance_uid']}: {record['outcome']}"
-            if record.get("seg"):
-                line += f" {record['seg']}"
-            self.bar.write(f"{line}: {record['reason']}", file=sys.stdout)
+            lines = [f"{record['series_instance_uid']}: {record['outcome']}: {record['reason']}"]
+            lines += [f"  wrote {key}: {path}" for key, path in record.get("objects", {}).items()]
+            self.bar.write("\n".join(lines), file=sys.stdout)
         self.bar.update(1)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,6 +31,9 @@ def _timeline(job: Job) -> str:
 
     stages = job.stage_seconds()
     parts = [f"received {at(job.received_at)}", f"completed {at(job.completed_at)}{took(stages['receiving'])}"]
+    if job.completed_at is None or abs(job.queued_since - job.completed_at) >= 1.0:
+        # processed again (retry --reprocess) or queued again (retry): "queued" counts from then
+        parts.append(f"queued again {at(job.queued_since)}")
     if job.processing_at is not None:
         parts.append(f"processing {at(job.processing_at)} (queued {stages['queued']:.1f}s)"
                      if stages["queued"] is not None else f"processing {at(job.processing_at)}")
@@ -60,13 +62,24 @@ def _status_lines(jobs: list[Job], as_json: bool, now: float,
             last = f" (last error: {job.last_error})" if job.last_error and job.state is not JobState.FAILED else ""
             again = f" (again from job {job.reprocess_of})" if job.reprocess_of else ""
             lines.append(f"  job {job.id}{again} series {job.series.series_instance_uid} from"
-                         f" {job.series.calling_ae_title} attempts {job.attempts}{made}: {job.reason or ''}{last}")
+                         f" {job.series.calling_ae_title}{_sends_count(job, outboxes.get(job.id, ()))}{made}:"
+                         f" {job.reason or ''}{last}")
             lines.append(f"      {_timeline(job)}")
             if job.model_run:
                 lines.append(f"      model: {job.model_run}")
             if job.state in (JobState.SENDING, JobState.FAILED) and outboxes.get(job.id):
                 lines.append("      sends: " + ", ".join(_send_text(item, now) for item in outboxes[job.id]))
     return lines
+
+
+def _sends_count(job: Job, items) -> str:
+    """What ``attempts`` counts, in words: objects delivered (one per object and
+    destination) and send attempts (each try of each, failed or not)."""
+    if not items:
+        return f", {job.attempts} send attempt(s)" if job.attempts else ""
+    sent = sum(item.state is OutboxState.SENT for item in items)
+    tries = sum(item.attempts for item in items)
+    return f", {sent} of {len(items)} object(s) delivered in {tries} send attempt(s)"
 
 
 def _send_text(item: OutboxItem, now: float) -> str:
@@ -133,15 +146,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not args.json:
         lines[:0] = [_workers_line(config, every_job), *_destination_lines(config, counts),
                      *_refusal_lines(refused, config.completion.incomplete_grace_seconds)]
-    try:
-        for line in lines:
-            print(line)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader stopped early (`| head`): not an error. Send the rest of the buffer
-        # to /dev/null so that the interpreter's flush at exit does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    for line in lines:  # a reader that stops early (`| head`) is no error: main ends quietly
+        print(line)
     return ExitStatus.OK
 
 

@@ -22,6 +22,7 @@ import logging
 import shutil
 import sqlite3
 import threading
+from dataclasses import dataclass, field
 
 from pydicom.uid import (
     JPEG2000,
@@ -38,6 +39,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node.audit import Audit
 from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
 from dicom_node.errors import InvalidUIDError
 from dicom_node.metrics import Metrics
@@ -70,6 +72,15 @@ _OUT_OF_RESOURCES = 0xA700
 _PROCESSING_FAILURE = 0xC211
 
 
+@dataclass
+class _Transfer:
+    """What one association carried of one series, for its one audit event."""
+
+    study: str | None
+    received: list[str] = field(default_factory=list)
+    refused: list[tuple[str | None, int, str]] = field(default_factory=list)  # SOP UID, status, reason
+
+
 class StorageSCP:
     """The listening side of the node; its handlers get their dependencies explicitly."""
 
@@ -82,8 +93,12 @@ class StorageSCP:
         state: StateStore,
         completion: Completion,
         metrics: Metrics,
+        audit: Audit | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or Audit.off()
+        # per association, per series: the instances stored and refused, audited at its end
+        self._transfers: dict[int, dict[str | None, _Transfer]] = {}
         self.security = security
         self.storage = storage
         self.spool = spool
@@ -158,10 +173,17 @@ class StorageSCP:
         called = primitive.called_ae_title if primitive else ""
         if not self.security.admits(calling, requestor.address):
             log.warning("association rejected: calling AE %r from %s is not allowed", calling, requestor.address)
+            self.audit.record_association(accepted=False, calling_ae=calling, called_ae=called,
+                                          address=requestor.address, port=requestor.port,
+                                          reason="calling AE title not recognised (security.allowed_callers)")
             self._reject(event, 0x03)  # calling AE title not recognised
         elif not self.security.accept_any_called_ae_title and called.strip() != self.settings.ae_title.strip():
             log.warning("association rejected: %r from %s called AE %r, this node is %r",
                         calling, requestor.address, called, self.settings.ae_title)
+            self.audit.record_association(accepted=False, calling_ae=calling, called_ae=called,
+                                          address=requestor.address, port=requestor.port,
+                                          reason=f"called AE title not recognised (this node is"
+                                                 f" {self.settings.ae_title})")
             self._reject(event, 0x07)  # called AE title not recognised
 
     @staticmethod
@@ -179,6 +201,9 @@ class StorageSCP:
             self._series_by_assoc[id(event.assoc)] = set()
         requestor = event.assoc.requestor
         log.info("association accepted from %s (%s:%s)", requestor.ae_title, requestor.address, requestor.port)
+        self.audit.record_association(accepted=True, calling_ae=requestor.ae_title,
+                                      called_ae=event.assoc.acceptor.ae_title, address=requestor.address,
+                                      port=requestor.port)
 
     def _handle_store(self, event: evt.Event) -> int:
         try:
@@ -192,10 +217,12 @@ class StorageSCP:
         except InvalidUIDError as exc:
             log.warning("C-STORE refused: %s", exc)
             self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
+            self._note(event, None, None, None, CANNOT_UNDERSTAND, "invalid UID")
             return CANNOT_UNDERSTAND
         except Exception as exc:  # an undecodable dataset
             log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
             self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
+            self._note(event, None, None, None, CANNOT_UNDERSTAND, "cannot decode the dataset")
             return CANNOT_UNDERSTAND
         ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title,
                         self.spool.series_folder(study_uid, series_uid))
@@ -207,19 +234,19 @@ class StorageSCP:
             self.completion.association_started([series_uid])
         problem = instance_problem(dataset, str(event.context.transfer_syntax))
         if problem is not None:
-            return self._refuse(ref, sop_uid, problem.status, problem.reason)
+            return self._refuse(ref, sop_uid, problem.status, problem.reason, event)
         free = shutil.disk_usage(self.spool.root).free
         if free < self.storage.min_free_bytes:
             return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
-                                f"spool below storage.min_free_bytes ({free} bytes free)")
+                                f"spool below storage.min_free_bytes ({free} bytes free)", event)
         if self.state.instance_count(series_uid) >= self.storage.max_series_instances:
             limit = self.storage.max_series_instances
             return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
-                                f"the series exceeds storage.max_series_instances ({limit})")
+                                f"the series exceeds storage.max_series_instances ({limit})", event)
         try:
             path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
         except OSError as exc:
-            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES, f"cannot write to the spool: {exc}")
+            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES, f"cannot write to the spool: {exc}", event)
         try:
             self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
                                        placement=placement)
@@ -227,21 +254,37 @@ class StorageSCP:
             if cannot_write(exc):
                 log.error("C-STORE of %s refused: the state store is full: %s", sop_uid, exc)
                 self.metrics.instances_refused.labels(f"0x{_OUT_OF_RESOURCES:04X}").inc()
+                self._note(event, study_uid, series_uid, sop_uid, _OUT_OF_RESOURCES, "the state store is full")
                 return _OUT_OF_RESOURCES
             log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
+            self._note(event, study_uid, series_uid, sop_uid, _PROCESSING_FAILURE, "cannot record it")
             return _PROCESSING_FAILURE
         except Exception:
             log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
+            self._note(event, study_uid, series_uid, sop_uid, _PROCESSING_FAILURE, "cannot record it")
             return _PROCESSING_FAILURE
         self.metrics.instances_received.inc()
+        self._note(event, study_uid, series_uid, sop_uid)
         return 0x0000
 
-    def _refuse(self, ref: SeriesRef, sop_uid: str, status: int, reason: str) -> int:
+    def _note(self, event: evt.Event, study: str | None, series: str | None, sop: str | None,
+              status: int | None = None, reason: str = "") -> None:
+        """Count an instance stored (``status`` None) or refused into its association's
+        audit event for its series (written when the association ends)."""
+        with self._lock:
+            transfer = self._transfers.setdefault(id(event.assoc), {}).setdefault(series, _Transfer(study))
+            if status is None:
+                transfer.received.append(sop or "")
+            else:
+                transfer.refused.append((sop, status, reason))
+
+    def _refuse(self, ref: SeriesRef, sop_uid: str, status: int, reason: str, event: evt.Event) -> int:
         """Answer ``status``, and record the refusal with its series so that the series is
         known not whole (and says why) until the sender stores the instance after all."""
         log.warning("C-STORE of %s (series %s) refused with 0x%04X: %s", sop_uid, ref.series_instance_uid,
                     status, reason)
         self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
+        self._note(event, ref.study_instance_uid, ref.series_instance_uid, sop_uid, status, reason)
         try:
             self.state.record_refusal(ref, sop_uid, status, reason)
         except Exception as exc:  # a full database: the refusal is logged, the status still goes back
@@ -251,6 +294,12 @@ class StorageSCP:
     def _end(self, event: evt.Event, *, released: bool) -> None:
         with self._lock:
             carried = self._series_by_assoc.pop(id(event.assoc), None)
+            transfers = self._transfers.pop(id(event.assoc), {})
+        requestor = event.assoc.requestor
+        for series, transfer in transfers.items():  # one audit event per series and association
+            self.audit.record_received(calling_ae=requestor.ae_title, address=requestor.address,
+                                       study=transfer.study, series=series, received=transfer.received,
+                                       refused=transfer.refused)
         if carried is not None:
             self.completion.association_ended(carried, released=released)
 

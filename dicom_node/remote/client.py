@@ -28,6 +28,9 @@ Delivery:
   again after its worker was lost. Then it stops waiting and raises the same
   ``ModelTimeoutError``; the task ``expires`` then, so a worker that gets it later
   drops it, and a late result is never read (a new try is a new task).
+* A result is deleted from Redis as soon as the node has read it (it is a patient's
+  label map); one never read expires after an hour. Its label map is decompressed only
+  up to the size the request's grid allows.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ import time
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
 from dicom_node.config import WorkerSettings
-from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, decode_reply, make_app, pack
+from dicom_node.errors import ConfigError
+from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, decode_reply, image_bytes_limit, make_app, pack
 from pipeline.errors import ModelTimeoutError, PipelineError, SegmentationError
 from pipeline.model.types import ModelReply, RunnerStopped
 from pipeline.settings import ModelSettings
 
-__all__ = ["CeleryModels", "queue_depth"]
+__all__ = ["CeleryModels", "queue_depth", "take_result"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class CeleryModels:
         self.model = model
         self.preset = preset
         self.settings = settings
+        self.broker_url = settings.broker()  # read once: from the config, its file or its variable
         self.app = make_app(settings)
         self._closed = threading.Event()
         self._in_flight: dict[int, float] = {}  # each waiting call's submission (monotonic), by a token
@@ -94,11 +100,11 @@ class CeleryModels:
         request = self.request(image)
         token = next(self._tokens)
         try:
-            return self._submit_and_wait(request, token)
+            return self._submit_and_wait(request, token, image_bytes_limit(int(np.prod(image.shape))))
         finally:
             self._in_flight.pop(token, None)
 
-    def _submit_and_wait(self, request: dict[str, Any], token: int) -> ModelReply:
+    def _submit_and_wait(self, request: dict[str, Any], token: int, max_bytes: int) -> ModelReply:
         from celery.exceptions import TimeoutError as ResultTimeout
 
         timeout, wait = self.model.timeout_seconds, self.deadline_seconds
@@ -119,13 +125,13 @@ class CeleryModels:
                         raise ModelTimeoutError(f"the model did not answer within {timeout:g} s (Celery task"
                                                 f" {result.id}: no answer {wait:g} s after it was queued)")
                     try:
-                        data = result.get(timeout=min(_POLL_SECONDS, left), propagate=True)
+                        data = take_result(result, min(_POLL_SECONDS, left))
                     except ResultTimeout:
                         if self._redis_run_id() != run_id:
                             log.warning("task %s: Redis restarted meanwhile; submitting it again", result.id)
                             break
                         continue
-                    return decode_reply(data)
+                    return decode_reply(data, max_bytes)
             except (PipelineError, RunnerStopped):
                 raise
             except Exception as exc:  # Redis unreachable, or the task raised
@@ -141,7 +147,7 @@ class CeleryModels:
     def _redis_run_id(self) -> str:
         import redis
 
-        client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(self.broker_url, socket_timeout=5, socket_connect_timeout=5)
         try:
             return str(client.info("server")["run_id"])
         finally:
@@ -152,6 +158,20 @@ class CeleryModels:
 
     def close(self) -> None:
         self._closed.set()
+
+
+def take_result(result, timeout: float) -> Any:
+    """A task's result (Celery's ``TimeoutError`` while it has none), deleted from Redis
+    once read. A delete that fails because Redis went away is logged: the result
+    expires by itself."""
+    data = result.get(timeout=timeout, propagate=True)
+    try:
+        result.forget()
+    except Exception as exc:
+        if not _is_connection_error(exc):
+            raise
+        log.warning("task %s: its result could not be deleted from Redis (%s); it expires by itself", result.id, exc)
+    return data
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -171,10 +191,10 @@ def queue_depth(settings: WorkerSettings) -> int | None:
     import redis
 
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        client = redis.Redis.from_url(settings.broker(), socket_timeout=2, socket_connect_timeout=2)
         try:
             return int(client.llen(settings.queue))
         finally:
             client.close()
-    except redis.exceptions.RedisError:
+    except (redis.exceptions.RedisError, ConfigError):
         return None

@@ -9,11 +9,18 @@ release accepts, so the model dict keeps the keys it had. A reply is the label i
 or ``{"error": [kind, message]}``. The
 client (``dicom_node.remote.client``) and the worker process
 (``dicom_node.remote.worker``) both build their Celery application here.
+
+An image is decompressed only up to a bound (``image_bytes_limit``: the reply's label
+map lies on the request's grid; a worker takes no more voxels than its
+``storage.max_series_voxels``), so a corrupt or forged message cannot fill the memory.
+A result lives in Redis until the node has read it (then it is deleted) or
+``RESULT_EXPIRES_SECONDS``, whichever comes first.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import zlib
 from typing import Any
@@ -21,22 +28,29 @@ from typing import Any
 import nibabel as nib
 
 from dicom_node.config import WorkerSettings
-from pipeline.errors import error_of_kind
+from pipeline.errors import SegmentationError, error_of_kind
 from pipeline.labels import Code, SegmentInfo
 from pipeline.model.types import ModelIdentity, ModelReply, RunReport
 
-__all__ = ["TASK_NAME", "LOCAL_KEYS", "make_app", "pack", "unpack", "encode_reply", "decode_reply"]
+__all__ = ["TASK_NAME", "LOCAL_KEYS", "RESULT_EXPIRES_SECONDS", "make_app", "image_bytes_limit", "pack", "unpack",
+           "encode_reply", "decode_reply"]
 
 TASK_NAME = "dicom_node.segment"
 # each worker's own; timeout_seconds only where the task names no time limit (an older node)
 LOCAL_KEYS = ("weights_dir", "home_dir", "device", "timeout_seconds")
+# A result is read by the node within seconds of being stored (it polls every 2 s) and
+# then deleted; one that nobody reads (the node gave up on the task, or restarted) goes
+# after an hour instead of lying in Redis for a day.
+RESULT_EXPIRES_SECONDS = 3600
+_HEADER_BYTES = 2**20  # a NIfTI header and its extensions, generously
 
 
 def make_app(settings: WorkerSettings):
     """The Celery application both sides use (JSON only, late acknowledgement)."""
     from celery import Celery
 
-    app = Celery("dicom_node", broker=settings.broker_url, backend=settings.broker_url)
+    broker = settings.broker()
+    app = Celery("dicom_node", broker=broker, backend=broker)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -47,7 +61,7 @@ def make_app(settings: WorkerSettings):
         task_default_queue=settings.queue,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         broker_connection_retry_on_startup=True,
-        result_expires=24 * 3600,
+        result_expires=RESULT_EXPIRES_SECONDS,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -55,12 +69,30 @@ def make_app(settings: WorkerSettings):
 
 
 
+def image_bytes_limit(voxels: int) -> int:
+    """The most an image of ``voxels`` voxels may decompress to: 8 bytes a voxel (the
+    widest NIfTI type either side sends) and its header."""
+    return voxels * 8 + _HEADER_BYTES
+
+
 def pack(image: nib.Nifti1Image) -> str:
     return base64.b64encode(zlib.compress(image.to_bytes(), 1)).decode("ascii")
 
 
-def unpack(text: str) -> nib.Nifti1Image:
-    return nib.Nifti1Image.from_bytes(zlib.decompress(base64.b64decode(text)))
+def unpack(text: str, max_bytes: int) -> nib.Nifti1Image:
+    """The image of a message, decompressed to at most ``max_bytes`` (``SegmentationError``
+    beyond, or when it is not base64 and zlib)."""
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(text, validate=True), max_bytes + 1)
+    except (binascii.Error, zlib.error, ValueError, TypeError) as exc:
+        raise SegmentationError(f"the image in a worker message cannot be read: {exc}") from exc
+    if len(raw) > max_bytes:
+        raise SegmentationError(f"the image in a worker message decompresses to more than {max_bytes} bytes, the"
+                                " bound for its grid; refused")
+    if not inflater.eof:
+        raise SegmentationError("the image in a worker message is cut short (its zlib stream does not end)")
+    return nib.Nifti1Image.from_bytes(raw)
 
 
 def _codes_to_json(codes) -> dict | None:
@@ -92,12 +124,13 @@ def encode_reply(reply: ModelReply) -> dict[str, Any]:
     }
 
 
-def decode_reply(data: dict[str, Any]) -> ModelReply:
+def decode_reply(data: dict[str, Any], max_bytes: int) -> ModelReply:
+    """The worker's reply; its label map decompressed to at most ``max_bytes``."""
     if "error" in data:
         kind, message = data["error"]
         raise error_of_kind(str(kind), str(message))
     return ModelReply(
-        labels=unpack(data["labels"]),
+        labels=unpack(data["labels"], max_bytes),
         names={int(k): v for k, v in data["names"].items()},
         codes=_codes_from_json(data["codes"]),
         model=ModelIdentity(**data["model"]),

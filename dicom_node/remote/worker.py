@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from dicom_node.config import Config
-from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, encode_reply, make_app, unpack
+from dicom_node.remote.messages import LOCAL_KEYS, TASK_NAME, encode_reply, image_bytes_limit, make_app, unpack
 from pipeline.errors import PipelineError
 from pipeline.model.runner import ModelRunner
 from pipeline.settings import ModelSettings
@@ -30,10 +30,13 @@ log = logging.getLogger(__name__)
 
 class _WorkerModels:
     """The worker process's warm runners, one per model. Each takes the worker's own
-    paths and device from the worker's preset of the same name (else its first preset)."""
+    paths and device from the worker's preset of the same name (else its first preset).
+    A request's image is decompressed to at most ``max_bytes`` (from the worker's own
+    ``storage.max_series_voxels``)."""
 
-    def __init__(self, local: dict[str, ModelSettings]) -> None:
+    def __init__(self, local: dict[str, ModelSettings], max_bytes: int) -> None:
         self.local = local
+        self.max_bytes = max_bytes
         self.runners: dict[str, ModelRunner] = {}
 
     def settings_for(self, request: dict[str, Any]) -> ModelSettings:
@@ -49,7 +52,7 @@ class _WorkerModels:
         if runner is None:
             runner = self.runners[key] = ModelRunner(settings)
         try:
-            return encode_reply(runner.run(unpack(request["image"]), timeout=timeout))
+            return encode_reply(runner.run(unpack(request["image"], self.max_bytes), timeout=timeout))
         except PipelineError as exc:
             log.warning("task failed: %s", exc)
             return {"error": [type(exc).__name__, str(exc)]}
@@ -62,7 +65,8 @@ class _WorkerModels:
 def run_worker(config: Config, *, name: str | None = None) -> int:
     """Run a Celery worker (one process, one task at a time) until it is stopped."""
     app = make_app(config.workers)
-    models = _WorkerModels({preset.name: preset.settings for preset in config.models})
+    models = _WorkerModels({preset.name: preset.settings for preset in config.models},
+                           image_bytes_limit(config.storage.max_series_voxels))
 
     def segment(task, request: dict[str, Any]) -> dict[str, Any]:
         hard, soft = getattr(task.request, "timelimit", None) or (None, None)

@@ -48,11 +48,11 @@ import pydicom
 import requests
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.config import Destination, HttpAuth
+from dicom_node.config import Destination, HttpAuth, without_credentials
 from dicom_node.errors import ConfigError, SendError, SendFailure
 from dicom_node.send.status import SendOutcome, status_meaning, transient_status
 
-__all__ = ["stow_files"]
+__all__ = ["stow_files", "query_studies"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: floa
         raise ValueError(f"destination {destination.name} is not a DICOMweb destination")
     if not paths:
         raise ValueError("no files to send")
-    peer = destination.url
+    peer = destination.peer  # the URL without a user or password (the config refuses them; belt and braces)
     endpoint = destination.url.rstrip("/") + "/studies"
     sizes, sent_uids = _read_headers(paths, peer)
     # 128 random bits: that a file holds the boundary is too unlikely to read them all for
@@ -89,10 +89,10 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: floa
         response = requests.post(endpoint, data=_MultipartBody(paths, sizes, boundary), headers=headers,
                                  timeout=timeout, verify=verify, allow_redirects=False)
     except requests.RequestException as exc:
-        raise _request_failure(exc, peer, endpoint, timeout) from exc
+        raise _request_failure(exc, peer, without_credentials(endpoint), timeout) from exc
     except _UnreadableFile as exc:
         raise SendError(f"cannot read {exc.path} to send it to {peer}: {exc.reason}", peer=peer) from exc
-    return _outcome(response, peer, endpoint, sent_uids, destination.auth)
+    return _outcome(response, peer, without_credentials(endpoint), sent_uids, destination.auth)
 
 
 def _read_headers(paths: Sequence[Path], peer: str) -> tuple[list[int], list[str]]:
@@ -172,23 +172,26 @@ def _authorization(auth: HttpAuth, peer: str) -> str:
     return "Basic " + base64.b64encode(f"{auth.username}:{secret}".encode("utf-8")).decode("ascii")
 
 
-def _request_failure(exc: requests.RequestException, peer: str, endpoint: str, timeout: float) -> SendError:
-    """A request that got no HTTP answer; every such failure is transient."""
+def _request_failure(exc: requests.RequestException, peer: str, endpoint: str, timeout: float,
+                     request: str = "STOW-RS") -> SendError:
+    """A request (``request``: its name in the message) that got no HTTP answer; every such
+    failure is transient."""
     if isinstance(exc, requests.exceptions.SSLError):
         return SendError(f"TLS with {peer} failed (tls error): {_innermost(exc)}", peer=peer, kind=SendFailure.TLS_ERROR)
     if isinstance(exc, requests.exceptions.Timeout):  # before ConnectionError: ConnectTimeout is both
-        return SendError(f"{peer} did not answer the STOW-RS within {timeout:g} s (timed out)", peer=peer,
+        return SendError(f"{peer} did not answer the {request} within {timeout:g} s (timed out)", peer=peer,
                          kind=SendFailure.TIMED_OUT)
     if isinstance(exc, requests.exceptions.ConnectionError):
         if _caused_by(exc, ConnectionRefusedError):
-            return SendError(f"STOW-RS to {peer} failed: connection refused (nothing listens there)", peer=peer,
+            return SendError(f"{request} to {peer} failed: connection refused (nothing listens there)", peer=peer,
                              kind=SendFailure.CONNECTION_REFUSED)
         if _caused_by(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-            return SendError(f"{peer} closed the connection during the STOW-RS (aborted by peer)", peer=peer,
+            return SendError(f"{peer} closed the connection during the {request} (aborted by peer)", peer=peer,
                              kind=SendFailure.ABORTED_BY_PEER)
-        return SendError(f"STOW-RS to {peer} failed: cannot connect ({_innermost(exc)})", peer=peer,
+        return SendError(f"{request} to {peer} failed: cannot connect ({_innermost(exc)})", peer=peer,
                          kind=SendFailure.CONNECTION_REFUSED)
-    return SendError(f"STOW-RS to {endpoint} failed: {type(exc).__name__}: {exc}", peer=peer)
+    return SendError(f"{request} to {endpoint} failed: {type(exc).__name__}: {without_credentials(str(exc))}",
+                     peer=peer)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
@@ -213,7 +216,7 @@ def _innermost(exc: BaseException) -> str:
         inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
         inner = inner or getattr(exc, "reason", None)
         if not isinstance(inner, BaseException):
-            return str(exc)
+            return without_credentials(str(exc))
         exc = inner
 
 
@@ -314,3 +317,31 @@ def _warnings(answer: dict | None) -> dict[int, list[str]]:
         if code is not None:
             found.setdefault(code, []).append(_uid(item))
     return found
+
+
+def query_studies(destination: Destination, *, timeout: float) -> int:
+    """One QIDO-RS request, ``GET {url}/studies?limit=1``, with the destination's credentials
+    and TLS settings: that the DICOMweb service answers and takes the credentials
+    (``dicom-node echo``, and the node's check at start). The HTTP status (2xx), or
+    ``SendError`` as a STOW-RS would fail."""
+    if destination.protocol != "dicomweb" or not destination.url:
+        raise ValueError(f"destination {destination.name} is not a DICOMweb destination")
+    peer = destination.peer
+    endpoint = destination.url.rstrip("/") + "/studies"
+    headers = {"Accept": "application/dicom+json"}
+    if destination.auth is not None:
+        headers["Authorization"] = _authorization(destination.auth, peer)
+    verify: bool | str = str(destination.ca_certificates) if destination.ca_certificates else destination.verify_tls
+    try:
+        response = requests.get(endpoint, params={"limit": "1"}, headers=headers, timeout=timeout, verify=verify,
+                                allow_redirects=False)
+    except requests.RequestException as exc:
+        raise _request_failure(exc, peer, without_credentials(endpoint), timeout, "QIDO-RS") from exc
+    http = f"HTTP {response.status_code}"
+    if response.status_code in (401, 403):
+        raise SendError(f"{peer} refused the credentials of the QIDO-RS: {http} (not authorised)", peer=peer,
+                        permanent=True, kind=SendFailure.NOT_AUTHORISED)
+    if not 200 <= response.status_code < 300:
+        raise SendError(f"QIDO-RS to {without_credentials(endpoint)} answered {http}", peer=peer,
+                        permanent=response.status_code < 500, kind=SendFailure.FAILURE_STATUS)
+    return response.status_code

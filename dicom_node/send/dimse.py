@@ -16,7 +16,10 @@ its meaning where there is one, and says whether trying again can help:
   supported, 0x0124 not authorised, ...);
 * transient (the job is retried with back-off): no connection, an association rejected
   transiently or aborted, no answer within the timeout, out of resources (0xA7xx),
-  processing failure (0x0110) or resource limitation (0x0213).
+  processing failure (0x0110) or resource limitation (0x0213), the TLS handshake or the
+  certificate check fails (kind ``tls error``: a certificate no CA of ``tls`` vouches
+  for, or one that does not name ``host``; the CA file is read at every send, so the
+  retry after the fix succeeds without a restart).
 
 ``SendError.kind`` tells "connection refused", "timed out", "aborted by peer" and
 "association rejected" apart. pynetdicom reports an association that never came about
@@ -29,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -39,14 +43,15 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination
-from dicom_node.errors import SendError, SendFailure
+from dicom_node.errors import ConfigError, SendError, SendFailure
 from dicom_node.send.status import SendOutcome, status_meaning, transient_status
 from dicom_node.tls import client_context
 
-__all__ = ["send_file", "send_files"]
+__all__ = ["send_file", "send_files", "echo"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,8 @@ def send_files(
     contexts = sorted({(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) for meta, _ in headers})
     for sop_class in sorted({sop for sop, _ in contexts}):
         ae.add_requested_context(sop_class, sorted({ts for sop, ts in contexts if sop == sop_class}))
-    tls_args = (client_context(destination.tls), None) if destination.tls else None
+    # the host as server_hostname: the certificate must name it (unless tls.check_hostname is false)
+    tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
     refused = [(sop, ts) for sop, ts in contexts if (sop, ts) not in accepted]
@@ -210,12 +216,34 @@ def _association_failure(assoc, peer: str, destination: Destination, timeout: fl
         permanent = getattr(primitive, "result", None) == 0x01
         return SendError(f"association to {peer} rejected ({result}; {source}: {reason})", peer=peer,
                          permanent=permanent, kind=SendFailure.ASSOCIATION_REJECTED)
+    if destination.tls is not None:
+        refusal = _diagnose_tls(destination, timeout)
+        if refusal:
+            return SendError(f"TLS with {peer} failed (tls error): {refusal}", peer=peer, kind=SendFailure.TLS_ERROR)
     kind = _diagnose_connection(destination.host, destination.port, timeout)
     what = {
         "connection refused": "connection refused (nothing listens there)",
         "timed out": f"no answer within {timeout:g} s (timed out)",
     }.get(kind, "the peer closed the connection before the association was accepted (aborted by peer)")
     return SendError(f"association to {peer} failed: {what}", peer=peer, kind=kind)
+
+
+def _diagnose_tls(destination: Destination, timeout: float) -> str | None:
+    """Why the TLS handshake with the destination fails (the certificate check's reason,
+    such as "IP address mismatch, certificate is not valid for '10.0.0.5'"), or None when it
+    succeeds or no connection can be made: pynetdicom only logs it. One handshake, closed
+    at once."""
+    try:
+        context = client_context(destination.tls)
+        with socket.create_connection((destination.host, destination.port), timeout=min(timeout, 5.0)) as raw:
+            with context.wrap_socket(raw, server_hostname=destination.host):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        return f"certificate verify failed: {exc.verify_message or exc.reason}"
+    except ssl.SSLError as exc:
+        return f"handshake failed: {exc.reason or exc}"
+    except (OSError, ConfigError):
+        return None
 
 
 def _diagnose_connection(host: str, port: int, timeout: float) -> str:
@@ -230,3 +258,31 @@ def _diagnose_connection(host: str, port: int, timeout: float) -> str:
         return "timed out"
     except OSError:
         return "connection refused"
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout: float = 30.0) -> None:
+    """One C-ECHO over a new association (with the destination's TLS, as a send would
+    have): return when the destination answers success, else raise ``SendError`` as
+    ``send_files`` would (connection refused, association rejected, TLS, a status)."""
+    peer = destination.peer
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.is_rejected:
+            raise SendError(f"{peer} does not accept the Verification SOP class (C-ECHO)", peer=peer,
+                            permanent=True, kind=SendFailure.CONTEXT_REJECTED)
+        raise _association_failure(assoc, peer, destination, timeout)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise SendError(f"{peer} did not answer the C-ECHO within {timeout:g} s, or aborted", peer=peer,
+                        kind=SendFailure.TIMED_OUT)
+    if int(status.Status) != 0x0000:
+        raise SendError(f"{peer} answered C-ECHO with status 0x{int(status.Status):04X}", peer=peer,
+                        status=int(status.Status), kind=SendFailure.FAILURE_STATUS)

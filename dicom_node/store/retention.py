@@ -40,6 +40,7 @@ from pathlib import Path
 
 from prometheus_client import Counter
 
+from dicom_node.audit import Audit
 from dicom_node.config import RetentionSettings
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import EndedSeries, Job, JobState, StateStore, StoredInstance
@@ -117,8 +118,10 @@ class Retention:
     reason."""
 
     def __init__(self, state: StateStore, spool: Spool, settings: RetentionSettings, min_free_bytes: int, *,
-                 deletions: Counter | None = None, free_bytes: Callable[[], int] | None = None) -> None:
+                 deletions: Counter | None = None, free_bytes: Callable[[], int] | None = None,
+                 audit: Audit | None = None) -> None:
         self.state = state
+        self.audit = audit or Audit.off()
         self.spool = spool
         self.settings = settings
         self.pressure_free_bytes = settings.pressure_bytes(min_free_bytes)
@@ -178,6 +181,7 @@ class Retention:
         """Delete one series (its instance files known now and its jobs' results), if it is
         still as seen; None when it changed since (left for the next run)."""
         counted = {"files": 0, "bytes": 0, "kept": 0}
+        deleted: list[str] = []  # SOP instance UIDs, for the audit
 
         def remove(instances: list[StoredInstance]) -> None:
             for instance in instances:
@@ -187,6 +191,7 @@ class Retention:
                 else:
                     counted["files"] += 1
                     counted["bytes"] += size
+                    deleted.append(instance.sop_instance_uid)
             self._remove_if_empty(candidate.seen.series.folder)
             for job in candidate.jobs:
                 folder = self.spool.result_folder(job.id)
@@ -200,6 +205,9 @@ class Retention:
             return None
         if self.deletions is not None:
             self.deletions.labels(reason=reason.value).inc()
+        self.audit.record_deleted(study=candidate.seen.series.study_instance_uid,
+                                  series=candidate.series_instance_uid, sops=deleted,
+                                  jobs=[job.id for job in candidate.jobs], reason=f"retention ({reason.value})")
         log.info("retention (%s): deleted series %s, jobs %s: %d instance file(s) and the jobs' results, %d bytes%s",
                  reason.value, candidate.series_instance_uid, jobs, counted["files"], counted["bytes"],
                  f"; {counted['kept']} file(s) being received again kept" if counted["kept"] else "")

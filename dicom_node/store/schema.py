@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     model_run           TEXT,
     routing             TEXT,
     model_outcomes      TEXT,
-    allow_partial       INTEGER NOT NULL DEFAULT 0
+    allow_partial       INTEGER NOT NULL DEFAULT 0,
+    queued_at           REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 CREATE INDEX IF NOT EXISTS jobs_by_upto ON jobs(upto_seq);  -- the next receive sequence number
@@ -101,6 +102,7 @@ _DROPPED_TRIGGERS = ("jobs_log_send",)  # triggers of earlier releases
 _TRIGGERS = {
     "jobs_stamp_created": """AFTER INSERT ON jobs BEGIN
         UPDATE jobs SET
+            queued_at = COALESCE(NEW.queued_at, NEW.created_at),
             completed_at = COALESCE(NEW.completed_at, NEW.created_at),
             received_at = COALESCE(NEW.received_at,
                 (SELECT MIN(i.received_at) FROM instances i
@@ -109,6 +111,10 @@ _TRIGGERS = {
                                 WHERE o.series_instance_uid = NEW.series_instance_uid AND o.id < NEW.id)),
                 (SELECT first_received_at FROM series WHERE series_instance_uid = NEW.series_instance_uid))
         WHERE id = NEW.id;
+    END""",
+    "jobs_stamp_queued": """AFTER UPDATE OF state ON jobs
+        WHEN NEW.state = 'received' AND OLD.state IS NOT 'received' BEGIN
+        UPDATE jobs SET queued_at = NEW.updated_at WHERE id = NEW.id;
     END""",
     "jobs_stamp_processing": """AFTER UPDATE OF state ON jobs
         WHEN NEW.state = 'processing' AND OLD.state IS NOT 'processing' BEGIN
@@ -143,6 +149,7 @@ _ADDED_COLUMNS = (
     ("jobs", "routing", "TEXT"),
     ("jobs", "model_outcomes", "TEXT"),
     ("jobs", "allow_partial", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "queued_at", "REAL"),
     ("sends", "destination", "TEXT"),
     ("outbox", "series_uid", "TEXT"),
 )

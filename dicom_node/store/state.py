@@ -38,7 +38,8 @@ seen (``purge_series``): instance rows go with their files, job rows stay, ``pur
 Timestamps: the database itself stamps every job as its state changes (triggers, so
 that every writer, whichever function moves the job, is covered): ``received_at`` (the
 first instance the job covers arrived), ``completed_at`` (the series completed; the job
-was created), ``processing_at`` (the worker took it), ``processed_at`` (the pipeline
+was created), ``queued_at`` (it was queued for processing: created, or queued again by
+``retry``), ``processing_at`` (the worker took it), ``processed_at`` (the pipeline
 ended: results to send, skipped, no result or failed) and ``sent_at`` (the last outbox
 row was sent). Every send attempt is logged in ``sends`` with its destination and
 outcome: each destination's recent history, which readiness (``/readyz``) reads.
@@ -128,17 +129,26 @@ class Job:
     routing: str | None = None  # the routing decision and why (``dicom_node.work.plan.Plan.explanation``)
     model_outcomes: str | None = None  # one line per model preset that the rules chose: "NAME: what happened"
     allow_partial: bool = False  # processed although its series is known not whole (``retry --allow-partial``)
+    queued_at: float | None = None  # it was queued for processing: created, or queued again by ``retry``
+
+    @property
+    def queued_since(self) -> float:
+        """When it was last queued for processing (its creation for a database of an
+        earlier release)."""
+        return self.queued_at if self.queued_at is not None else self.created_at
 
     def stage_seconds(self) -> dict[str, float | None]:
-        """Seconds per stage: receiving (first instance to completion), queued (to the
-        worker), processing (the pipeline) and sending (SEG made to sent); None for a
+        """Seconds per stage: receiving (first instance to completion), queued (from its
+        last queuing, ``queued_since``, to the worker: a job processed again, or queued
+        again by ``retry``, counts from then, not from its series' completion),
+        processing (the pipeline) and sending (SEG made to sent); None for a
         stage not reached (or from a database older than the timestamps)."""
         def between(start: float | None, end: float | None) -> float | None:
             return None if start is None or end is None else round(max(end - start, 0.0), 3)
 
         return {
             "receiving": between(self.received_at, self.completed_at),
-            "queued": between(self.created_at, self.processing_at),
+            "queued": between(self.queued_since, self.processing_at),
             "processing": between(self.processing_at, self.processed_at),
             "sending": between(self.processed_at, self.sent_at),
         }

@@ -3,16 +3,23 @@
 Served by the HTTP endpoint (``dicom_node.web.http``), from the node itself (plain HTML,
 CSS and a little JavaScript in ``dicom_node/static``; nothing from the internet):
 
-* ``GET /`` the page; ``GET /static/NAME`` its script and style sheet;
+* ``GET /`` the page; ``GET /static/NAME`` its script and style sheet: a shell without
+  data, which asks for the token and sends it as ``Authorization: Bearer TOKEN`` on
+  its reads (never in a URL);
 * ``GET /api/jobs[?state=S...]`` the jobs as JSON (``job_record`` per job, plus the
   series description and the destination), newest first;
 * ``GET /api/jobs/ID/preview.png`` the source series' middle slice with the
   structures of the job's SEG drawn over it (``render_preview``), computed on request
-  from the spool;
+  from the spool; only from MR and CT images without burned-in annotation
+  (``PREVIEW_SOP_CLASSES``), and not at all with ``http.ui_previews: false``;
 * ``POST /api/jobs/ID/retry`` queues a job again (a failed job as ``dicom-node retry``,
-  any other ended job as ``retry --reprocess``). It needs ``Authorization: Bearer
-  TOKEN`` with the token from ``http.ui_token`` or ``http.ui_token_file``: 401 without
-  it, 403 with another token or when no token is configured; nothing is queued then.
+  any other ended job as ``retry --reprocess``).
+
+Reads (``/api/...``) need the action token or the read-only token
+(``http.ui_read_token_file``), unless ``http.ui_public_read``; the retry needs the action
+token (``http.ui_token_file`` or ``http.ui_token_env``). Without a token the answer is
+401, with a wrong one 403 (and, after a few, 429: ``dicom_node.web.access``); nothing is
+queued then.
 
 The page and its data carry UIDs, AE titles and series descriptions only, never a
 patient's name, ID or birth date.
@@ -21,7 +28,6 @@ patient's name, ID or birth date.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import io
 import json
 import logging
@@ -33,15 +39,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from dicom_node.audit import Audit
 from dicom_node.config import Destination
 from dicom_node.store.state import Job, JobState, OutboxCounts, OutboxItem, StateStore
+from dicom_node.web.access import Gate, Need, PageTokens
 from dicom_node.web.http import Response
+from pipeline.masking import PATIENT_KEYWORDS, PatientMask, cut
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-__all__ = ["StatusPage", "job_record", "iso_time", "render_preview", "overlay", "middle_image"]
+__all__ = ["StatusPage", "job_record", "iso_time", "render_preview", "overlay", "middle_image",
+           "PREVIEW_SOP_CLASSES", "NoPreview"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,16 @@ _STATIC_FILES = {
 }
 _JOB_PATH = re.compile(r"^/api/jobs/(\d+)/(preview\.png|retry)$")
 _OVERLAY_ALPHA = 0.5
+# The only objects a preview is drawn from: MR and CT images (a secondary capture, an
+# ultrasound or a photo may carry burned-in demographics, and is never shown).
+PREVIEW_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+})
 # Colours for segments whose SEG gives none (tab10).
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -84,6 +104,7 @@ def job_record(job: Job, now: float, outbox: Sequence[OutboxItem] = ()) -> dict:
         "age_seconds": round(now - job.created_at, 1),
         "received_at": iso_time(job.received_at),
         "completed_at": iso_time(job.completed_at),
+        "queued_at": iso_time(job.queued_since),
         "processing_at": iso_time(job.processing_at),
         "processed_at": iso_time(job.processed_at),
         "sent_at": iso_time(job.sent_at),
@@ -102,15 +123,27 @@ def job_record(job: Job, now: float, outbox: Sequence[OutboxItem] = ()) -> dict:
 
 # -- the preview ----------------------------------------------------------------------------
 
-_GEOMETRY_TAGS = ["Rows", "Columns", "NumberOfFrames", "InstanceNumber", "ImageOrientationPatient",
-                  "ImagePositionPatient", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
+_GEOMETRY_TAGS = ["SOPClassUID", "BurnedInAnnotation", "Rows", "Columns", "NumberOfFrames", "InstanceNumber",
+                  "ImageOrientationPatient", "ImagePositionPatient", "SharedFunctionalGroupsSequence",
+                  "PerFrameFunctionalGroupsSequence"]
+
+
+class NoPreview(ValueError):
+    """The series holds nothing a preview may be drawn from (no MR or CT image, or only
+    images marked BurnedInAnnotation YES)."""
+
+
+def _previewable(ds) -> bool:
+    return (str(ds.get("SOPClassUID", "")) in PREVIEW_SOP_CLASSES
+            and str(ds.get("BurnedInAnnotation", "") or "").strip().upper() != "YES")
 
 
 def middle_image(paths: list[Path]) -> tuple[Path, int | None]:
     """The middle image of a series: (file, frame index for a multi-frame object, else None).
 
-    Classic images are ordered along their slice normal (by InstanceNumber where the
-    geometry is missing), frames of a multi-frame object by their plane positions.
+    Only MR and CT images without burned-in annotation count (``NoPreview`` when there
+    are none). Classic images are ordered along their slice normal (by InstanceNumber
+    where the geometry is missing), frames of a multi-frame object by their plane positions.
     """
     import numpy as np
     import pydicom
@@ -118,10 +151,10 @@ def middle_image(paths: list[Path]) -> tuple[Path, int | None]:
     images = []
     for path in paths:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
-        if "Rows" in ds and "Columns" in ds:
+        if "Rows" in ds and "Columns" in ds and _previewable(ds):
             images.append((path, ds))
     if not images:
-        raise ValueError("the series holds no image")
+        raise NoPreview("the series holds no MR or CT image without burned-in annotation")
     multi = [(path, ds) for path, ds in images if int(ds.get("NumberOfFrames") or 1) > 1]
     if multi:
         path, ds = max(multi, key=lambda item: int(item[1].NumberOfFrames))
@@ -213,6 +246,8 @@ def render_preview(paths: list[Path], seg_path: Path | None) -> bytes:
 
     path, frame = middle_image(paths)
     source = pydicom.dcmread(path)
+    if not _previewable(source):  # the file changed since middle_image read it
+        raise NoPreview("the series holds no MR or CT image without burned-in annotation")
     pixels = pixel_array(source, index=frame) if frame is not None else source.pixel_array
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
         pixels = pixels[..., :3].mean(axis=-1)  # a colour image: its brightness
@@ -248,40 +283,56 @@ def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Res
 class StatusPage:
     """The status page's routes over the state store (see the module docstring)."""
 
-    def __init__(self, state: StateStore, destinations: Sequence[Destination], token: str | None,
-                 static_dir: Path = STATIC) -> None:
+    def __init__(self, state: StateStore, destinations: Sequence[Destination], tokens: PageTokens | Gate,
+                 static_dir: Path = STATIC, *, previews: bool = True, audit: Audit | None = None) -> None:
         self.state = state
+        self.audit = audit or Audit.off()
         self.destinations = tuple(destinations)
-        self._token = token
+        self.gate = tokens if isinstance(tokens, Gate) else Gate(tokens)
+        self.previews = previews
         self.static_dir = static_dir
         self._lock = threading.Lock()
         self._descriptions: dict[str, str | None] = {}
         self._previews: OrderedDict[tuple, bytes] = OrderedDict()
 
-    def handle(self, method: str, path: str, query: dict[str, list[str]], headers) -> Response | None:
+    def handle(self, method: str, path: str, query: dict[str, list[str]], headers, client: str = "") -> Response | None:
         if method == "GET" and path in ("/", "/ui", "/ui/"):
-            return self._static("index.html", "text/html; charset=utf-8")
+            return self._static("index.html", "text/html; charset=utf-8")  # the shell: no data
         if method == "GET" and path.startswith("/static/"):
             name = path[len("/static/"):]
             return self._static(name, _STATIC_FILES[name]) if name in _STATIC_FILES else None
         if method == "GET" and path == "/api/jobs":
-            return self._jobs(query.get("state", []))
+            return self._refused(headers, client, Need.READ, method, path) or self._jobs(
+                query.get("state", []), self._acts(headers))
         match = _JOB_PATH.match(path)
         if match is None:
             return None
         job_id, action = int(match.group(1)), match.group(2)
         if action == "preview.png":
-            return self._preview(job_id) if method == "GET" else _json(405, {"error": "use GET"})
+            if method != "GET":
+                return _json(405, {"error": "use GET"})
+            return self._refused(headers, client, Need.READ, method, path) or self._preview(job_id)
         if method != "POST":
             return _json(405, {"error": "use POST"}, {"Allow": "POST"})
-        return self._retry(job_id, headers)
+        refused = self._refused(headers, client, Need.ACT, method, path)
+        if refused is not None:
+            log.warning("status page: retry of job %d from %s refused (HTTP %d)", job_id, client, refused[0])
+            return self._audited(job_id, client, refused)
+        return self._audited(job_id, client, self._retry(job_id))
+
+    def _refused(self, headers, client: str, need: Need, method: str, path: str) -> Response | None:
+        refusal = self.gate.check(headers, client, need, f"{method} {path}")
+        return None if refusal is None else _json(refusal.status, {"error": refusal.error}, dict(refusal.headers))
+
+    def _acts(self, headers) -> bool:
+        """Whether the request's token may act (the page enables its buttons then)."""
+        return self.gate.can_act(headers)
 
     def _static(self, name: str, kind: str) -> Response:
-        body = (self.static_dir / name).read_bytes()
-        return Response(200, body, kind, {"Cache-Control": "no-cache"})
+        return Response(200, (self.static_dir / name).read_bytes(), kind)
 
     # -- data ---------------------------------------------------------------------------
-    def _jobs(self, states: list[str]) -> Response:
+    def _jobs(self, states: list[str], acts: bool = False) -> Response:
         known = {state.value for state in JobState}
         unknown = [state for state in states if state not in known]
         if unknown:
@@ -299,13 +350,16 @@ class StatusPage:
             "jobs": records,
             "destinations": [{"name": d.name, "peer": d.peer, "outputs": list(d.outputs),
                               **dataclasses.asdict(outbox.get(d.name, OutboxCounts()))} for d in self.destinations],
-            "actions": self._token is not None,
+            "actions": self.gate.actions,
+            "can_act": acts,
+            "previews": self.previews,
             "states": [state.value for state in JobState],
             "now": iso_time(now),
         })
 
     def _description(self, job: Job) -> str | None:
-        """The series' SeriesDescription, read once from one of its instances."""
+        """The series' SeriesDescription, read once from one of its instances, through the
+        patient mask of its header (``pipeline.masking``) and cut to one short line."""
         uid = job.series.series_instance_uid
         with self._lock:
             if uid in self._descriptions:
@@ -315,8 +369,9 @@ class StatusPage:
         description = None
         for path in self.state.instance_paths(uid, upto_seq=job.upto_seq)[:1]:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"])
-                description = str(ds.get("SeriesDescription") or "") or None
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["SeriesDescription", *PATIENT_KEYWORDS])
+                description = cut(PatientMask.of(ds)(str(ds.get("SeriesDescription") or ""))) or None
             except (OSError, pydicom.errors.InvalidDicomError):
                 return None  # not cached: the file may come back (it was being written)
         with self._lock:
@@ -326,6 +381,8 @@ class StatusPage:
         return description
 
     def _preview(self, job_id: int) -> Response:
+        if not self.previews:
+            return _json(404, {"error": "previews are off (http.ui_previews: false)"})
         job = self.state.job(job_id)
         if job is None:
             return _json(404, {"error": f"no job {job_id}"})
@@ -342,6 +399,8 @@ class StatusPage:
                 return _json(404, {"error": f"job {job_id}: its instances are no longer in the spool"})
             try:
                 cached = render_preview(paths, seg)
+            except NoPreview as exc:
+                return _json(404, {"error": f"job {job_id}: no preview: {exc}"})
             except (ValueError, AttributeError, RuntimeError, NotImplementedError) as exc:
                 log.info("job %d: no preview: %s", job_id, exc)
                 return _json(422, {"error": f"job {job_id}: no preview: {exc}"})
@@ -349,27 +408,25 @@ class StatusPage:
                 self._previews[key] = cached
                 while len(self._previews) > 64:
                     self._previews.popitem(last=False)
-        return Response(200, cached, "image/png", {"Cache-Control": "private, max-age=300"})
+        return Response(200, cached, "image/png")
 
     # -- actions ------------------------------------------------------------------------
-    def _authorised(self, headers) -> Response | None:
-        """None when the request carries the configured token; else the refusal."""
-        if self._token is None:
-            return _json(403, {"error": "actions are off: no http.ui_token or http.ui_token_file configured"})
-        given = (headers.get("Authorization") or "").strip()
-        if not given:
-            return _json(401, {"error": "this action needs the token (Authorization: Bearer TOKEN)"},
-                         {"WWW-Authenticate": 'Bearer realm="dicom-node"'})
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token.encode()):
-            return _json(403, {"error": "wrong token"})
-        return None
+    def _audited(self, job_id: int, client: str, answer: Response) -> Response:
+        """``answer``, after the audit event of the action (refused ones too), by the client's address."""
+        status, body = answer[0], answer[1]
+        try:
+            detail = json.loads(body)
+        except ValueError:
+            detail = {}
+        job = self.state.job(job_id) if status not in (401, 403, 429) else None
+        self.audit.record_page_action(
+            client=client, action="retry", ok=status == 202, job_id=job_id, status=status,
+            study=job.series.study_instance_uid if job else None,
+            series=job.series.series_instance_uid if job else None,
+            new_job=detail.get("job") if status == 202 else None, reason=None if status == 202 else detail.get("error"))
+        return answer
 
-    def _retry(self, job_id: int, headers) -> Response:
-        refused = self._authorised(headers)
-        if refused is not None:
-            log.warning("status page: retry of job %d refused (HTTP %d)", job_id, refused[0])
-            return refused
+    def _retry(self, job_id: int) -> Response:
         job = self.state.job(job_id)
         if job is None:
             return _json(404, {"error": f"no job {job_id}"})

@@ -12,16 +12,21 @@ headers come in already read.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dicom_node.config import Config, Destination
+from pipeline.errors import PipelineError, TooFewSlicesError
 from pipeline.input.preprocess import PreprocessingMode
+from pipeline.input.series import assemble_series
+from pipeline.input.volume import check_size
+from pipeline.input.wholeness import known_missing, placement_of
 from pipeline.outputs.options import OutputRequest, distinct
 from pipeline.process import SeriesHeaders, preprocessing_for
 from pipeline.routing.facts import series_facts
 from pipeline.routing.rules import Routing, SeriesFacts, route
 
-__all__ = ["ModelPlan", "Plan", "plan_series", "requests_for"]
+__all__ = ["ModelPlan", "Plan", "plan_series", "check_series", "requests_for"]
 
 _FIELDS = (
     ("modality", "Modality"), ("body_part_examined", "BodyPartExamined"), ("series_description", "SeriesDescription"),
@@ -54,6 +59,9 @@ class Plan:
     models: tuple[ModelPlan, ...]
     destinations: tuple[Destination, ...]
     result_keys: dict[str, tuple[str, ...]]  # destination name -> the object keys it receives
+    # what the series checks that need no model found (``check_series``): a failure, or a skip
+    series_problem: str | None = None
+    series_skip: str | None = None
 
     @property
     def running(self) -> tuple[ModelPlan, ...]:
@@ -64,6 +72,8 @@ class Plan:
         """Why no model runs (None: at least one does)."""
         if self.routing.skip_reason is not None:
             return self.routing.skip_reason
+        if self.series_skip is not None:
+            return self.series_skip
         if self.running:
             return None
         if len(self.models) == 1:
@@ -84,6 +94,9 @@ class Plan:
         lines += [f"  {line}" for line in self.routing.explanation]
         if self.skip_reason is not None:
             lines.append(f"decision: skip: {self.skip_reason}")
+            return "\n".join(lines)
+        if self.series_problem is not None:
+            lines.append(f"decision: fail: {self.series_problem} (found without running a model)")
             return "\n".join(lines)
         lines.append("decision:")
         for model in self.models:
@@ -118,6 +131,28 @@ def plan_series(config: Config, series: SeriesHeaders, calling_ae_title: str) ->
     result_keys = {d.name: tuple(config.result_key(preset, request) for preset in running for request in d.requests)
                    for d in destinations}
     return Plan(facts, routing, tuple(models), destinations, result_keys)
+
+
+def check_series(config: Config, series: SeriesHeaders, plan: Plan) -> Plan:
+    """The plan with what the series checks that need no model find, as the processor
+    would meet them: slices known missing (a gap in the positions, fewer images than the
+    headers announce), the geometry of the stack (orientations, spacing, a missing
+    slice), too few slices for a volume (a skip), or too many voxels to decode. For
+    ``rules test``; a plan whose models do not run is returned as it is."""
+    if plan.skip_reason is not None:
+        return plan
+    missing = known_missing(placement_of(ds) for _, ds in series.headers)
+    if missing is not None:
+        return dataclasses.replace(plan, series_problem=f"the series is not whole: {missing}")
+    settings = config.pipeline_for(plan.running[0].preset)
+    try:
+        assembled = assemble_series(series.headers, min_slices=settings.min_slices, four_d=settings.four_d)
+        check_size(assembled, config.storage.max_series_voxels)
+    except TooFewSlicesError as exc:
+        return dataclasses.replace(plan, series_skip=f"not a volume: {exc}")
+    except PipelineError as exc:
+        return dataclasses.replace(plan, series_problem=str(exc))
+    return plan
 
 
 def requests_for(plan: Plan) -> list[OutputRequest]:

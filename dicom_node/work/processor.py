@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pydicom
 
+from dicom_node.audit import Audit
 from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError, SendFailure
 from dicom_node.metrics import Metrics
@@ -47,9 +48,10 @@ from dicom_node.receive.completion import incompleteness
 from dicom_node.send.senders import sender_for
 from dicom_node.send.status import SendOutcome
 from dicom_node.store.spool import Spool
-from dicom_node.store.state import Job, JobState, JobUpdate, OutboxItem, OutboxState, StateStore
+from dicom_node.store.state import TERMINAL_STATES, Job, JobState, JobUpdate, OutboxItem, OutboxState, StateStore
 from dicom_node.work.plan import Plan, plan_series, requests_for
 from pipeline.errors import ModelTimeoutError, PipelineError
+from pipeline.masking import PATIENT_KEYWORDS, PatientMask
 from pipeline.model.segment import Segmenter
 from pipeline.model.types import RunnerStopped
 from pipeline.outputs.encode import SaveInstance
@@ -79,7 +81,7 @@ class ModelRun:
 
     @property
     def timing(self) -> str:
-        return ", ".join(f"{k} {v:.1f}s" for k, v in self.result.seconds.items()) if self.result else ""
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.result.timing.items()) if self.result else ""
 
     @property
     def produced(self) -> bool:
@@ -94,10 +96,11 @@ def retry_delay(attempts: int, base: float) -> float:
 class Processor:
     def __init__(
         self, config: Config, state: StateStore, spool: Spool, segmenters: Segmenter | Mapping[str, Segmenter],
-        metrics: Metrics,
+        metrics: Metrics, audit: Audit | None = None,
     ) -> None:
         """``segmenters``: one per model preset, by name (one segmenter: the same for every preset)."""
         self.metrics = metrics
+        self.audit = audit or Audit.off()
         self.config = config
         self.state = state
         self.spool = spool
@@ -105,6 +108,7 @@ class Processor:
             segmenters = {preset.name: segmenters for preset in config.models}
         self.segmenters = dict(segmenters)
         self.stopping = threading.Event()  # set when the node stops: waiting for the state store ends
+        self._masks: dict[int, PatientMask] = {}  # the patient mask of each job in hand, by job id
 
     def run(self, job: Job) -> JobState:
         """Advance one claimed job as far as it can go now (each due send attempted
@@ -116,24 +120,84 @@ class Processor:
         return state
 
     def process(self, job: Job) -> JobState:
-        """Run the pipeline for a ``processing`` job; its new state."""
+        """Run the pipeline for a ``processing`` job; its new state. Every text it records
+        or logs about the job goes through the patient mask of the job's series."""
+        self._masks[job.id] = self._patient_mask(job)
         try:
-            return self._process(job)
+            return self.audit_end(job.id, self._process(job))
         except RunnerStopped:
             log.info("job %d: handed back (the node is stopping); it runs again at the next start", job.id)
             return JobState.PROCESSING
         except Exception as exc:  # the job boundary: one job fails, the processor goes on
-            return self._unexpected(job, exc)
+            return self.audit_end(job.id, self._unexpected(job, exc))
+        finally:
+            self._masks.pop(job.id, None)
+
+    def _patient_mask(self, job: Job) -> PatientMask:
+        """The mask of the patient the job's series names (read from one of its instances);
+        an empty one when none can be read (the job then fails on reading it anyway)."""
+        for path in self.state.instance_paths(job.series.series_instance_uid, upto_seq=job.upto_seq)[:1]:
+            try:
+                return PatientMask.of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PATIENT_KEYWORDS)))
+            except Exception:  # an unreadable file: its job fails on reading the series
+                return PatientMask()
+        return PatientMask()
+
+    def _mask(self, job: Job) -> PatientMask:
+        return self._masks.get(job.id, PatientMask())
+
+    def _masked(self, job: Job, update: JobUpdate) -> JobUpdate:
+        """The texts of ``update`` through the job's patient mask."""
+        mask = self._mask(job)
+        return dataclasses.replace(update, reason=mask(update.reason), routing=mask(update.routing),
+                                   model_run=mask(update.model_run), model_outcomes=mask(update.model_outcomes),
+                                   last_error=mask(update.last_error))
 
     def send(self, item: OutboxItem) -> JobState:
         """One send attempt of an outbox row; its job's new state."""
         try:
-            return self._send(item)
+            return self.audit_end(item.job_id, self._send(item))
         except sqlite3.Error:
             raise  # the state store failed, not the send: the send loop backs off
         except Exception as exc:  # the send boundary: this row fails, the sender goes on
             log.exception("job %d: unexpected error sending %s to %s", item.job_id, item.object, item.destination)
-            return self._record_send(item, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+            return self.audit_end(item.job_id, self._record_send(
+                item, ok=False, error=f"internal error: {type(exc).__name__}: {exc}"))
+
+    def audit_end(self, job_id: int, state: JobState) -> JobState:
+        """``state``, after the audit event of a job that has reached its outcome (also
+        called by the node for a series that completion failed as not whole)."""
+        if not self.audit.enabled or state not in TERMINAL_STATES:
+            return state
+        try:
+            job = self.state.job(job_id)
+        except sqlite3.Error as exc:
+            log.error("job %d: its end is not audited: the state store cannot be read (%s)", job_id, exc)
+            return state
+        if job is not None:
+            self.audit.record_job_ended(job_id=job.id, state=job.state.value, failed=job.state is JobState.FAILED,
+                                        study=job.series.study_instance_uid, series=job.series.series_instance_uid,
+                                        reason=job.reason, reprocess_of=job.reprocess_of)
+        return state
+
+    def _audit_send(self, item: OutboxItem, files: list[Path], destination: Destination, *, ok: bool,
+                    final: bool, error: str | None = None, warning: str | None = None) -> None:
+        """The audit event of one send attempt: the object's UIDs (its files are named by
+        SOP instance UID) and where it went."""
+        if not self.audit.enabled:
+            return
+        study = series = None
+        try:
+            job = self.state.job(item.job_id)
+            study = job.series.study_instance_uid if job is not None else None
+            if files:
+                series = str(pydicom.dcmread(files[0], stop_before_pixels=True,
+                                             specific_tags=["SeriesInstanceUID"]).get("SeriesInstanceUID", "")) or None
+        except (sqlite3.Error, OSError, pydicom.errors.InvalidDicomError) as exc:
+            log.warning("job %d: the audit event of its %s send lacks UIDs (%s)", item.job_id, item.object, exc)
+        self.audit.record_sent(job_id=item.job_id, destination=item.destination, peer=destination.peer,
+                               object_key=item.object, study=study, series=series, sops=[f.stem for f in files],
+                               ok=ok, final=final, error=error, warning=warning)
 
     def _record_send(self, item: OutboxItem, **outcome) -> JobState:
         """Record an attempt's outcome; when the state store fails, try again with back-off
@@ -157,14 +221,15 @@ class Processor:
         log.exception("job %d: unexpected error", job.id)
         reason = f"internal error: {type(exc).__name__}: {exc}"
         self.metrics.series_outcomes.labels("failed").inc()
-        self.state.update_job(job.id, JobState.FAILED, JobUpdate(reason=reason))
+        self.state.update_job(job.id, JobState.FAILED, self._masked(job, JobUpdate(reason=reason)))
         return JobState.FAILED
 
     def _fail(self, job: Job, reason: str, recorded: JobUpdate = JobUpdate(), *,
               expect: JobState = JobState.PROCESSING) -> JobState:
-        log.warning("job %d: failed: %s", job.id, reason)
+        update = self._masked(job, dataclasses.replace(recorded, reason=reason))
+        log.warning("job %d: failed: %s", job.id, update.reason)
         self.metrics.series_outcomes.labels("failed").inc()
-        if not self.state.update_job(job.id, JobState.FAILED, dataclasses.replace(recorded, reason=reason), expect=expect):
+        if not self.state.update_job(job.id, JobState.FAILED, update, expect=expect):
             return self._superseded(job)
         return JobState.FAILED
 
@@ -226,14 +291,14 @@ class Processor:
                if first.result is not None and first.preset == plan.running[0].preset else None)
         if not self.state.start_sending(
             job.id, items, object_series=series,
-            update=dataclasses.replace(recorded, reason=reason, result_path=next(iter(saved.values()))[0],
-                                       seg_series_uid=seg),
+            update=self._masked(job, dataclasses.replace(recorded, reason=reason,
+                                                         result_path=next(iter(saved.values()))[0], seg_series_uid=seg)),
         ):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(Outcome.SEG.value).inc()
         made = ", ".join(f"{name} ({len(files)})" for name, files in saved.items())
         timing = "; ".join(f"{run.preset}: " * several + run.timing for run in results)
-        log.info("job %d: made %s with %s (%s)", job.id, made, reason, timing)
+        log.info("job %d: made %s with %s (%s)", job.id, made, self._mask(job)(reason), timing)
         return JobState.SENDING
 
     def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan, *,
@@ -257,7 +322,7 @@ class Processor:
                     save=None if saver is None else saver.for_preset(model.preset),
                 ))
             except PipelineError as exc:
-                log.warning("job %d: model %s failed: %s", job.id, model.preset, exc)
+                log.warning("job %d: model %s failed: %s", job.id, model.preset, self._mask(job)(str(exc)))
                 runs.append(ModelRun(model.preset, str(exc), failed=True))
                 continue
             except RunnerStopped:
@@ -295,24 +360,30 @@ class Processor:
 
     def _end_without_result(self, job: Job, state: JobState, outcome: Outcome, reason: str,
                             recorded: JobUpdate) -> JobState:
-        if not self.state.update_job(job.id, state, dataclasses.replace(recorded, reason=reason), expect=JobState.PROCESSING):
+        update = self._masked(job, dataclasses.replace(recorded, reason=reason))
+        if not self.state.update_job(job.id, state, update, expect=JobState.PROCESSING):
             return self._superseded(job)
         self.metrics.series_outcomes.labels(outcome.value).inc()
-        log.info("job %d: %s: %s", job.id, state.value, reason)
+        log.info("job %d: %s: %s", job.id, state.value, update.reason)
         return state
 
     def _model_report(self, run: ModelRun) -> str | None:
         """The model process's report of this thread's last run of the preset, into the
         metrics and a line (None when its model did not run)."""
-        report = getattr(self.segmenters[run.preset], "last_report", None)
-        if report is None or run.result is None or "segment" not in run.result.seconds:
+        if run.result is None or "segment" not in run.result.seconds:
+            return None
+        report = run.result.model_report or getattr(self.segmenters[run.preset], "last_report", None)
+        if report is None:
             return None
         self.metrics.model_runs.labels(report.worker, report.device).inc()
         for part, seconds in (("load", report.load_seconds), ("forward", report.forward_seconds),
                               ("overhead", report.overhead_seconds)):
             self.metrics.model_seconds.labels(part).observe(seconds)
-        return (f"{report.worker} on {report.device}: load {report.load_seconds:.1f}s, forward"
-                f" {report.forward_seconds:.1f}s, overhead {report.overhead_seconds:.1f}s (model loads: {report.loads})")
+        # every part of the preset's run, so that they add up to its time (not only the model process's)
+        timing = run.result.timing
+        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timing.items())
+        return (f"{report.worker} on {report.device}: {parts} (total {sum(timing.values()):.1f}s;"
+                f" model loads: {report.loads})")
 
     def _send(self, item: OutboxItem) -> JobState:
         settings = self.config.send
@@ -338,11 +409,15 @@ class Processor:
                 error = (f"send refused, not retried: {exc}" if permanent
                          else f"send failed after {attempts} attempt(s): {exc}")
                 log.error("%s: %s", what, error)
+                self._audit_send(item, files, destination, ok=False, final=True, error=error)
                 return self._record_send(item, ok=False, error=error)
             delay = retry_delay(attempts, settings.retry_delay_seconds)
             log.warning("%s: send attempt %d failed (%s); next in %.0fs", what, attempts, exc, delay)
+            self._audit_send(item, files, destination, ok=False, final=False,
+                             error=f"send attempt {attempts} failed: {exc}")
             return self._record_send(item, ok=False, error=f"send attempt {attempts} failed: {exc}",
                                           retry_at=time.time() + delay)
+        self._audit_send(item, files, destination, ok=True, final=True, warning=outcome.warning)
         state = self._record_send(item, ok=True, warning=outcome.warning)
         log.info("job %d: %s sent to %s%s", item.job_id, item.object, item.destination,
                  "" if outcome.warning is None else f" with warning {outcome.warning}")

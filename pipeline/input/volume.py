@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from pipeline.errors import SeriesError, SeriesTooLargeError
 from pipeline.input.series import Series
 
-__all__ = ["Volume", "read_volume", "decoded_voxels"]
+__all__ = ["Volume", "read_volume", "decoded_voxels", "check_size"]
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,22 @@ def decoded_voxels(series: Series) -> tuple[int, str]:
     return series.rows * series.columns * (classic + frames), f"{' and '.join(parts)} of {series.rows}x{series.columns}"
 
 
-def read_volume(series: Series, *, max_voxels: int | None = None) -> Volume:
-    """Decode every slice of ``series`` into one float32 SimpleITK image; with
-    ``max_voxels``, a series that needs more is refused before any pixel is decoded."""
+def check_size(series: Series, max_voxels: int | None) -> None:
+    """``SeriesTooLargeError`` for a series that needs more than ``max_voxels`` voxels to
+    decode (None: no limit), from its headers alone."""
     if max_voxels is not None:
         voxels, what = decoded_voxels(series)
         if voxels > max_voxels:
             raise SeriesTooLargeError(
                 f"too large to decode: {voxels:,} voxels ({what}), above the limit of {max_voxels:,} per series"
-                " (max_series_voxels); no pixel was decoded"
+                " (storage.max_series_voxels); no pixel was decoded"
             )
+
+
+def read_volume(series: Series, *, max_voxels: int | None = None) -> Volume:
+    """Decode every slice of ``series`` into one float32 SimpleITK image; with
+    ``max_voxels``, a series that needs more is refused before any pixel is decoded."""
+    check_size(series, max_voxels)
     # planes go straight into the image (SimpleITK pastes in place): one float32 copy, never two
     image = sitk.Image([series.columns, series.rows, len(series.slices)], sitk.sitkFloat32)
     decoded: tuple[object, np.ndarray] | None = None  # (path, pixels) of the last file read

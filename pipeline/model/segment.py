@@ -63,7 +63,7 @@ class ModelSegmenter:
         self._local.report = reply.report
         return LabelMap(
             array=nifti_to_array(reply.labels, volume), names=reply.names, volume=volume, codes=reply.codes,
-            model=reply.model,
+            model=reply.model, report=reply.report,
         )
 
     def close(self) -> None:

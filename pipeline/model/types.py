@@ -40,6 +40,7 @@ class LabelMap:
     volume: Volume
     codes: Mapping[str, SegmentInfo] | None = None  # the model's code table; None: TotalSegmentator's
     model: ModelIdentity | None = None  # the model that made it, as its process identified it
+    report: RunReport | None = None  # what the run cost in the model process (load, forward, total)
 
     def __post_init__(self) -> None:
         expected = (len(self.volume.series.slices), self.volume.series.rows, self.volume.series.columns)

@@ -2,19 +2,20 @@
 
 Tolerant of what scanners write: a missing or unreadable number is None, a missing
 string is "". Text that repeats the patient's name (or a part of it of 3+ characters),
-ID or birth date is masked as ``***``, so that no fact, and no explanation, carries them.
+ID or birth date is masked as ``***`` (``pipeline.masking``), so that no fact, and no
+explanation, carries them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import pydicom
 from pydicom.multival import MultiValue
 
 from pipeline.input.classify import Classification
+from pipeline.masking import PatientMask
 from pipeline.routing.rules import SeriesFacts
 
 __all__ = ["series_facts"]
@@ -32,7 +33,7 @@ def series_facts(
     if not headers:
         raise ValueError("a series without image headers has no facts to route by")
     ds = headers[0]
-    patient = _patient_strings(ds)
+    patient = PatientMask.of(ds)
     return SeriesFacts(
         modality=_masked(_text(ds, "Modality"), patient),
         body_part_examined=_masked(_text(ds, "BodyPartExamined"), patient),
@@ -49,24 +50,8 @@ def series_facts(
     )
 
 
-_MASK = "***"
-_PATIENT_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate")
-
-
-def _patient_strings(ds: pydicom.Dataset) -> list[str]:
-    """The patient's name (and its parts), IDs and birth date, longest first: some
-    scanners copy them into StudyDescription or ProtocolName."""
-    found: set[str] = set()
-    for keyword in _PATIENT_KEYWORDS:
-        value = _text(ds, keyword)
-        found |= {part.strip() for part in (value, *re.split(r"[\\^=]", value)) if len(part.strip()) >= 3}
-    return sorted(found, key=len, reverse=True)
-
-
-def _masked(text: str, patient: Sequence[str]) -> str:
-    for secret in patient:
-        text = re.sub(re.escape(secret), _MASK, text, flags=re.IGNORECASE)
-    return text
+def _masked(text: str, patient: PatientMask) -> str:
+    return patient(text) or ""
 
 
 def _value(ds: pydicom.Dataset, keyword: str):

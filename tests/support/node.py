@@ -125,6 +125,21 @@ def node_config(folder: Path, *, destination: tuple[str, int], weights_dir: Path
     return config
 
 
+UI_TOKEN = "status-page-action-token-0123456789"  # the status page's action token in tests
+UI_READ_TOKEN = "status-page-read-only-token-0123456789"  # and its read-only token
+
+
+def ui_http(folder: Path, port: int | None = None, **settings: Any) -> dict:
+    """``http`` settings with the status page on: its action and read-only tokens
+    (``UI_TOKEN``, ``UI_READ_TOKEN``) written to files in ``folder``, a free port, and
+    ``settings`` on top (``node_config(..., http=ui_http(folder))``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ui.token").write_text(UI_TOKEN + "\n")
+    (folder / "ui-read.token").write_text(UI_READ_TOKEN + "\n")
+    return {"port": port or free_port(), "ui": True, "ui_token_file": str(folder / "ui.token"),
+            "ui_read_token_file": str(folder / "ui-read.token"), **settings}
+
+
 def node_fixture(**overrides: Any) -> Callable[..., Iterator[NodeProcess]]:
     """A module's ``node`` fixture (``node = node_fixture(send={...})``): the node, not yet
     started, sending to the module's ``pacs`` with the phantom weights and ``overrides``

@@ -1,16 +1,66 @@
 // The status page: the jobs from /api/jobs, a state filter, previews, and retry.
 // Plain browser JavaScript, served by the node; nothing is loaded from elsewhere.
+// Every read and action sends the token typed into the page as "Authorization: Bearer",
+// never in a URL; previews are fetched the same way and shown as blob: images.
 "use strict";
 
 const tbody = document.querySelector("#jobs tbody");
 const filters = document.getElementById("filters");
 const message = document.getElementById("message");
 const tokenInput = document.getElementById("token");
+const locked = document.getElementById("locked");
 const REFRESH_MS = 5000;
+const MAX_TEXT = 200;  // characters of a description, reason or error shown in a row (all of it on hover)
 let shown = null;  // what the table shows now: rows are rebuilt only when it changes
+let previewUrls = [];  // blob: URLs of the previews shown, let go when the rows are rebuilt
 
 tokenInput.value = sessionStorage.getItem("dicom-node-token") || "";
-tokenInput.addEventListener("change", () => sessionStorage.setItem("dicom-node-token", tokenInput.value));
+function tokenChanged() {
+  sessionStorage.setItem("dicom-node-token", tokenInput.value);
+  shown = null;
+  load();
+}
+tokenInput.addEventListener("change", tokenChanged);
+tokenInput.addEventListener("keydown", (event) => { if (event.key === "Enter") tokenChanged(); });
+
+function authorization() {
+  const token = tokenInput.value.trim();
+  return token ? { "Authorization": "Bearer " + token } : {};
+}
+
+function cut(value) {
+  const span = document.createElement("span");
+  const whole = text(value);
+  span.className = "cut";
+  span.textContent = whole.length > MAX_TEXT ? whole.slice(0, MAX_TEXT - 1) + "\u2026" : whole;
+  if (whole.length > MAX_TEXT) span.title = whole;
+  return span;
+}
+
+const previews = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    previews.unobserve(entry.target);
+    loadPreview(entry.target);
+  }
+});
+
+async function loadPreview(img) {
+  try {
+    const response = await fetch(img.dataset.src, { headers: authorization(), cache: "no-store" });
+    if (!response.ok) {
+      img.alt = "no preview (HTTP " + response.status + ")";
+      img.dataset.status = String(response.status);
+      return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    previewUrls.push(url);
+    img.src = url;
+    img.dataset.status = "200";
+  } catch (error) {
+    img.alt = "no preview: " + error.message;
+  }
+}
 
 function text(value) {
   return value === null || value === undefined ? "" : String(value);
@@ -25,12 +75,13 @@ function cell(row, content, className) {
 }
 
 function lines(...parts) {
-  const span = document.createElement("span");
-  parts.filter((part) => part).forEach((part, index) => {
-    if (index) span.appendChild(document.createElement("br"));
-    if (part instanceof Node) span.appendChild(part); else span.appendChild(document.createTextNode(part));
-  });
-  return span;
+  const block = document.createElement("div");
+  for (const part of parts.filter((part) => part)) {
+    const line = document.createElement("div");
+    if (part instanceof Node) line.appendChild(part); else line.textContent = part;
+    block.appendChild(line);
+  }
+  return block;
 }
 
 function seconds(value) {
@@ -65,6 +116,16 @@ function buildFilters(states) {
   }
 }
 
+// What the attempts count, in the words of `dicom-node status`: objects delivered (one per
+// object and destination) and send attempts (each try of each, failed or not).
+function sendsCount(job) {
+  const sends = job.sends || [];
+  if (!sends.length) return job.attempts ? job.attempts + " send attempt(s)" : "";
+  const sent = sends.filter((item) => item.state === "sent").length;
+  const tries = sends.reduce((total, item) => total + item.attempts, 0);
+  return sent + " of " + sends.length + " object(s) delivered in " + tries + " send attempt(s)";
+}
+
 function sendState(job) {
   if (job.state === "sent") return "sent " + time(job.sent_at);
   if (job.state === "sending") {
@@ -81,6 +142,9 @@ function render(data) {
   const signature = JSON.stringify(data.jobs.map((j) => [j.id, j.state, j.updated_at, j.series_description]));
   if (signature === shown) return;
   shown = signature;
+  previews.disconnect();
+  previewUrls.forEach((url) => URL.revokeObjectURL(url));
+  previewUrls = [];
   tbody.replaceChildren();
   for (const job of data.jobs) {
     const row = document.createElement("tr");
@@ -90,17 +154,17 @@ function render(data) {
     const state = document.createElement("span");
     state.className = "state state-" + job.state;
     state.textContent = job.state;
-    const reason = document.createElement("span");
-    reason.className = "reason";
-    reason.textContent = text(job.reason);
+    const reason = cut(job.reason);
+    reason.classList.add("reason");
     let lastError = null;
     if (job.last_error) {
-      lastError = document.createElement("span");
-      lastError.className = "error";
-      lastError.textContent = "last error: " + job.last_error;
+      lastError = cut("last error: " + job.last_error);
+      lastError.classList.add("error");
     }
     cell(row, lines(state, reason, lastError));
-    cell(row, lines(text(job.series_description) || "(no description)", "from " + job.calling_ae_title,
+    const description = cut(text(job.series_description) || "(no description)");
+    description.classList.add("description");
+    cell(row, lines(description, "from " + job.calling_ae_title,
                     "series " + job.series_instance_uid, "study " + job.study_instance_uid), "uid");
     cell(row, lines(text(job.sequence_class) || "-", text(job.preprocessing) || "not segmented"));
     const t = job.durations;
@@ -109,19 +173,24 @@ function render(data) {
                     job.processing_at && "processing " + time(job.processing_at) + " (queued " + seconds(t.queued) + ")",
                     job.processed_at && "processed " + time(job.processed_at) + " (" + seconds(t.processing) + ")",
                     job.sent_at && "sent " + time(job.sent_at) + " (" + seconds(t.sending) + ")"), "timings");
-    cell(row, lines(sendState(job), job.attempts ? job.attempts + " attempt(s)" : ""));
-    const img = document.createElement("img");
-    img.className = "preview";
-    img.alt = "preview of job " + job.id;
-    img.loading = "lazy";
-    img.src = "/api/jobs/" + job.id + "/preview.png?v=" + encodeURIComponent(job.state + "-" + job.updated_at);
-    cell(row, img);
+    cell(row, lines(sendState(job), sendsCount(job)));
+    if (data.previews) {
+      const img = document.createElement("img");
+      img.className = "preview";
+      img.alt = "preview of job " + job.id;
+      img.dataset.src = "/api/jobs/" + job.id + "/preview.png";
+      cell(row, img);
+      previews.observe(img);
+    } else {
+      cell(row, "-");
+    }
     const button = document.createElement("button");
     button.type = "button";
     button.className = "retry";
     button.dataset.job = job.id;
     button.textContent = job.state === "failed" ? "Retry" : "Process again";
     button.disabled = !["sent", "skipped", "no_result", "failed"].includes(job.state);
+    if (!data.can_act) button.title = "needs the action token";
     button.addEventListener("click", () => retry(job.id));
     cell(row, button);
     tbody.appendChild(row);
@@ -134,8 +203,21 @@ async function load() {
   selectedStates().forEach((s) => query.append("state", s));
   if (!filters.querySelector("input")) new URLSearchParams(location.search).getAll("state").forEach((s) => query.append("state", s));
   try {
-    const response = await fetch("/api/jobs" + (query.toString() ? "?" + query : ""), { cache: "no-store" });
-    if (!response.ok) throw new Error("HTTP " + response.status);
+    const response = await fetch("/api/jobs" + (query.toString() ? "?" + query : ""),
+                                 { cache: "no-store", headers: authorization() });
+    document.body.dataset.jobsStatus = String(response.status);
+    if (!response.ok) {
+      let body = {};
+      try { body = await response.json(); } catch (error) { /* not JSON */ }
+      locked.hidden = response.status !== 401 && response.status !== 403;
+      if (!locked.hidden || response.status === 429) {
+        shown = null;
+        tbody.replaceChildren();
+      }
+      throw new Error("HTTP " + response.status + (body.error ? ": " + body.error : ""));
+    }
+    locked.hidden = true;
+    if (message.className === "refused" && !message.dataset.status) show("", "");
     render(await response.json());
   } catch (error) {
     show("cannot load the jobs: " + error.message, "refused");
@@ -148,12 +230,9 @@ function show(textContent, kind) {
 }
 
 async function retry(jobId) {
-  const headers = {};
-  const token = tokenInput.value.trim();
-  if (token) headers["Authorization"] = "Bearer " + token;
   let response;
   try {
-    response = await fetch("/api/jobs/" + jobId + "/retry", { method: "POST", headers: headers });
+    response = await fetch("/api/jobs/" + jobId + "/retry", { method: "POST", headers: authorization() });
   } catch (error) {
     show("retry of job " + jobId + ": " + error.message, "refused");
     return;
