@@ -6,6 +6,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+OHIF         := tests/js/node_modules/@ohif/app
+OHIF_VERSION := 3.13.2
+OHIF_SHA512  := 5997719a9986eeba85816f5924b71b82bdd70ad2e2d4a0cd3e831a798e4f3deea3e06e1f8c48e393271933a0ba664d85f3b04ac457e9abe8dde715d907d13c10
 PEERS  := storescu storescp echoscu dciodvfy Orthanc chromium chromedriver redis-server plastimatch
 
 .PHONY: run test test-quick venv peers js demo-model clean
@@ -34,13 +37,24 @@ peers:
 	fi
 
 # dcmjs (the DICOM library OHIF uses) for the viewer checks, from the npm registry.
-js: tests/js/node_modules/.installed
+js: tests/js/node_modules/.installed $(OHIF)/.installed
 
 tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
 	@command -v npm >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q nodejs npm; }
 	cd tests/js && npm ci --no-audit --no-fund
+	touch $@
+
+# OHIF v3's prebuilt viewer (tests/test_ohif.py), next to dcmjs: only its dist is kept. npm
+# cannot install @ohif/app as a dependency (3.13.2 names @ohif/i18n@3.13.2, which was never
+# published), so its pinned tarball is fetched with npm pack and checked against its SHA-512.
+$(OHIF)/.installed: tests/js/node_modules/.installed
+	rm -rf $(OHIF) && mkdir -p $(OHIF)
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && \
+	  echo "$(OHIF_SHA512)  ohif-app-$(OHIF_VERSION).tgz" | sha512sum --check --quiet && \
+	  tar -xzf ohif-app-$(OHIF_VERSION).tgz -C $(CURDIR)/$(OHIF) --strip-components=1 package/dist package/package.json package/LICENSE && \
+	  rm -rf $$tmp
 	touch $@
 
 run: venv  # make run CONFIG=FILE: another config file
