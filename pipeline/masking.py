@@ -23,7 +23,7 @@ __all__ = ["MASK", "PATIENT_KEYWORDS", "PatientMask", "cut"]
 
 MASK = "***"
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate",
-                    "PatientBirthName", "PatientMotherBirthName", "IssuerOfPatientID")
+                    "PatientBirthName", "PatientMotherBirthName")
 _MIN_LENGTH = 3  # shorter name components ("Li", a middle initial) would mask ordinary words
 _MIN_WORD = 4  # a word inside a component ("van der Berg"): "der" would mask "header"
 
