@@ -286,8 +286,9 @@ def run_warm(bench: Bench) -> PathResult:
         start = time.perf_counter()
         for folder in bench.series:
             began = time.perf_counter()
-            _check_seg(process_series(_files(folder), bench.settings, segmenter), folder)
-            report = segmenter.last_report
+            outcome = process_series(_files(folder), bench.settings, segmenter)
+            _check_seg(outcome, folder)
+            report = outcome.model_report
             result.runs.append(SeriesRun(time.perf_counter() - began, report.forward_seconds, report.loads,
                                          report.worker))
         result.elapsed_seconds = time.perf_counter() - start
@@ -414,8 +415,9 @@ def run_celery(bench: Bench) -> PathResult:
 
         def one(folder: Path) -> SeriesRun:
             began = time.perf_counter()
-            _check_seg(process_series(_files(folder), bench.settings, segmenter), folder)
-            report = segmenter.last_report  # this thread's
+            outcome = process_series(_files(folder), bench.settings, segmenter)
+            _check_seg(outcome, folder)
+            report = outcome.model_report
             return SeriesRun(time.perf_counter() - began, report.forward_seconds, report.loads, report.worker)
 
         pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="series")

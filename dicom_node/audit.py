@@ -244,17 +244,13 @@ class Audit:
                            study: str | None = None, series: str | None = None, new_job: int | None = None,
                            reason: str | None = None) -> None:
         """An action on the status page (``retry``), by the client's address; refused ones too."""
-        if ok:
-            self.emit(Event.INSTANCES_ACCESSED, Action.EXECUTE, Outcome.SUCCESS, event_type=None,
-                      who={"address": client, "role": "status page"},
-                      what=_what(study, series, job_id=job_id, page_action=action, new_job=new_job,
-                                 http_status=status), reason=reason)
-        else:
-            self.emit(Event.SECURITY_ALERT if status in (401, 403) else Event.INSTANCES_ACCESSED, Action.EXECUTE,
-                      Outcome.MINOR_FAILURE,
-                      event_type="Use of Restricted Function" if status in (401, 403) else None,
-                      who={"address": client, "role": "status page"},
-                      what=_what(study, series, job_id=job_id, page_action=action, http_status=status), reason=reason)
+        restricted = not ok and status in (401, 403)  # refused for want of the right token
+        self.emit(Event.SECURITY_ALERT if restricted else Event.INSTANCES_ACCESSED, Action.EXECUTE,
+                  Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
+                  event_type="Use of Restricted Function" if restricted else None,
+                  who={"address": client, "role": "status page"},
+                  what=_what(study, series, job_id=job_id, page_action=action, new_job=new_job if ok else None,
+                             http_status=status), reason=reason)
 
     def record_deleted(self, *, study: str, series: str, sops: Sequence[str], jobs: Sequence[int], reason: str) -> None:
         """Retention deleted a series' instances and its jobs' results."""
@@ -270,12 +266,8 @@ class Audit:
              reason: str | None = None) -> None:
         if not self.enabled:
             return
-        record = {
-            "time": _now(), "event": event.value, "event_id": event.code, "event_type": event_type,
-            "action": action.value, "outcome": outcome.value, "outcome_text": outcome.text,
-            "reason": cut(reason, 500), "source": self.source, "who": dict(who),
-            **({"peer": dict(peer)} if peer is not None else {}), "what": dict(what),
-        }
+        record = self._event(event, action, outcome, who=who, what=what, event_type=event_type, peer=peer,
+                             reason=reason)
         try:
             self._queue.put_nowait(record)
         except queue.Full:
@@ -285,6 +277,17 @@ class Audit:
                 first = self._dropped_unreported == 1
             if first:
                 log.error("audit: the queue of %d events is full; events are dropped until it drains", _QUEUE_SIZE)
+
+    def _event(self, event: Event, action: Action, outcome: Outcome, *, who: Mapping[str, Any],
+               what: Mapping[str, Any], event_type: str | None = None, peer: Mapping[str, Any] | None = None,
+               reason: str | None = None) -> dict[str, Any]:
+        """One event as it is written: a JSON object."""
+        return {
+            "time": _now(), "event": event.value, "event_id": event.code, "event_type": event_type,
+            "action": action.value, "outcome": outcome.value, "outcome_text": outcome.text,
+            "reason": cut(reason, 500), "source": self.source, "who": dict(who),
+            **({"peer": dict(peer)} if peer is not None else {}), "what": dict(what),
+        }
 
     def _run(self) -> None:
         backoff = 0.5
@@ -328,12 +331,9 @@ class Audit:
         with self._lock:
             lost, self._dropped_unreported = self._dropped_unreported, 0
         if lost:
-            self._pending.append({
-                "time": _now(), "event": Event.SECURITY_ALERT.value, "event_id": Event.SECURITY_ALERT.code,
-                "event_type": "Audit Recording Stopped", "action": Action.EXECUTE.value,
-                "outcome": Outcome.SERIOUS_FAILURE.value, "outcome_text": Outcome.SERIOUS_FAILURE.text,
-                "reason": f"{lost} audit event(s) dropped: the queue was full", "source": self.source,
-                "who": self._node(), "what": {"dropped": lost}})
+            self._pending.append(self._event(
+                Event.SECURITY_ALERT, Action.EXECUTE, Outcome.SERIOUS_FAILURE, event_type="Audit Recording Stopped",
+                who=self._node(), what={"dropped": lost}, reason=f"{lost} audit event(s) dropped: the queue was full"))
 
     def _write(self, events: list[dict[str, Any]]) -> None:
         handle = self._open()

@@ -444,13 +444,15 @@ def _ui_tokens(config: Config) -> PageTokens:
         return token
 
     action, read_only = read("ui_token"), read("ui_read_token")
-    if action is not None and action == read_only:
-        raise ConfigError("http.ui_read_token_file/_env: the read-only token must differ from the action token")
+    try:
+        tokens = PageTokens(action=action, read=read_only, public_read=http.ui_public_read)
+    except ValueError as exc:  # the two tokens are one
+        raise ConfigError(f"http.ui_read_token_file/_env: {exc}") from exc
     if action is None:
         log.warning("http.ui is on without http.ui_token_file or http.ui_token_env: the status page has no actions")
     if http.ui_public_read:
         log.warning("http.ui_public_read is true: the status page's reads need no token")
-    return PageTokens(action=action, read=read_only, public_read=http.ui_public_read)
+    return tokens
 
 
 def _config_summary(config: Config) -> dict[str, object]:

@@ -84,7 +84,7 @@ def stow_files(paths: Sequence[Path], destination: Destination, *, timeout: floa
     }
     if destination.auth is not None:
         headers["Authorization"] = _authorization(destination.auth, peer)
-    verify: bool | str = str(destination.ca_certificates) if destination.ca_certificates else destination.verify_tls
+    verify = _verify(destination)
     try:
         response = requests.post(endpoint, data=_MultipartBody(paths, sizes, boundary), headers=headers,
                                  timeout=timeout, verify=verify, allow_redirects=False)
@@ -170,6 +170,12 @@ def _authorization(auth: HttpAuth, peer: str) -> str:
     if auth.type == "bearer":
         return f"Bearer {secret}"
     return "Basic " + base64.b64encode(f"{auth.username}:{secret}".encode("utf-8")).decode("ascii")
+
+
+def _verify(destination: Destination) -> bool | str:
+    """What ``requests`` checks the server's certificate against: the destination's CA file,
+    or the system's CAs (``verify_tls``, false only with ``allow_insecure``)."""
+    return str(destination.ca_certificates) if destination.ca_certificates else destination.verify_tls
 
 
 def _request_failure(exc: requests.RequestException, peer: str, endpoint: str, timeout: float,
@@ -331,9 +337,9 @@ def query_studies(destination: Destination, *, timeout: float) -> int:
     headers = {"Accept": "application/dicom+json"}
     if destination.auth is not None:
         headers["Authorization"] = _authorization(destination.auth, peer)
-    verify: bool | str = str(destination.ca_certificates) if destination.ca_certificates else destination.verify_tls
     try:
-        response = requests.get(endpoint, params={"limit": "1"}, headers=headers, timeout=timeout, verify=verify,
+        response = requests.get(endpoint, params={"limit": "1"}, headers=headers, timeout=timeout,
+                                verify=_verify(destination),
                                 allow_redirects=False)
     except requests.RequestException as exc:
         raise _request_failure(exc, peer, without_credentials(endpoint), timeout, "QIDO-RS") from exc

@@ -91,9 +91,7 @@ def send_files(
     contexts = sorted({(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID) for meta, _ in headers})
     for sop_class in sorted({sop for sop, _ in contexts}):
         ae.add_requested_context(sop_class, sorted({ts for sop, ts in contexts if sop == sop_class}))
-    # the host as server_hostname: the certificate must name it (unless tls.check_hostname is false)
-    tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    assoc = _associate(ae, destination)
     accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
     refused = [(sop, ts) for sop, ts in contexts if (sop, ts) not in accepted]
     if refused and (assoc.is_established or assoc.rejected_contexts):
@@ -228,6 +226,13 @@ def _association_failure(assoc, peer: str, destination: Destination, timeout: fl
     return SendError(f"association to {peer} failed: {what}", peer=peer, kind=kind)
 
 
+def _associate(ae: AE, destination: Destination):
+    """An association to ``destination``, over TLS when it has ``tls``: the host is the
+    server_hostname, which the certificate must name (unless ``tls.check_hostname`` is false)."""
+    tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+
+
 def _diagnose_tls(destination: Destination, timeout: float) -> str | None:
     """Why the TLS handshake with the destination fails (the certificate check's reason,
     such as "IP address mismatch, certificate is not valid for '10.0.0.5'"), or None when it
@@ -268,8 +273,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout: float = 30
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    assoc = _associate(ae, destination)
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.is_rejected:
             raise SendError(f"{peer} does not accept the Verification SOP class (C-ECHO)", peer=peer,

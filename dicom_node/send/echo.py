@@ -92,7 +92,7 @@ class StartupEchoes:
             if name in self._answered:
                 return None
             last = self._last.get(name)
-        if self.answered_by_send(name):
+        if self._sent(name):
             with self._lock:
                 self._answered.add(name)
             return None

@@ -368,11 +368,11 @@ class Processor:
         return state
 
     def _model_report(self, run: ModelRun) -> str | None:
-        """The model process's report of this thread's last run of the preset, into the
+        """The model process's report of the preset's run (carried by its result), into the
         metrics and a line (None when its model did not run)."""
         if run.result is None or "segment" not in run.result.seconds:
             return None
-        report = run.result.model_report or getattr(self.segmenters[run.preset], "last_report", None)
+        report = run.result.model_report
         if report is None:
             return None
         self.metrics.model_runs.labels(report.worker, report.device).inc()
@@ -413,10 +413,9 @@ class Processor:
                 return self._record_send(item, ok=False, error=error)
             delay = retry_delay(attempts, settings.retry_delay_seconds)
             log.warning("%s: send attempt %d failed (%s); next in %.0fs", what, attempts, exc, delay)
-            self._audit_send(item, files, destination, ok=False, final=False,
-                             error=f"send attempt {attempts} failed: {exc}")
-            return self._record_send(item, ok=False, error=f"send attempt {attempts} failed: {exc}",
-                                          retry_at=time.time() + delay)
+            error = f"send attempt {attempts} failed: {exc}"
+            self._audit_send(item, files, destination, ok=False, final=False, error=error)
+            return self._record_send(item, ok=False, error=error, retry_at=time.time() + delay)
         self._audit_send(item, files, destination, ok=True, final=True, warning=outcome.warning)
         state = self._record_send(item, ok=True, warning=outcome.warning)
         log.info("job %d: %s sent to %s%s", item.job_id, item.object, item.destination,

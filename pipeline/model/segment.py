@@ -14,7 +14,6 @@ and name): TotalSegmentator's API (``pipeline.model.totalseg``) or any nnU-Net v
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 from pipeline.input.nifti import nifti_to_array, volume_to_nifti
@@ -22,7 +21,7 @@ from pipeline.input.volume import Volume
 from pipeline.model.nnunet import NnUNet
 from pipeline.model.runner import ModelRunner
 from pipeline.model.totalseg import TotalSegmentator
-from pipeline.model.types import LabelMap, ModelReply, ModelService, RunReport
+from pipeline.model.types import LabelMap, ModelReply, ModelService
 from pipeline.settings import ModelSettings
 
 __all__ = ["Segmenter", "ModelSegmenter", "make_segmenter", "model_of"]
@@ -42,25 +41,19 @@ def model_of(settings: ModelSettings) -> TotalSegmentator | NnUNet:
 
 
 class ModelSegmenter:
-    """A ``Segmenter`` over a ``ModelService``; ``last_report`` is the report of the
-    calling thread's last run (several threads may segment at once)."""
+    """A ``Segmenter`` over a ``ModelService``; each label map carries the model process's
+    report of its run (``LabelMap.report``), so several threads may segment at once."""
 
     def __init__(self, settings: ModelSettings, service: ModelService) -> None:
         self.settings = settings
         self.service = service
         self.model = model_of(settings)
-        self._local = threading.local()
-
-    @property
-    def last_report(self) -> RunReport | None:
-        return getattr(self._local, "report", None)
 
     def describe(self) -> str:
         return self.model.describe()
 
     def segment(self, volume: Volume) -> LabelMap:
         reply: ModelReply = self.service.run(volume_to_nifti(volume))
-        self._local.report = reply.report
         return LabelMap(
             array=nifti_to_array(reply.labels, volume), names=reply.names, volume=volume, codes=reply.codes,
             model=reply.model, report=reply.report,
