@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # GPU check: the throughput benchmark (bench/throughput.py) with --device gpu, where a GPU is.
 #
-#   bench/gpu_check.sh [throughput.py options, e.g. --count 3 --paths b,c]
+#   bench/gpu_check.sh [--cpu] [throughput.py options, e.g. --count 3 --paths b,c --no-tta]
+#
+# Without options it runs the batch: the three T1 series once each on the warm
+# runner (b) and on TotalSegmentator's API in one process (e), and prints the same tables
+# as bench/throughput.py (per series: read, preprocess, nnU-Net preprocess, forward,
+# export, hand-over, encode, total; the batch totals and their ratio).
+#
+# --cpu runs the same benchmark on the CPU and skips the GPU checks (to try the script,
+# or to compare, on a machine without a GPU).
 #
 # Run from a checkout whose .venv was made by `make venv`. It prints nvidia-smi and what
 # the venv's torch sees of CUDA, then runs the benchmark on the GPU; without a GPU, or
@@ -25,8 +33,23 @@ if [ ! -x "$PY" ]; then
   exit 2
 fi
 
+DEVICE=gpu
+if [ "${1:-}" = "--cpu" ]; then
+  DEVICE=cpu
+  shift
+fi
+if [ "$#" -eq 0 ]; then  # the batch
+  set -- --count 1 --paths b,e \
+    --series t1_siemens_3t_fl2d_sag_hfs,t1_philips_3t_mprage_sag,hard_j2k_lossless_t1_fl2d_sag_hfdl_derived
+fi
+if [ "$DEVICE" = cpu ]; then
+  echo "== --cpu: no GPU checks; bench/throughput.py --device cpu $*"
+  exec "$PY" bench/throughput.py --device cpu "$@"
+fi
+
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  echo "gpu_check: nvidia-smi is not installed: no NVIDIA GPU or driver on this machine; nothing to check" >&2
+  echo "gpu_check: nvidia-smi is not installed: no NVIDIA GPU or driver on this machine; nothing to check" \
+       "(bench/gpu_check.sh --cpu prints the same tables from the CPU)" >&2
   exit 3
 fi
 if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then

@@ -1,8 +1,14 @@
 """Throughput benchmark: series per minute and overhead per series (wall time minus the
-network's forward pass) for four ways of running the model, on the same series, in one run.
+network's forward pass) for five ways of running the model, on the same series, in one run,
+and where each series' time goes on the warm runner.
 
-    .venv/bin/python bench/throughput.py [--series NAME|DIR] [--count N] [--device cpu|gpu]
-                                         [--weights DIR] [--paths a,b,c,d]
+    .venv/bin/python bench/throughput.py [--series NAME|DIR[,NAME|DIR...]] [--count N]
+                                         [--device cpu|gpu] [--weights DIR] [--paths a,b,c,d,e]
+                                         [--repeat N] [--no-tta] [--step-size S] [--compile]
+
+    # the issue's batch: three T1 series, the warm runner against TotalSegmentator's API
+    .venv/bin/python bench/throughput.py --count 1 --paths b,e \
+        --series t1_siemens_3t_fl2d_sag_hfs,t1_philips_3t_mprage_sag,hard_j2k_lossless_t1_fl2d_sag_hfdl_derived
 
 (a) cold: a fresh spawned process per series running TotalSegmentator's own, unchanged
     ``totalsegmentator()`` (``pipeline.model.runner.run_model_on_nifti`` with
@@ -13,7 +19,21 @@ network's forward pass) for four ways of running the model, on the same series, 
 (d) totalseg: TotalSegmentator's own DICOM path, ``totalsegmentator(input=DICOM_DIR,
     output=OUT, task="total", fast=True, output_type="dicom_seg")`` in a fresh spawned
     process per series, as its command line would run it (the command line itself cannot
-    be used: on MR input it silently swaps ``total`` for ``total_mr``).
+    be used: on MR input it silently swaps ``total`` for ``total_mr``);
+(e) totalseg-api: the same call for every series in turn in one spawned Python process
+    (its imports paid once), as a script calling TotalSegmentator's API would run a batch.
+
+For (b), a table of the parts of each series, from the job's own timing
+(``SegResult.timing``, the model process's ``RunReport``): read, preprocess (Equation 1),
+nnU-Net's preprocessing, the forward pass, nnU-Net's export, the back-end's own steps
+(TotalSegmentator's reorientation and resampling), the hand-over (the image's way to the
+model process and back, the wait for a starting process), encode and the total; then the
+batch totals of (b) and (e) from the first series' start (the model process's start
+included) to the last one's end, and their ratio. The goals: each warm series (after the
+first) at most 1.5 times its forward pass plus its read and encode, and (e)/(b) at least 4
+(bar: 3.5). ``--repeat N`` runs the chosen paths N times in turn (on a shared machine
+the load changes from minute to minute) and prints each repetition's ratio and their
+median; the tables show each path's run of median batch time.
 
 (a) to (c) run the node's pipeline, ``pipeline.process.process_series``: read the DICOM
 series, invert it (Equation 1), segment, encode the SEG (in memory). (d) reads the raw
@@ -37,6 +57,7 @@ the workers are stopped at the end, also on Ctrl-C, SIGTERM or an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -79,7 +100,12 @@ TITLES = {
     "b": "(b) warm runner (embedded)",
     "c": f"(c) {WORKERS} Celery workers",
     "d": "(d) TotalSegmentator DICOM->SEG",
+    "e": "(e) TotalSegmentator API, one process",
 }
+# the parts of a warm series, as SegResult.timing names them, and their columns
+PARTS = (("load", "load"), ("read", "read"), ("preprocess", "preprocess"), ("nnunet_preprocess", "nnU-Net preprocess"),
+         ("forward", "forward"), ("export", "export"), ("model_other", "resample etc."), ("handover", "hand-over"),
+         ("encode", "encode"))
 
 
 class PathUnavailable(Exception):
@@ -94,6 +120,9 @@ class SeriesRun:
     forward_seconds: float | None = None  # None: not measurable on this path
     loads: int | None = None  # the model process's load counter after this series
     worker: str | None = None  # which model process ran it
+    series: str = ""  # the series folder's name
+    slices: int = 0  # its instance files
+    parts: dict[str, float] = field(default_factory=dict)  # SegResult.timing (the node's paths)
 
 
 @dataclass
@@ -103,6 +132,7 @@ class PathResult:
     key: str
     runs: list[SeriesRun] = field(default_factory=list)
     elapsed_seconds: float = 0.0  # first series' start to last series' end
+    cpu_seconds: float | None = None  # CPU time of this process and its ended children during the path
     loads: int | None = None
     peak_bytes: int | None = None
     forward_from: str | None = None  # where the forward time comes from when not measured here
@@ -281,16 +311,17 @@ def run_warm(bench: Bench) -> PathResult:
     from pipeline.process import process_series
 
     result = PathResult("b")
+    start = time.perf_counter()  # the model process's start is part of the batch
     with ModelRunner(bench.model) as runner:
         segmenter = make_segmenter(bench.model, runner)
-        start = time.perf_counter()
         for folder in bench.series:
             began = time.perf_counter()
-            outcome = process_series(_files(folder), bench.settings, segmenter)
+            files = _files(folder)
+            outcome = process_series(files, bench.settings, segmenter)
             _check_seg(outcome, folder)
             report = outcome.model_report
             result.runs.append(SeriesRun(time.perf_counter() - began, report.forward_seconds, report.loads,
-                                         report.worker))
+                                         report.worker, _series_name(folder), len(files), outcome.timing))
         result.elapsed_seconds = time.perf_counter() - start
         result.loads = runner.loads
     return result
@@ -443,12 +474,10 @@ def run_celery(bench: Bench) -> PathResult:
 
 # --- (d) TotalSegmentator's own DICOM path --------------------------------------------------
 
-def _totalseg_dicom_child(dicom_dir: str, seg_path: str, weights_dir: str, home_dir: str, device: str,
-                          error_file: str) -> None:
-    """A fresh process, as TotalSegmentator's command line runs: DICOM in, DICOM SEG out.
-    Its folders and usage statistics are set here, in the child only; its progress bars
-    and warnings go to a log file beside the SEG."""
-    log = os.open(Path(seg_path).with_name("totalsegmentator.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def _as_totalseg_child(log_path: Path, weights_dir: str, home_dir: str) -> None:
+    """What a child process running TotalSegmentator sets first: its output and errors to
+    ``log_path``, its folders, and its usage statistics off."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
     from pipeline.model.totalseg import write_totalseg_config
@@ -456,6 +485,14 @@ def _totalseg_dicom_child(dicom_dir: str, seg_path: str, weights_dir: str, home_
     os.environ["TOTALSEG_WEIGHTS_PATH"] = weights_dir
     os.environ["TOTALSEG_HOME_DIR"] = home_dir
     write_totalseg_config(Path(home_dir))
+
+
+def _totalseg_dicom_child(dicom_dir: str, seg_path: str, weights_dir: str, home_dir: str, device: str,
+                          error_file: str) -> None:
+    """A fresh process, as TotalSegmentator's command line runs: DICOM in, DICOM SEG out.
+    Its folders and usage statistics are set here, in the child only; its progress bars
+    and warnings go to a log file beside the SEG."""
+    _as_totalseg_child(Path(seg_path).with_name("totalsegmentator.log"), weights_dir, home_dir)
     try:
         from totalsegmentator.python_api import totalsegmentator
 
@@ -506,11 +543,66 @@ def run_totalseg_dicom(bench: Bench) -> PathResult:
     return result
 
 
+# --- (e) TotalSegmentator's API, every series in one process -------------------------------
+
+def _totalseg_api_child(dicom_dirs: list[str], out_dir: str, weights_dir: str, home_dir: str, device: str,
+                        times_file: str, error_file: str) -> None:
+    """One fresh process for the whole batch: TotalSegmentator's API called per series (DICOM
+    in, DICOM SEG out); each series' seconds appended to ``times_file`` as it ends."""
+    _as_totalseg_child(Path(out_dir) / "totalsegmentator.log", weights_dir, home_dir)
+    try:
+        from totalsegmentator.python_api import totalsegmentator
+
+        for n, dicom_dir in enumerate(dicom_dirs):
+            began = time.perf_counter()
+            seg_path = Path(out_dir) / f"{n}.seg.dcm"
+            totalsegmentator(input=dicom_dir, output=str(seg_path), task="total", fast=True, output_type="dicom_seg",
+                             device=device, quiet=True)
+            if not seg_path.is_file():
+                raise RuntimeError(f"no SEG written for {dicom_dir}")
+            with open(times_file, "a") as handle:
+                handle.write(f"{time.perf_counter() - began}\n")
+    except BaseException as exc:  # SystemExit too: TotalSegmentator exits on some errors
+        Path(error_file).write_text(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from exc
+
+
+def run_totalseg_api(bench: Bench) -> PathResult:
+    missing = _dicom_path_missing()
+    if missing:
+        raise PathUnavailable(missing)
+    if not bench.model.fast:
+        raise PathUnavailable("(e) is defined for the fast task only")
+    out = bench.work / "totalseg-api-out"
+    out.mkdir(parents=True)
+    times, error = out / "times.txt", out / "error.txt"
+    result = PathResult("e", loads=1)  # one process for the batch
+    start = time.perf_counter()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_totalseg_api_child, name="TotalSegmentator API",
+        args=([str(folder) for folder in bench.series], str(out), str(bench.model.weights_dir),
+              str(bench.work / "totalseg-api-home"), bench.device, str(times), str(error)),
+    )
+    process.start()
+    process.join()
+    result.elapsed_seconds = time.perf_counter() - start
+    if process.exitcode != 0:
+        reason = error.read_text().strip() if error.exists() else f"exit code {process.exitcode}"
+        log = out / "totalsegmentator.log"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeError(f"TotalSegmentator's API failed: {reason}\n{tail}")
+    seconds = [float(line) for line in times.read_text().split()]
+    result.runs = [SeriesRun(wall, series=_series_name(folder), slices=len(_files(folder)))
+                   for wall, folder in zip(seconds, bench.series)]
+    return result
+
+
 PATHS: dict[str, Callable[[Bench], PathResult]] = {
     "a": run_cold,
     "b": run_warm,
     "c": run_celery,
     "d": run_totalseg_dicom,
+    "e": run_totalseg_api,
 }
 
 
@@ -520,9 +612,12 @@ def run_path(key: str, bench: Bench) -> PathResult:
     """One path with its memory sampled; a path that cannot run or fails is reported, not fatal."""
     print(f"running {TITLES[key]} on {len(bench.series)} series ...", flush=True)
     try:
+        before = os.times()
         with MemorySampler() as memory:
             result = PATHS[key](bench)
         result.peak_bytes = memory.peak_bytes
+        after = os.times()
+        result.cpu_seconds = sum(after[:4]) - sum(before[:4])  # user, system, children's user and system
     except PathUnavailable as exc:
         print(f"  {TITLES[key]} cannot run here: {exc}", flush=True)
         return PathResult(key, unavailable=str(exc))
@@ -534,9 +629,9 @@ def run_path(key: str, bench: Bench) -> PathResult:
 
 
 def _lend_forward(results: dict[str, PathResult]) -> None:
-    """(a) and (d) cannot measure their forward pass: they get (b)'s median."""
+    """(a), (d) and (e) cannot measure their forward pass: they get (b)'s median."""
     warm = results.get("b")
-    for key in ("a", "d"):
+    for key in ("a", "d", "e"):
         result = results.get(key)
         if result is None or result.unavailable:
             continue
@@ -602,13 +697,96 @@ def print_ratios(results: dict[str, PathResult]) -> None:
         print(f"series/min (c) / (b):   {ratio:.2f}  ({verdict})")
 
 
+def print_parts(results: dict[str, PathResult]) -> None:
+    """Where each series' time went on the warm runner (b), the per-series goal, and the
+    batch totals of (b) against TotalSegmentator's API in one process (e)."""
+    warm, api = results.get("b"), results.get("e")
+    warm = None if warm is None or warm.unavailable else warm
+    api = None if api is None or api.unavailable else api
+    if warm is not None:
+        header = ("series", "slices", *(title for _, title in PARTS), "total", "goal s", "met")
+        rows = []
+        for n, run in enumerate(warm.runs):
+            total = sum(run.parts.values())
+            goal = 1.5 * run.parts.get("forward", 0.0) + run.parts.get("read", 0.0) + run.parts.get("encode", 0.0)
+            met = "first (model start)" if n == 0 else ("yes" if total <= goal else f"no (+{total - goal:.2f} s)")
+            rows.append((run.series, str(run.slices), *(f"{run.parts.get(key, 0.0):.2f}" for key, _ in PARTS),
+                         f"{total:.2f}", f"{goal:.2f}", met))
+        sums = [sum(run.parts.get(key, 0.0) for run in warm.runs) for key, _ in PARTS]
+        rows.append(("sum", str(sum(run.slices for run in warm.runs)), *(f"{value:.2f}" for value in sums),
+                     f"{sum(sums):.2f}", "", ""))
+        _print_rows("(b) warm runner, seconds per part (goal: total <= 1.5 x forward + read + encode)", header, rows)
+        if api is not None:
+            print(f"{TITLES['e']}, seconds per series: "
+                  + ", ".join(f"{run.series} {run.wall_seconds:.2f}" for run in api.runs))
+    if warm is not None and api is not None:
+        ratio = api.elapsed_seconds / warm.elapsed_seconds
+        verdict = "met" if ratio >= 4 else ("bar met, goal not" if ratio >= 3.5 else "NOT met")
+        print(f"batch of {len(warm.runs)}: (b) {warm.elapsed_seconds:.1f} s, (e) {api.elapsed_seconds:.1f} s"
+              f" (both from the process's start); (e)/(b) = {ratio:.2f}  (goal >= 4, bar 3.5: {verdict})")
+        if warm.cpu_seconds and api.cpu_seconds:
+            print(f"CPU time (this process and its children, less sensitive to other work on the machine):"
+                  f" (b) {warm.cpu_seconds:.1f} s, (e) {api.cpu_seconds:.1f} s; (e)/(b) = "
+                  f"{api.cpu_seconds / warm.cpu_seconds:.2f}")
+
+
+def _median_runs(runs: list[dict[str, PathResult]]) -> dict[str, PathResult]:
+    """Each path's run of median batch time (a failed run when any failed)."""
+    chosen = {}
+    for key in runs[0]:
+        results = [run[key] for run in runs]
+        failed = [result for result in results if result.unavailable]
+        if failed:
+            chosen[key] = failed[0]
+            continue
+        ordered = sorted(results, key=lambda result: result.elapsed_seconds)
+        chosen[key] = ordered[(len(ordered) - 1) // 2]
+    return chosen
+
+
+def print_repetitions(runs: list[dict[str, PathResult]]) -> None:
+    """With --repeat: each repetition's batch times and (e)/(b), and their median."""
+    if len(runs) < 2:
+        return
+    ratios = []
+    print()
+    for n, run in enumerate(runs):
+        times = ", ".join(f"{key} {result.elapsed_seconds:.1f} s" for key, result in run.items()
+                          if not result.unavailable)
+        warm, api = run.get("b"), run.get("e")
+        line = f"repetition {n + 1}: {times}"
+        if warm and api and not warm.unavailable and not api.unavailable:
+            ratios.append(api.elapsed_seconds / warm.elapsed_seconds)
+            line += f"; (e)/(b) = {ratios[-1]:.2f}"
+        print(line)
+    if ratios:
+        print(f"(e)/(b) over {len(ratios)} repetitions: median {statistics.median(ratios):.2f}"
+              f" (from {min(ratios):.2f} to {max(ratios):.2f})")
+
+
+def _print_rows(title: str, header: tuple, rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row) -> str:
+        return "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |"
+
+    print()
+    print(title)
+    print(line(header))
+    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
 def print_notes(results: dict[str, PathResult], bench: Bench) -> None:
     print()
-    print(f"device: {bench.device}; weights: {bench.model.weights_dir}; model: TotalSegmentator task total "
-          f"({'fast' if bench.model.fast else 'full'}); {os.cpu_count()} CPU(s)")
+    model = bench.model
+    print(f"device: {bench.device}; weights: {model.weights_dir}; model: TotalSegmentator task total "
+          f"({'fast' if model.fast else 'full'}); tta {model.tta}, step_size {model.step_size or 'default'},"
+          f" compile {model.compile} (the node's paths); {os.cpu_count()} CPU(s)")
     print("forward = nnU-Net's prediction of each case in the model process (RunReport.forward_seconds);"
           " overhead = wall - forward")
-    for key in ("a", "d"):
+    for key in ("a", "d", "e"):
         result = results.get(key)
         if result is not None and result.forward_from:
             print(f"{TITLES[key]}: TotalSegmentator's unmodified call cannot time its forward pass; forward is "
@@ -625,6 +803,11 @@ def print_notes(results: dict[str, PathResult], bench: Bench) -> None:
 
 
 # --- the command -----------------------------------------------------------------------
+
+def _series_name(folder: Path) -> str:
+    """A copied series' own name (its copy is ``N-NAME``)."""
+    return folder.name.split("-", 1)[1] if "-" in folder.name else folder.name
+
 
 def _series_folder(name: str) -> Path:
     """A series NAME under the shared test data (DICOM_NODE_TEST_DATA, as the tests read it), or a folder."""
@@ -645,19 +828,28 @@ def _cuda_available() -> bool:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", default=DEFAULT_SERIES,
-                        help=f"a series folder name under the shared MRI data, or a folder (default {DEFAULT_SERIES})")
-    parser.add_argument("--count", type=int, default=3, help="copies of the series each path runs (default 3)")
+                        help="series folder names under the shared MRI data, or folders, comma-separated"
+                             f" (default {DEFAULT_SERIES})")
+    parser.add_argument("--count", type=int, default=3,
+                        help="copies of the series each path runs, in turn (default 3)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
                         help="a weights_dir with TotalSegmentator's total fast model (default: the phantom model)")
-    parser.add_argument("--paths", default="a,b,c,d", help="which paths to run, of a,b,c,d (default all)")
+    parser.add_argument("--paths", default="a,b,c,d,e", help="which paths to run, of a,b,c,d,e (default all)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the paths this many times, in turn; the tables show each path's median run")
+    parser.add_argument("--no-tta", action="store_true",
+                        help="the node's paths with the preset key tta: false (no mirroring)")
+    parser.add_argument("--step-size", type=float, default=None,
+                        help="the node's paths with this preset step_size (default: the model's own)")
+    parser.add_argument("--compile", action="store_true", help="the node's paths with the preset key compile: true")
     args = parser.parse_args(argv)
     args.paths = [key.strip() for key in args.paths.split(",") if key.strip()]
     unknown = [key for key in args.paths if key not in PATHS]
     if unknown or not args.paths:
-        parser.error(f"--paths takes a comma-separated subset of a,b,c,d, not {unknown or 'nothing'}")
-    if args.count < 1:
-        parser.error("--count must be at least 1")
+        parser.error(f"--paths takes a comma-separated subset of a,b,c,d,e, not {unknown or 'nothing'}")
+    if args.count < 1 or args.repeat < 1:
+        parser.error("--count and --repeat must be at least 1")
     return args
 
 
@@ -667,15 +859,22 @@ def _raise_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    source = _series_folder(args.series)
-    if not source.is_dir() or not _files(source):
-        print(f"throughput: no series at {source} (set DICOM_NODE_TEST_DATA or pass --series DIR)", file=sys.stderr)
-        return 2
+    sources = [_series_folder(name.strip()) for name in args.series.split(",") if name.strip()]
+    for source in sources:
+        if not source.is_dir() or not _files(source):
+            print(f"throughput: no series at {source} (set DICOM_NODE_TEST_DATA or pass --series DIR)",
+                  file=sys.stderr)
+            return 2
     from pipeline.model.totalseg import TotalSegmentator
     from pipeline.settings import ModelSettings, PipelineSettings
 
     weights = args.weights.resolve()
-    model = ModelSettings(weights_dir=weights, device=args.device)
+    try:
+        model = ModelSettings(weights_dir=weights, device=args.device, tta=not args.no_tta, step_size=args.step_size,
+                              compile=args.compile)
+    except ValueError as exc:
+        print(f"throughput: {exc}", file=sys.stderr)
+        return 2
     try:
         TotalSegmentator(model).check_weights()
     except Exception as exc:
@@ -694,11 +893,20 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.tempdir = None
         series = []
         for n in range(args.count):
-            series.append(Path(shutil.copytree(source, work / "series" / f"{n}-{source.name}")))
+            for source in sources:
+                series.append(Path(shutil.copytree(source, work / "series" / f"{len(series)}-{source.name}")))
         model = model.model_copy(update={"home_dir": work / "totalseg-home"})
         bench = Bench(series=series, work=work, settings=PipelineSettings(model=model), device=args.device)
         try:
-            results = {key: run_path(key, bench) for key in "abcd" if key in args.paths}
+            runs = []  # per repetition: the paths in turn, so that each sees the machine's load alike
+            for repetition in range(args.repeat):
+                here = bench
+                if args.repeat > 1:
+                    print(f"repetition {repetition + 1} of {args.repeat}", flush=True)
+                    here = dataclasses.replace(bench, work=bench.work / f"run{repetition}")
+                    here.work.mkdir()
+                runs.append({key: run_path(key, here) for key in "abcde" if key in args.paths})
+            results = _median_runs(runs)
         except BaseException:  # Ctrl-C, SIGTERM: no model process outlives the benchmark
             for child in multiprocessing.active_children():
                 child.terminate()
@@ -706,8 +914,10 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.tempdir = None
         os.environ.pop("TMPDIR")
     _lend_forward(results)
-    print_table(results, source.name, args.count)
+    print_table(results, ",".join(source.name for source in sources), args.count)
+    print_parts(results)
     print_ratios(results)
+    print_repetitions(runs)
     print_notes(results, bench)
     failed = [key for key, result in results.items() if result.unavailable and result.unavailable.startswith("failed")]
     return 1 if failed else 0

@@ -240,10 +240,11 @@ class Audit:
                              retried=None if ok else not final),
                   reason=error if not ok else (f"warning: {warning}" if warning else None))
 
-    def record_page_action(self, *, client: str, action: str, ok: bool, job_id: int, status: int,
+    def record_page_action(self, *, client: str, action: str, ok: bool, job_id: int | None, status: int,
                            study: str | None = None, series: str | None = None, new_job: int | None = None,
                            reason: str | None = None) -> None:
-        """An action on the status page (``retry``), by the client's address; refused ones too."""
+        """An action on the status page (``retry`` of a job; ``pull``, which names no job), by
+        the client's address; refused ones too."""
         restricted = not ok and status in (401, 403)  # refused for want of the right token
         self.emit(Event.SECURITY_ALERT if restricted else Event.INSTANCES_ACCESSED, Action.EXECUTE,
                   Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
@@ -251,6 +252,19 @@ class Audit:
                   who={"address": client, "role": "status page"},
                   what=_what(study, series, job_id=job_id, page_action=action, new_job=new_job if ok else None,
                              http_status=status), reason=reason)
+
+    def record_review(self, *, who: Mapping[str, Any], decision: str, ok: bool, job_id: int,
+                      study: str | None = None, series: str | None = None, status: int | None = None,
+                      reason: str | None = None) -> None:
+        """A reviewer's decision on a job's held objects (``approved``, ``rejected``; the
+        node's ``expired``), by the page's client or the operator: DICOM Instances
+        Accessed, Update (their release changed); one refused for want of the right token
+        is a Security Alert, Use of Restricted Function."""
+        restricted = not ok and status in (401, 403)
+        self.emit(Event.SECURITY_ALERT if restricted else Event.INSTANCES_ACCESSED,
+                  Action.EXECUTE if restricted else Action.UPDATE, Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE,
+                  event_type="Use of Restricted Function" if restricted else None, who=dict(who),
+                  what=_what(study, series, job_id=job_id, review=decision, http_status=status), reason=reason)
 
     def record_deleted(self, *, study: str, series: str, sops: Sequence[str], jobs: Sequence[int], reason: str) -> None:
         """Retention deleted a series' instances and its jobs' results."""

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "Caller",
     "SecuritySettings",
     "Destination",
+    "Source",
     "HttpAuth",
     "OUTPUTS",
     "StorageSettings",
@@ -36,9 +38,12 @@ __all__ = [
     "HttpSettings",
     "LoggingSettings",
     "RetentionSettings",
+    "ReviewSettings",
     "WorkerSettings",
     "AuditSettings",
     "SyslogSettings",
+    "NotifyEvent",
+    "Webhook",
     "ModelPreset",
     "DEFAULT_MODEL",
     "Config",
@@ -205,6 +210,7 @@ class Destination(_Frozen):
     outputs: tuple[Output, ...] = ("seg",)
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
     omit_empty_frames: bool = True
+    review: Literal["required", "none"] = "none"  # required: its objects wait for a reviewer (``review``)
 
     @field_validator("ae_title")
     @classmethod
@@ -281,6 +287,79 @@ class Destination(_Frozen):
         if self.protocol == "dimse":
             return f"{self.ae_title}@{self.host}:{self.port}"
         return without_credentials(str(self.url))
+
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class Source(_Frozen):
+    """A PACS that ``dicom-node pull`` queries and retrieves from.
+
+    ``protocol: dimse``: C-FIND at study and series level at ``ae_title`` on
+    ``host``:``port`` (optional ``tls``, as for destinations), then ``retrieve: get``
+    (C-GET: the instances come back over the same association) or ``move`` (C-MOVE to
+    the node's own AE title: the PACS must know it, and the running node receives). The
+    node calls as ``calling_ae_title`` (default: the node's AE title).
+    ``protocol: dicomweb``: QIDO-RS, then WADO-RS, at ``url`` with the keys of a DICOMweb
+    destination (``auth``, ``verify_tls``, ``ca_certificates``, ``allow_insecure``).
+    ``max_concurrent``: series retrieved at once; ``window``: ``"HH:MM-HH:MM"`` (local
+    time, may pass midnight) outside which a pull pauses.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: TlsSettings | None = None
+    retrieve: Literal["get", "move"] = "get"
+    calling_ae_title: str | None = None
+    url: str | None = Field(None, pattern=r"^https?://")
+    auth: HttpAuth | None = None
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+    allow_insecure: bool = False
+    max_concurrent: int = Field(1, ge=1, le=16)
+    window: str | None = None
+    timeout_seconds: float = Field(60.0, gt=0)  # one DIMSE message or HTTP read
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None and (not _WINDOW.match(value) or value[:5] == value[6:]):
+            raise ValueError('a window is "HH:MM-HH:MM" (24 h, start and end differ), e.g. "19:00-07:00"')
+        return value
+
+    @model_validator(mode="after")
+    def _as_destination(self) -> "Source":
+        try:
+            self.connection
+        except ValidationError as exc:  # the protocol's keys, checked as a destination's are
+            raise ValueError("; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())) from None
+        if self.protocol == "dicomweb" and self.calling_ae_title is not None:
+            raise ValueError("calling_ae_title: not a setting of protocol dicomweb")
+        return self
+
+    @property
+    def connection(self) -> Destination:
+        """The source's address, TLS and credentials as a destination's (the send side's
+        association, TLS and HTTP helpers take that)."""
+        keys = ("protocol", "ae_title", "host", "port", "tls", "url", "auth", "verify_tls", "ca_certificates",
+                "allow_insecure")
+        return Destination(name=self.name, **{key: getattr(self, key) for key in keys})
+
+    def window_minutes(self) -> tuple[int, int] | None:
+        """The window's start and end, in minutes after midnight."""
+        match = _WINDOW.match(self.window or "")
+        if match is None:
+            return None
+        hour, minute, end_hour, end_minute = (int(group) for group in match.groups())
+        return hour * 60 + minute, end_hour * 60 + end_minute
 
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
@@ -413,6 +492,101 @@ class AuditSettings(_Frozen):
     syslog: SyslogSettings | None = None
 
 
+class NotifyEvent(str, Enum):
+    """What a webhook is told of: a job that failed, one whose results wait for a
+    reviewer, one whose results were all sent."""
+
+    FAILED = "failed"
+    REVIEW = "review"
+    SENT = "sent"
+
+
+class Webhook(_Frozen):
+    """One webhook of ``notify``: a JSON notice POSTed to ``url`` when a job reaches one
+    of ``events`` (``dicom_node.notify``, README "Notifications").
+
+    Every notice is signed with HMAC-SHA256 under the key in the file ``secret_file`` or
+    the environment variable ``secret_env`` (at least 16 characters, read once at start;
+    ``secret`` itself is refused: a secret is not written in the config). An ``https://``
+    receiver's certificate is verified, against ``ca_certificates`` if given;
+    ``verify_tls: false`` is refused unless ``allow_insecure: true``. A notice the
+    receiver does not take (no answer within ``timeout_seconds``, 5xx, 408, 429) is tried
+    again with back-off for up to ``retry_seconds`` after it was made; another 4xx ends it.
+    """
+
+    name: str = Field("webhook", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    url: str = Field(pattern=r"^https?://")
+    secret: str | None = None  # refused: a secret is not written in the config
+    secret_file: Path | None = None
+    secret_env: str | None = Field(None, min_length=1)
+    events: tuple[NotifyEvent, ...] = (NotifyEvent.FAILED, NotifyEvent.REVIEW)
+    timeout_seconds: float = Field(10.0, gt=0)
+    retry_seconds: float = Field(3600.0, ge=0)
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+    allow_insecure: bool = False
+
+    @field_validator("secret")
+    @classmethod
+    def _no_inline_secret(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("a secret is not written in the config: put the key in a file named by secret_file,"
+                             " or in an environment variable named by secret_env")
+        return None
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        if url_has_credentials(value):
+            raise ValueError("a user or password inside the URL is refused (it would reach logs and errors)")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, value: tuple[NotifyEvent, ...]) -> tuple[NotifyEvent, ...]:
+        if not value:
+            raise ValueError(f"name at least one of {', '.join(event.value for event in NotifyEvent)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an event is named twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret_and_checked_tls(self) -> "Webhook":
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError("give one of secret_file or secret_env: every notice is signed with that key")
+        https = self.url.startswith("https://")
+        if self.ca_certificates is not None and not https:
+            raise ValueError("ca_certificates: only for an https:// url")
+        if not self.verify_tls and not self.allow_insecure:
+            raise ValueError("verify_tls false accepts any server's certificate: refused unless allow_insecure: true")
+        return self
+
+    def key(self) -> bytes:
+        """The signing key (``ConfigError`` naming the file or variable when it cannot be
+        read, is empty or is shorter than 16 characters)."""
+        if self.secret_file is not None:
+            try:
+                value = self.secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"notify {self.name}: secret_file {self.secret_file} cannot be read"
+                                  f" ({exc.strerror or exc})") from exc
+            where = f"secret_file {self.secret_file}"
+        else:
+            value = os.environ.get(self.secret_env or "", "").strip()
+            where = f"secret_env: the environment variable {self.secret_env}"
+        if len(value) < 16:
+            raise ConfigError(f"notify {self.name}: {where} is empty or shorter than 16 characters")
+        return value.encode("utf-8")
+
+
+def _webhooks_named_once(value: tuple[Webhook, ...]) -> tuple[Webhook, ...]:
+    names = [webhook.name for webhook in value]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"webhook name {', '.join(twice)} is used twice")
+    return value
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -440,6 +614,14 @@ class RetentionSettings(_Frozen):
     def pressure_bytes(self, min_free_bytes: int) -> int:
         """The free space below which disk pressure deletes ended series (0: never)."""
         return 2 * min_free_bytes if self.pressure_free_bytes is None else self.pressure_free_bytes
+
+
+class ReviewSettings(_Frozen):
+    """Review before sending (a destination with ``review: required``): ``expire_days``
+    after its results were made, a job nobody approved or rejected ends ``expired`` and
+    its held objects are never sent (0: they wait for ever)."""
+
+    expire_days: float = Field(14, ge=0)
 
 
 class WorkerSettings(_Frozen):
@@ -529,6 +711,9 @@ class Config(_Frozen):
     retention: RetentionSettings = RetentionSettings()
     workers: WorkerSettings = WorkerSettings()
     audit: AuditSettings = AuditSettings()
+    notify: tuple[Webhook, ...] = ()  # webhooks (``dicom_node.notify``)
+    review: ReviewSettings = ReviewSettings()
+    sources: tuple[Source, ...] = ()  # PACS that ``dicom-node pull`` retrieves from
 
     @model_validator(mode="before")
     @classmethod
@@ -611,6 +796,20 @@ class Config(_Frozen):
     def _destinations_named_once(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
         return _named_once(value, "destination", "destination")
 
+    _notify = field_validator("notify")(_webhooks_named_once)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_named_once(cls, value: tuple[Source, ...]) -> tuple[Source, ...]:
+        return _named_once(value, "source", "source") if value else value
+
+    def source(self, name: str) -> Source:
+        """The source called ``name`` (``KeyError`` when there is none)."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(name)
+
     @property
     def output_requests(self) -> list[OutputRequest]:
         """Every result object some destination receives, each once."""
@@ -667,6 +866,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         })
         for destination in config.destinations
     )
+    sources = tuple(
+        source.model_copy(update={
+            "tls": tls(source.tls),
+            "auth": auth(source.auth),
+            "ca_certificates": None if source.ca_certificates is None else absolute(source.ca_certificates),
+        })
+        for source in config.sources
+    )
     http = config.http.model_copy(update={
         key: absolute(getattr(config.http, key)) for key in ("ui_token_file", "ui_read_token_file")
         if getattr(config.http, key) is not None
@@ -676,9 +883,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     audit_path = config.audit.path
     audit = config.audit.model_copy(update={  # default: beside the state database
         "path": storage.state_db.parent / "audit.jsonl" if audit_path is None else absolute(audit_path)})
+    notify = tuple(webhook.model_copy(update={
+        key: absolute(getattr(webhook, key)) for key in ("secret_file", "ca_certificates")
+        if getattr(webhook, key) is not None
+    }) for webhook in config.notify)
     return config.model_copy(
         update={"node": node, "destinations": destinations, "storage": storage, "models": models, "http": http,
-                "workers": workers, "audit": audit}
+                "workers": workers, "audit": audit, "notify": notify,
+                "sources": sources}
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
@@ -30,9 +30,9 @@ class _JobCollector:
             jobs.add_metric([state.value], counts.get(state, 0))
         yield jobs
         outbox = GaugeMetricFamily("dicom_node_outbox", "Result objects per destination: pending (of jobs still"
-                                   " sending), sent, failed", labels=["destination", "state"])
+                                   " sending), sent, failed, held (for a reviewer)", labels=["destination", "state"])
         for destination, row in self.state.outbox_counts().items():
-            for state in ("pending", "sent", "failed"):
+            for state in ("pending", "sent", "failed", "held"):
                 outbox.add_metric([destination, state], getattr(row, state))
         yield outbox
         depth = counts.get(JobState.RECEIVED, 0) + counts.get(JobState.SENDING, 0)
@@ -84,6 +84,19 @@ class Metrics:
         self.retention_deletions = Counter(
             "dicom_node_retention_deletions", "Series deleted by retention with their jobs' results, by reason:"
             " period (their jobs' retention periods passed) or pressure (the spool's disk ran low)", ["reason"],
+            registry=self.registry,
+        )
+        self.notices = Counter(
+            "dicom_node_notices", "Webhook notices by webhook and outcome: delivered, failed (refused by the"
+            " receiver, or not taken within its retry_seconds) or dropped (its queue was full)", ["webhook", "outcome"],
+            registry=self.registry,
+        )
+        self.notice_attempt_failures = Counter(
+            "dicom_node_notice_attempt_failures", "Webhook POSTs that failed (each is tried again until its"
+            " retry_seconds), by webhook", ["webhook"], registry=self.registry,
+        )
+        self.notices_waiting = Gauge(
+            "dicom_node_notices_waiting", "Webhook notices not yet delivered, by webhook", ["webhook"],
             registry=self.registry,
         )
         self.worker_queue_depth: Callable[[], int | None] | None = None  # set with Celery workers

@@ -26,6 +26,8 @@ from dicom_node.audit import Audit
 from dicom_node.config import Config, ModelPreset, TlsSettings
 from dicom_node.errors import ConfigError, NodeError
 from dicom_node.metrics import Metrics
+from dicom_node.notify import Notifier
+from dicom_node.pull.runner import PullRunner
 from dicom_node.receive.completion import Completion
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.send.echo import StartupEchoes
@@ -37,6 +39,7 @@ from dicom_node.web.http import HttpEndpoint, destination_check, disk_check
 from dicom_node.web.status_page import StatusPage
 from dicom_node.work.processor import Processor
 from dicom_node.work.queue import InProcessQueue
+from dicom_node.work.review import Reviews
 from pipeline.errors import WeightsMissingError
 from pipeline.model.runner import ModelRunner
 from pipeline.model.segment import Segmenter, make_segmenter
@@ -173,6 +176,15 @@ def check_startup(config: Config) -> None:
             key = "workers.broker_url_file" if config.workers.broker_url_file else "workers.broker_url_env"
             raise StartupError(str(exc), key=key, value=config.workers.broker_url_file or config.workers.broker_url_env,
                                problem=StartupProblem.FILE_UNREADABLE) from exc
+    for n, webhook in enumerate(config.notify):
+        if webhook.ca_certificates is not None:
+            _check_readable(f"notify[{n}].ca_certificates", webhook.ca_certificates)
+        try:
+            webhook.key()
+        except ConfigError as exc:
+            key = f"notify[{n}].secret_file" if webhook.secret_file is not None else f"notify[{n}].secret_env"
+            raise StartupError(f"{key}: {exc}", key=key, value=webhook.secret_file or webhook.secret_env,
+                               problem=StartupProblem.FILE_UNREADABLE) from exc
     spool = config.storage.spool_dir
     _check_writable_folder("storage.spool_dir", spool)
     for sub in ("incoming", "results", "tmp"):
@@ -200,6 +212,7 @@ class Node:
         self.state = StateStore(config.storage.state_db)
         self.metrics = Metrics(self.state)
         self.audit = Audit(config.audit, ae_title=config.node.ae_title) if config.audit.enabled else Audit.off()
+        self.notifier = Notifier(config.notify, ae_title=config.node.ae_title, metrics=self.metrics)
         self.models: dict[str, ModelService] = {}  # by preset name
         segmenters: Segmenter | dict[str, Segmenter] | None = segmenter
         if segmenters is None:
@@ -207,16 +220,22 @@ class Node:
             segmenters = {name: make_segmenter(config.preset(name).settings, service)
                           for name, service in self.models.items()}
             self.metrics.worker_queue_depth = getattr(next(iter(self.models.values())), "queue_depth", None)
-        processor = Processor(config, self.state, self.spool, segmenters, self.metrics, self.audit)
+        processor = Processor(config, self.state, self.spool, segmenters, self.metrics, self.audit,
+                              notifier=self.notifier)
         self.segmenters = processor.segmenters  # by preset name
         self.queue = InProcessQueue(self.state, processor, processing_slots=config.workers.max_in_flight,
                                     destinations=tuple(d.name for d in config.destinations))
+        # review decisions (page and timer): outcomes through audit_end, approved sends woken at once
+        self.reviews = Reviews(self.state, audit=self.audit, ended=processor.audit_end, wake=self.queue.submit)
         self.completion = Completion(config.completion, self.state, self.queue.submit,
                                      on_incomplete=functools.partial(self._incomplete, processor))
         self.scp = StorageSCP(
             config.node, config.security, config.storage, self.spool, self.state, self.completion, self.metrics,
             self.audit,
         )
+        # pulls started from the status page, run by the node itself (resumed at start)
+        self.pulls = PullRunner(config, self.state, self.spool, metrics=self.metrics,
+                                audit=self.audit) if config.sources else None
         # each destination checked at start (C-ECHO or QIDO-RS), in the background, until it answered once
         self.echoes = StartupEchoes(config.destinations, calling_ae_title=config.node.ae_title,
                                     timeout=config.send.timeout_seconds, answered_by_send=self._sent_to)
@@ -236,6 +255,7 @@ class Node:
                     **{f"send:{d.name}": functools.partial(self.queue.sender_problem, d.name)
                        for d in config.destinations},
                     "retention": self._retention_problem,
+                    "notify": lambda: None if self.notifier.alive else "the notify thread is not running",
                     "stuck": self._stuck_problem,
                 },
                 self.metrics.exposition,
@@ -248,7 +268,8 @@ class Node:
                     **{f"echo:{d.name}": functools.partial(self.echoes.problem, d.name) for d in config.destinations},
                 },
                 pages=StatusPage(self.state, config.destinations, _ui_tokens(config),
-                                 previews=config.http.ui_previews, audit=self.audit) if config.http.ui else None,
+                                 previews=config.http.ui_previews, audit=self.audit,
+                                 reviews=self.reviews, pulls=self.pulls) if config.http.ui else None,
                 allowed_hosts=config.http.allowed_hosts,
             )
         self._started: list[object] = []  # the parts running, stopped again by stop()
@@ -296,6 +317,7 @@ class Node:
             self.audit.start()
             self._started.append(self.audit)
             self.audit.record_application("Application Start", detail=_config_summary(self.config))
+            self.notifier.start()
             resumed = self.state.resume_interrupted()
             names = [destination.name for destination in self.config.destinations]
             adopted = self.state.adopt_unsent(names[0])
@@ -326,6 +348,8 @@ class Node:
             self.completion.start()
             self._started.append(self.completion)
             self._listen(self.scp, "node", self.config.node.bind_address, self.config.node.port)
+            if self.pulls is not None and self.pulls.resume():  # after the SCP: a C-MOVE comes back to it
+                log.info("resuming the pulls started from the status page")
         except BaseException:
             self._stop_started()
             raise
@@ -368,12 +392,15 @@ class Node:
         self._stop.set()
         self.echoes.stop()
         audited = any(self.audit is running for running in self._started)
+        if self.pulls is not None:  # each left to resume at the next start
+            self.pulls.stop()
         self._stop_started()
         if self._retention.is_alive():  # a run in hand ends before the state store closes under it
             self._retention.join(timeout=30)
         if audited:
             self.audit.record_application("Application Stop")
         self.audit.close()
+        self.notifier.close()  # the notices of the last jobs, within a few seconds
         if self.queue.stopped:
             self.state.close()
         else:  # a thread still holds a job; the process exits without closing under it
@@ -381,8 +408,13 @@ class Node:
 
     def _retention_loop(self) -> None:
         """Retention every ``retention.interval_seconds``, whatever the periods (disk
-        pressure needs it too); a run that fails is logged and the next one runs."""
+        pressure needs it too), after the expiry of reviews (``review.expire_days``); a run
+        that fails is logged and the next one runs."""
         while not self._stop.is_set():
+            try:
+                self.reviews.expire(self.config.review.expire_days)  # held objects unreviewed too long
+            except Exception:
+                log.exception("expiring reviews failed; trying again in %ss", self.config.retention.interval_seconds)
             try:
                 self.retention.run()
             except Exception:

@@ -36,7 +36,7 @@ from pipeline.settings import PipelineSettings
 
 __all__ = [
     "Outcome", "SegResult", "SeriesHeaders", "read_series", "preprocessing_for", "process_series", "algorithm_for",
-    "image_headers", "read_image_headers",
+    "image_headers", "read_image_headers", "classify_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,21 +70,32 @@ class SegResult:
     @property
     def timing(self) -> dict[str, float]:
         """Where the time went, in parts that add up to the stages' sum: load (the model,
-        0 when warm), read (headers and pixels), preprocess (Equation 1), forward (the
-        network), export (the rest of the segment stage: the image's way to the model
-        process and back, the model's own resampling and the writing of its labels) and
-        encode (the result objects, saved as made). Load, forward and export split the
-        segment stage by the model process's report; load comes first, as the issue and
-        the model line always began with it."""
+        0 when warm), read (headers and pixels), preprocess (Equation 1), then the segment
+        stage split by the model process's report: nnunet_preprocess (nnU-Net's reader and
+        preprocessing), forward (the network's sliding window), export (nnU-Net's labels
+        back on the case's grid), model_other (the back-end's own steps around nnU-Net:
+        TotalSegmentator's reorientation, resampling to the model's spacing and back,
+        postprocessing) and handover (the rest: the image's way to the model process and
+        the labels' way back, the wait for a busy or starting process); and encode (the
+        result objects, saved as made). Load comes first, as the model line always began
+        with it."""
         seconds = dict(self.seconds)
         report = self.model_report
         if report is None or "segment" not in seconds:
             return seconds
-        segment = seconds.pop("segment")
-        load = min(report.load_seconds, segment)
-        forward = min(report.forward_seconds, segment - load)
+        left = seconds.pop("segment")
+
+        def take(part: float) -> float:
+            nonlocal left
+            taken = min(max(part, 0.0), left)
+            left -= taken
+            return taken
+
+        load = take(report.load_seconds)
+        model = {"nnunet_preprocess": take(report.prepare_seconds), "forward": take(report.forward_seconds),
+                 "export": take(report.export_seconds), "model_other": take(report.other_seconds)}
         parts = {"load": load, "read": seconds.pop("read", 0.0), "preprocess": seconds.pop("preprocess", 0.0),
-                 "forward": forward, "export": segment - load - forward}
+                 **model, "handover": left}
         return {**parts, **seconds}
 
     @property
@@ -178,7 +189,11 @@ class SeriesHeaders:
 
 def read_series(paths: Sequence[Path], settings: PipelineSettings) -> SeriesHeaders:
     """Read the headers of a series' files and classify it (``settings.class_rules``)."""
-    headers = read_headers(paths)
+    return classify_headers(read_headers(paths), settings)
+
+
+def classify_headers(headers: list[tuple[Path, pydicom.Dataset]], settings: PipelineSettings) -> SeriesHeaders:
+    """A series' headers, already read (by a caller that grouped files by series), classified."""
     rules = [rule.rule() for rule in settings.class_rules]
     classification = classify_series(image_headers(headers), rules)
     log.info("series classified %s (%s)", classification.sequence_class.value, classification.reason)

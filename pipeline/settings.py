@@ -48,6 +48,16 @@ class ModelSettings(_Frozen):
     weights_dir: Path = Path("var/weights")
     home_dir: Path = Path("var/totalsegmentator")
     device: Literal["cpu", "gpu"] = "cpu"
+    # test-time augmentation (nnU-Net's mirroring): true keeps the model's own choice
+    # (nnU-Net models: mirrored; TotalSegmentator: what its API asks, which is none);
+    # false turns it off (a nnU-Net model then runs 2 to 8 times fewer forward passes)
+    tta: bool = True
+    # nnU-Net's sliding-window step, as a fraction of the patch (smaller: more overlap,
+    # slower); None keeps the model's own (nnU-Net 0.5; TotalSegmentator 0.8 for total)
+    step_size: float | None = Field(None, gt=0.0, le=1.0)
+    # torch.compile the network (nnU-Net's nnUNet_compile), in the model process only:
+    # a slower first run, faster ones after, on a GPU
+    compile: bool = False
     # the deadline of one model run (a fresh model process's start and model load
     # included); past it the process is stopped and the run fails. An hour: the full
     # `total` task (five part-models at 1.5 mm) on a 170-slice series takes tens of

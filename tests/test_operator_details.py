@@ -241,7 +241,8 @@ def test_model_timings_name_each_part_and_add_up_to_the_time_of_the_call(phantom
         total = time.perf_counter() - started
     assert result.outcome is Outcome.SEG
     parts = result.timing
-    assert list(parts) == ["load", "read", "preprocess", "forward", "export", "encode"]
+    assert list(parts) == ["load", "read", "preprocess", "nnunet_preprocess", "forward", "export", "model_other",
+                           "handover", "encode"]
     assert all(seconds >= 0 for seconds in parts.values()), parts
     assert parts["load"] > 0 and parts["forward"] > 0, "a cold model process: loaded, then run"
     assert abs(sum(parts.values()) - total) <= 0.05 * total + 0.2, (parts, total)

@@ -86,7 +86,7 @@ def test_not_ready_naming_the_missing_weights_until_they_are_imported(weightless
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"status": "ready", "failing": {},
                              "checked": ["audit", "completion", "database", "destination", "disk", "echo:pacs",
-                                         "processing", "retention", "scp", "send:pacs", "state_store", "stuck",
+                                         "notify", "processing", "retention", "scp", "send:pacs", "state_store", "stuck",
                                          "weights", "worker"]}
     assert requests.get(base + "/nothing", timeout=10).status_code == 404
     assert requests.get(base + "/", timeout=10).status_code == 404  # the status page is off by default

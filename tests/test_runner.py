@@ -131,3 +131,40 @@ def test_an_error_from_the_model_process_becomes_only_a_pipeline_error():
     for kind in ("annotations", "__all__", "error_of_kind", "SystemExit", "os"):
         error = error_of_kind(kind, "odd")
         assert type(error) is SegmentationError and str(error) == "odd"
+
+
+def test_gpu_ready_settings_are_checked_when_read():
+    import pydantic
+
+    settings = ModelSettings()
+    assert (settings.tta, settings.step_size, settings.compile) == (True, None, False), "the model's own choices"
+    assert ModelSettings(step_size=0.8, tta=False, compile=True).step_size == 0.8
+    for wrong in ({"step_size": 0}, {"step_size": 1.5}, {"tta": "sometimes"}, {"compile": "maybe"}):
+        with pytest.raises(pydantic.ValidationError):
+            ModelSettings(**wrong)
+
+
+@pytest.mark.e2e
+def test_tta_false_turns_the_mirroring_off_and_still_gives_a_label_map(phantom_weights, images, tmp_path,
+                                                                       monkeypatch):
+    """In this process (the predictor is looked at): a custom nnU-Net model, mirrored by
+    nnU-Net's default, and not with ``tta: false``; both give a label map of the image."""
+    from demo.phantom_model import make_custom_model
+    from pipeline.model.nnunet import NnUNetBackend
+
+    monkeypatch.setenv("nnUNet_compile", "false")  # the predictors set it here: put back afterwards
+    weights = tmp_path / "custom"
+    base = ModelSettings(kind="nnunet", nnunet_model=make_custom_model(phantom_weights, weights), weights_dir=weights,
+                         step_size=0.9)
+    image = images[1]  # the 35 slices
+    found = {}
+    for tta in (True, False):
+        backend = NnUNetBackend(base.model_copy(update={"tta": tta}))
+        reply = backend.run(image)
+        [predictor] = backend.predictors.initialised
+        assert predictor.use_mirroring is tta and predictor.tile_step_size == 0.9
+        labels = np.asanyarray(reply.labels.dataobj)
+        assert labels.shape == image.shape and np.allclose(reply.labels.affine, image.affine, atol=1e-4)
+        assert labels.any() and set(np.unique(labels).tolist()) - {0} <= set(reply.names)
+        found[tta] = (labels, reply.report)
+    assert found[False][1].forward_seconds < found[True][1].forward_seconds, "fewer forward passes without mirroring"

@@ -430,7 +430,7 @@ def test_the_job_list_and_its_filters(page_endpoint):
     data = requests.get(f"{url}/api/jobs", headers=READ, timeout=10).json()
     assert [job["id"] for job in data["jobs"]] == [2, 1]  # newest first
     assert data["destinations"] == [{"name": "pacs", "peer": "PACS@127.0.0.1:104", "outputs": ["seg"], "pending": 0,
-                                     "sent": 0, "failed": 0}] and data["actions"]
+                                     "sent": 0, "failed": 0, "held": 0}] and data["actions"]
     assert data["previews"] and not data["can_act"]  # the read-only token cannot act
     failed = requests.get(f"{url}/api/jobs?state=failed", headers=READ, timeout=10).json()["jobs"]
     assert [(job["id"], job["reason"]) for job in failed] == [(1, "test failure")]

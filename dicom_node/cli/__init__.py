@@ -6,7 +6,8 @@ per ``StartupProblem``, with one line on stderr naming the config key and its va
 
 One module per group of commands: ``batch`` (process, rules test), ``jobs`` (status,
 retry, cleanup), ``echo`` (the destinations answer?), ``models`` (worker, weights,
-evaluate) and ``demo`` (demo-study, demo-model); ``serve`` is here. Each registers its
+evaluate), ``demo`` (demo-study, demo-model) and ``review`` (list, approve, reject);
+``serve`` is here. Each registers its
 own sub-commands. A reader that closes stdout early (``| head``) ends any command
 quietly (``main``).
 """
@@ -18,7 +19,8 @@ import importlib.metadata
 import os
 import sys
 
-from dicom_node.cli import batch, demo, echo, jobs, models
+from dicom_node.cli import batch, demo, echo, jobs, models, pull
+from dicom_node.cli import review
 from dicom_node.cli.common import CONFIG_HELP, ExitStatus, load
 from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.register(commands)
     models.register(commands)
     demo.register(commands)
+    review.register(commands)
+    pull.register(commands)
     return parser
 
 

@@ -14,26 +14,25 @@ from dicom_node.logs import setup_logging
 __all__ = ["register"]
 
 
-def _group_by_series(root: Path) -> dict[str, list[Path]]:
+def _group_by_series(root: Path) -> dict[str, list[tuple[Path, object]]]:
+    """Each series' files with their headers (no pixels): read once, for the grouping and
+    for every later stage."""
     import pydicom  # here, not at the top: every command loads this module, most need no DICOM reader
 
-    groups: dict[str, list[Path]] = defaultdict(list)
+    groups: dict[str, list[tuple[Path, object]]] = defaultdict(list)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             continue  # not DICOM: README files, manifests
         uid = header.get("SeriesInstanceUID")
         if uid:
-            groups[str(uid)].append(path)
+            groups[str(uid)].append((path, header))
     return groups
 
 
 def _cmd_process(args: argparse.Namespace) -> int:
-    from pipeline.errors import PipelineError
     from pipeline.model.runner import ModelRunner
-    from pipeline.model.segment import make_segmenter
-    from pipeline.process import Outcome, process_series
 
     config = load(args)  # the same file and path rules as serve
     preset = preset_named(config, args.model)
@@ -41,18 +40,33 @@ def _cmd_process(args: argparse.Namespace) -> int:
     setup_logging("WARNING" if not args.verbose else config.logging.level, config.logging.format)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    groups = _group_by_series(Path(args.input))
-    if not groups:
-        print(f"no DICOM series found under {args.input}", file=sys.stderr)
-        return ExitStatus.FAILURE
     failures = 0
-    with ModelRunner(settings.model) as runner, _Progress(len(groups), enabled=not args.json) as progress:
+    # the model process starts first: its imports overlap the reading of the headers
+    with ModelRunner(settings.model) as runner:
+        groups = _group_by_series(Path(args.input))
+        if not groups:
+            print(f"no DICOM series found under {args.input}", file=sys.stderr)
+            return ExitStatus.FAILURE
+        failures = _process_groups(args, groups, settings, outputs, preset, config, runner, output)
+    return ExitStatus.FAILURE if failures else ExitStatus.OK
+
+
+def _process_groups(args, groups, settings, outputs, preset, config, runner, output: Path) -> int:
+    """Each series through the pipeline on the warm runner; the number that failed."""
+    from pipeline.errors import PipelineError
+    from pipeline.model.segment import make_segmenter
+    from pipeline.process import Outcome, classify_headers, process_series
+
+    failures = 0
+    with _Progress(len(groups), enabled=not args.json) as progress:
         segmenter = make_segmenter(settings.model, runner)
-        for series_uid, paths in groups.items():
+        for series_uid, headers in groups.items():
             progress.series(series_uid)
+            paths = [path for path, _ in headers]
             record: dict = {"series_instance_uid": series_uid, "instances": len(paths)}
             try:
                 result = process_series(paths, settings, segmenter, outputs, on_stage=progress.stage,
+                                        series_headers=classify_headers(headers, settings),
                                         max_series_voxels=config.storage.max_series_voxels,
                                         **config.preset_marks(preset.name))
             except PipelineError as exc:
@@ -70,14 +84,14 @@ def _cmd_process(args: argparse.Namespace) -> int:
                 print(json.dumps(record), flush=True)
         if not args.json:
             print(f"{len(groups)} series, {failures} failed; the model was loaded {runner.loads} time(s)")
-    return ExitStatus.FAILURE if failures else ExitStatus.OK
+    return failures
 
 
 def _cmd_rules_test(args: argparse.Namespace) -> int:
     """What the node would do with each series under the folder, without running a model."""
     from dicom_node.work.plan import check_series, plan_series
     from pipeline.errors import PipelineError
-    from pipeline.process import read_series
+    from pipeline.process import classify_headers
 
     config = load(args)
     setup_logging("WARNING")
@@ -85,11 +99,11 @@ def _cmd_rules_test(args: argparse.Namespace) -> int:
     if not groups:
         print(f"no DICOM series found under {args.series_dir}", file=sys.stderr)
         return ExitStatus.FAILURE
-    for number, (series_uid, paths) in enumerate(groups.items()):
+    for number, (series_uid, files) in enumerate(groups.items()):
         if len(groups) > 1:
-            print(("\n" if number else "") + f"series {series_uid} ({len(paths)} files)")
+            print(("\n" if number else "") + f"series {series_uid} ({len(files)} files)")
         try:
-            headers = read_series(paths, config.pipeline)
+            headers = classify_headers(files, config.pipeline)
         except PipelineError as exc:
             print(f"cannot read the series: {exc}")
             continue

@@ -67,7 +67,8 @@ def _status_lines(jobs: list[Job], as_json: bool, now: float,
             lines.append(f"      {_timeline(job)}")
             if job.model_run:
                 lines.append(f"      model: {job.model_run}")
-            if job.state in (JobState.SENDING, JobState.FAILED) and outboxes.get(job.id):
+            if job.state in (JobState.SENDING, JobState.FAILED, JobState.REVIEW, JobState.REJECTED,
+                             JobState.EXPIRED) and outboxes.get(job.id):
                 lines.append("      sends: " + ", ".join(_send_text(item, now) for item in outboxes[job.id]))
     return lines
 
@@ -95,7 +96,8 @@ def _destination_lines(config: Config, counts: dict[str, OutboxCounts]) -> list[
     for destination in config.destinations:
         row = counts.get(destination.name, OutboxCounts())
         lines.append(f"destination {destination.name} ({destination.peer}; {', '.join(destination.outputs)}):"
-                     f" {row.pending} pending, {row.sent} sent, {row.failed} failed")
+                     f" {row.pending} pending, {row.sent} sent, {row.failed} failed"
+                     + (f", {row.held} held for review" if row.held or destination.review == "required" else ""))
     for name in sorted(set(counts) - {d.name for d in config.destinations}):
         row = counts[name]
         lines.append(f"destination {name} (no longer configured): {row.pending} pending, {row.sent} sent,"
@@ -166,7 +168,8 @@ def _cmd_retry(args: argparse.Namespace) -> int:
                 raise ValueError("--allow-partial goes with --reprocess: it processes a series that is not whole"
                                  " as a new job")
             old = state.job(args.job_id)
-            if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT):
+            if old is not None and old.state in (JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT,
+                                                 JobState.REJECTED, JobState.EXPIRED):
                 raise ValueError(f"job {args.job_id} is {old.state.value}; `dicom-node retry --reprocess"
                                  f" {args.job_id}` processes its series again")
             job = state.requeue(args.job_id, destination=args.destination)
@@ -231,7 +234,7 @@ def register(commands) -> None:
     retry.add_argument("job_id", type=int, help="the job's id, as `status` shows it")
     retry.add_argument("--reprocess", action="store_true",
                        help="process the job's series again as a new job, whatever its outcome (sent, skipped,"
-                            " no_result, failed), for example after a policy change")
+                            " no_result, failed, rejected, expired), for example after a policy change")
     retry.add_argument("--allow-partial", action="store_true",
                        help="with --reprocess: process the series even though it is known not to be whole"
                             " (instances refused, slices missing); its results say PARTIAL and get their own UIDs")
@@ -242,7 +245,8 @@ def register(commands) -> None:
 
     cleanup = commands.add_parser(
         "cleanup", help="delete the files of ended jobs past their retention period (retention.days for sent,"
-        " skipped_days for skipped and no_result, failed_days for failed) and, under disk pressure, of the first"
+        " skipped_days for skipped and no_result, failed_days for failed, rejected and expired) and, under disk"
+        " pressure, of the first"
         " ended; the node does this every retention.interval_seconds")
     cleanup.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
     cleanup.add_argument("--days", type=float, default=None, help="override retention.days (sent jobs)")

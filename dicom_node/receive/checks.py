@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import pydicom
 
-__all__ = ["Refusal", "CANNOT_UNDERSTAND", "DOES_NOT_MATCH_SOP_CLASS", "instance_problem"]
+__all__ = ["Refusal", "CANNOT_UNDERSTAND", "DOES_NOT_MATCH_SOP_CLASS", "CHECKED_KEYWORDS", "instance_problem"]
 
 CANNOT_UNDERSTAND = 0xC210
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# every element instance_problem reads, so that a caller may decode only these
+CHECKED_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames", *_PIXEL_KEYWORDS)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ series (``pipeline.input.wholeness``: a regular stack with the count its headers
 announce, or multi-frame objects). A sender that releases after every instance, or
 spreads a series over several associations, therefore never completes a part of it. An
 aborted association triggers nothing early; its series complete by the timer, which
-also wins over an open but idle association.
+also wins over an open but idle association. A series that ``dicom-node pull`` is
+retrieving is left to the pull (``store.pulls.held_series``), which completes it as soon
+as its retrieve ended.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from dicom_node.config import CompletionSettings
+from dicom_node.store.pulls import held_series
 from dicom_node.store.state import StateStore
 from pipeline.input.wholeness import Placement, is_whole, known_missing
 
@@ -76,7 +79,10 @@ class Completion:
             early, self._early = self._early, set()
             busy = set(self._open)
         jobs = []
+        held = held_series(self.state.db)  # a pull completes these itself once retrieved
         for series_uid, last_received in self.state.receiving_series():
+            if series_uid in held:
+                continue
             idle = now - last_received
             if idle >= self.settings.stable_seconds:
                 missing = incompleteness(self.state, series_uid)

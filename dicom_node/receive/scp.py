@@ -1,7 +1,9 @@
 """The storage SCP: C-ECHO and C-STORE, answered after the instance is safe on disk.
 
-The C-STORE handler does little: check the UIDs, write the encoded bytes atomically
-into the spool, record the instance in the state store, return a status. Pixels are
+The C-STORE handler does little: it hands the instance to ``receive.intake`` (the path
+that a pull's retrieved instances take too: check the UIDs, write the encoded bytes
+atomically into the spool, record the instance in the state store) and answers its
+status; it keeps the association's bookkeeping (completion, audit). Pixels are
 never decoded here. Failures map to DICOM statuses: 0xA700 (out of resources) when the
 disk is below its free-space threshold, the series exceeds its size bound, the write
 fails or the state store is full; 0xC210 (cannot understand) for invalid identifiers or
@@ -19,8 +21,6 @@ study is accepted and kept but never processed.
 from __future__ import annotations
 
 import logging
-import shutil
-import sqlite3
 import threading
 from dataclasses import dataclass, field
 
@@ -41,15 +41,12 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import Audit
 from dicom_node.config import NodeSettings, SecuritySettings, StorageSettings
-from dicom_node.errors import InvalidUIDError
 from dicom_node.metrics import Metrics
-from dicom_node.receive.checks import CANNOT_UNDERSTAND, instance_problem
 from dicom_node.receive.completion import Completion
-from dicom_node.store.db import cannot_write
-from dicom_node.store.spool import Spool, validate_uid
-from dicom_node.store.state import SeriesRef, StateStore
+from dicom_node.receive.intake import Intake, read_header
+from dicom_node.store.spool import Spool
+from dicom_node.store.state import StateStore
 from dicom_node.tls import server_context
-from pipeline.input.wholeness import placement_of
 
 __all__ = ["TRANSFER_SYNTAXES", "StorageSCP"]
 
@@ -67,10 +64,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
-
-_OUT_OF_RESOURCES = 0xA700
-_PROCESSING_FAILURE = 0xC211
-
 
 @dataclass
 class _Transfer:
@@ -105,6 +98,7 @@ class StorageSCP:
         self.state = state
         self.completion = completion
         self.metrics = metrics
+        self.intake = Intake(storage, spool, state, metrics)
         self._series_by_assoc: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self.ae = AE(ae_title=settings.ae_title)
@@ -206,66 +200,31 @@ class StorageSCP:
                                       port=requestor.port)
 
     def _handle_store(self, event: evt.Event) -> int:
-        try:
-            dataset = event.dataset
-            study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
-            series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
-            sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
-            if sop_uid != event.request.AffectedSOPInstanceUID:
-                raise InvalidUIDError("SOPInstanceUID differs from the request's AffectedSOPInstanceUID")
-            placement = placement_of(dataset).to_json()
-        except InvalidUIDError as exc:
-            log.warning("C-STORE refused: %s", exc)
-            self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
-            self._note(event, None, None, None, CANNOT_UNDERSTAND, "invalid UID")
-            return CANNOT_UNDERSTAND
+        """A thin adapter over ``Intake.store``: the association's series for completion,
+        and the outcome counted into its audit event."""
+        try:  # only the elements the intake reads (never pynetdicom's full ``event.dataset``)
+            dataset = read_header(event.request.DataSet, event.context.transfer_syntax)
         except Exception as exc:  # an undecodable dataset
-            log.warning("C-STORE refused: cannot decode the dataset: %s", type(exc).__name__)
-            self.metrics.instances_refused.labels(f"0x{CANNOT_UNDERSTAND:04X}").inc()
-            self._note(event, None, None, None, CANNOT_UNDERSTAND, "cannot decode the dataset")
-            return CANNOT_UNDERSTAND
-        ref = SeriesRef(study_uid, series_uid, event.assoc.requestor.ae_title,
-                        self.spool.series_folder(study_uid, series_uid))
+            outcome = self.intake.undecodable(exc)
+        else:
+            outcome = self.intake.store(
+                dataset, event.encoded_dataset, str(event.context.transfer_syntax),
+                str(event.request.AffectedSOPClassUID), event.assoc.requestor.ae_title,
+                affected_sop_instance_uid=event.request.AffectedSOPInstanceUID,
+                on_series=lambda series_uid: self._carried(event, series_uid),
+            )
+        self._note(event, outcome.study_instance_uid, outcome.series_instance_uid, outcome.sop_instance_uid,
+                   None if outcome.stored else outcome.status, outcome.reason)
+        return outcome.status
+
+    def _carried(self, event: evt.Event, series_uid: str) -> None:
+        """The association carries the series: completion holds it open until it ends."""
         with self._lock:
             carried = self._series_by_assoc.setdefault(id(event.assoc), set())
             first_in_assoc = series_uid not in carried
             carried.add(series_uid)
         if first_in_assoc:
             self.completion.association_started([series_uid])
-        problem = instance_problem(dataset, str(event.context.transfer_syntax))
-        if problem is not None:
-            return self._refuse(ref, sop_uid, problem.status, problem.reason, event)
-        free = shutil.disk_usage(self.spool.root).free
-        if free < self.storage.min_free_bytes:
-            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
-                                f"spool below storage.min_free_bytes ({free} bytes free)", event)
-        if self.state.instance_count(series_uid) >= self.storage.max_series_instances:
-            limit = self.storage.max_series_instances
-            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES,
-                                f"the series exceeds storage.max_series_instances ({limit})", event)
-        try:
-            path = self.spool.store_instance(study_uid, series_uid, sop_uid, event.encoded_dataset())
-        except OSError as exc:
-            return self._refuse(ref, sop_uid, _OUT_OF_RESOURCES, f"cannot write to the spool: {exc}", event)
-        try:
-            self.state.record_instance(ref, sop_uid, str(event.request.AffectedSOPClassUID), path,
-                                       placement=placement)
-        except sqlite3.OperationalError as exc:
-            if cannot_write(exc):
-                log.error("C-STORE of %s refused: the state store is full: %s", sop_uid, exc)
-                self.metrics.instances_refused.labels(f"0x{_OUT_OF_RESOURCES:04X}").inc()
-                self._note(event, study_uid, series_uid, sop_uid, _OUT_OF_RESOURCES, "the state store is full")
-                return _OUT_OF_RESOURCES
-            log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
-            self._note(event, study_uid, series_uid, sop_uid, _PROCESSING_FAILURE, "cannot record it")
-            return _PROCESSING_FAILURE
-        except Exception:
-            log.exception("C-STORE of %s failed: cannot record it in the state store", sop_uid)
-            self._note(event, study_uid, series_uid, sop_uid, _PROCESSING_FAILURE, "cannot record it")
-            return _PROCESSING_FAILURE
-        self.metrics.instances_received.inc()
-        self._note(event, study_uid, series_uid, sop_uid)
-        return 0x0000
 
     def _note(self, event: evt.Event, study: str | None, series: str | None, sop: str | None,
               status: int | None = None, reason: str = "") -> None:
@@ -277,19 +236,6 @@ class StorageSCP:
                 transfer.received.append(sop or "")
             else:
                 transfer.refused.append((sop, status, reason))
-
-    def _refuse(self, ref: SeriesRef, sop_uid: str, status: int, reason: str, event: evt.Event) -> int:
-        """Answer ``status``, and record the refusal with its series so that the series is
-        known not whole (and says why) until the sender stores the instance after all."""
-        log.warning("C-STORE of %s (series %s) refused with 0x%04X: %s", sop_uid, ref.series_instance_uid,
-                    status, reason)
-        self.metrics.instances_refused.labels(f"0x{status:04X}").inc()
-        self._note(event, ref.study_instance_uid, ref.series_instance_uid, sop_uid, status, reason)
-        try:
-            self.state.record_refusal(ref, sop_uid, status, reason)
-        except Exception as exc:  # a full database: the refusal is logged, the status still goes back
-            log.error("the refusal of %s could not be recorded: %s", sop_uid, exc)
-        return status
 
     def _end(self, event: evt.Event, *, released: bool) -> None:
         with self._lock:

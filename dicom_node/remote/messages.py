@@ -36,8 +36,9 @@ __all__ = ["TASK_NAME", "LOCAL_KEYS", "RESULT_EXPIRES_SECONDS", "make_app", "ima
            "encode_reply", "decode_reply"]
 
 TASK_NAME = "dicom_node.segment"
-# each worker's own; timeout_seconds only where the task names no time limit (an older node)
-LOCAL_KEYS = ("weights_dir", "home_dir", "device", "timeout_seconds")
+# each worker's own; timeout_seconds only where the task names no time limit (an older node);
+# compile is the worker's machine's choice (it does not change the labels)
+LOCAL_KEYS = ("weights_dir", "home_dir", "device", "timeout_seconds", "compile")
 # A result is read by the node within seconds of being stored (it polls every 2 s) and
 # then deleted; one that nobody reads (the node gave up on the task, or restarted) goes
 # after an hour instead of lying in Redis for a day.

@@ -65,7 +65,7 @@ def period_days(settings: RetentionSettings, state: JobState) -> float:
         return settings.days
     if state in (JobState.SKIPPED, JobState.NO_RESULT):
         return settings.skipped_days
-    if state is JobState.FAILED:
+    if state in (JobState.FAILED, JobState.REJECTED, JobState.EXPIRED):  # a person may want to look, as at a failure
         return settings.failed_days
     raise ValueError(f"a {state.value} job has no retention period of its own")
 

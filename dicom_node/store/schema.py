@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS reviews (  -- a job's objects held for a reviewer (review: required), and the decision
+    job_id              INTEGER PRIMARY KEY REFERENCES jobs(id),
+    held_at             REAL NOT NULL,
+    decision            TEXT,  -- approved, rejected, expired; NULL while waiting
+    decided_at          REAL,
+    reviewer            TEXT,
+    reason              TEXT
+);
 CREATE TABLE IF NOT EXISTS refusals (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     series_instance_uid TEXT NOT NULL,
@@ -94,6 +102,30 @@ CREATE TABLE IF NOT EXISTS refusals (
     at                  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS refusals_by_series ON refusals(series_instance_uid);
+CREATE TABLE IF NOT EXISTS pulls (  -- dicom-node pull: each series a pull found, and how far it got
+    pull_key            TEXT NOT NULL,  -- the pull's source and filters: the same arguments resume it
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    source              TEXT NOT NULL,
+    config_digest       TEXT NOT NULL,  -- models, rules, destinations and pipeline as the series was pulled
+    state               TEXT NOT NULL,  -- found, skipped, retrieving, completed, failed
+    reason              TEXT,
+    instances           INTEGER NOT NULL DEFAULT 0,
+    job_id              INTEGER,
+    found_at            REAL NOT NULL,
+    updated_at          REAL NOT NULL,
+    PRIMARY KEY (pull_key, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS pulls_by_series ON pulls(series_instance_uid, state);
+CREATE TABLE IF NOT EXISTS pull_runs (  -- a pull as started (CLI or status page) and whether it ended
+    pull_key            TEXT PRIMARY KEY,
+    arguments           TEXT NOT NULL,  -- JSON: source, filters, reprocess
+    started_by          TEXT NOT NULL,  -- cli, page
+    state               TEXT NOT NULL,  -- running, ended, failed
+    reason              TEXT,
+    started_at          REAL NOT NULL,
+    updated_at          REAL NOT NULL
+);
 """
 
 # The timestamps, kept by the database on every write (see the module docstring).

@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.errors import InvalidUIDError
@@ -36,6 +38,15 @@ def validate_uid(value: object, what: str = "UID") -> str:
     return value
 
 
+@dataclass
+class _FolderSync:
+    """The fsyncs of one folder: how many callers asked, up to which one an fsync is done."""
+
+    asked: int = 0
+    done: int = 0
+    running: bool = False
+
+
 class Spool:
     """Atomic file storage for received instances and results."""
 
@@ -46,6 +57,8 @@ class Spool:
         self.tmp = root / "tmp"
         for folder in (self.incoming, self.results, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        self._syncs_lock = threading.Condition()
+        self._syncs: dict[Path, _FolderSync] = {}  # the folders being fsynced, and who waits
 
     def series_folder(self, study_instance_uid: str, series_instance_uid: str) -> Path:
         study = validate_uid(study_instance_uid, "StudyInstanceUID")
@@ -58,11 +71,42 @@ class Spool:
         series_instance_uid: str,
         sop_instance_uid: str,
         encoded: bytes,
+        *,
+        sync_folder: bool = True,
     ) -> Path:
-        """Write one received instance (Part 10 bytes) atomically; return its path."""
+        """Write one received instance (Part 10 bytes) atomically; return its path.
+        ``sync_folder=False`` leaves the fsync of its folder (which makes the rename
+        durable) to the caller, who must call ``sync_folder`` before relying on it."""
         folder = self.series_folder(study_instance_uid, series_instance_uid)
         name = validate_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm"
-        return self._write_atomically(folder / name, encoded)
+        return self._write_atomically(folder / name, encoded, sync_folder=sync_folder)
+
+    def sync_folder(self, folder: Path) -> None:
+        """Make the files renamed into ``folder`` so far durable: an fsync of the folder
+        begun after this call, shared with the threads asking for the same folder
+        meanwhile (one fsync then serves all of them; other folders' go on at once)."""
+        with self._syncs_lock:
+            sync = self._syncs.setdefault(folder, _FolderSync())
+            sync.asked += 1
+            mine = sync.asked
+            while sync.done < mine:
+                if sync.running:
+                    self._syncs_lock.wait()
+                    continue
+                sync.running, upto = True, sync.asked  # every rename asked for so far came before this fsync
+                self._syncs_lock.release()
+                try:
+                    _fsync_dir(folder)
+                except BaseException:
+                    self._syncs_lock.acquire()
+                    sync.running = False
+                    self._syncs_lock.notify_all()  # a waiter tries again itself
+                    raise
+                self._syncs_lock.acquire()
+                sync.running, sync.done = False, upto
+                self._syncs_lock.notify_all()
+            if not sync.running and sync.done == sync.asked:
+                self._syncs.pop(folder, None)  # nobody waits on it: forgotten
 
     def result_folder(self, job_id: int, key: str | None = None) -> Path:
         """The folder of a job's results, or of one of its objects (``key``)."""
@@ -86,7 +130,7 @@ class Spool:
         if folder.is_dir():
             shutil.rmtree(folder)
 
-    def _write_atomically(self, target: Path, data: bytes) -> Path:
+    def _write_atomically(self, target: Path, data: bytes, *, sync_folder: bool = True) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
         try:
@@ -102,7 +146,8 @@ class Spool:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        if sync_folder:
+            _fsync_dir(target.parent)
         return target
 
 

@@ -20,6 +20,16 @@ holds up another. The job is ``sent`` when every row is sent, ``failed`` when no
 pending any more and one failed; its ``attempts`` and ``last_error`` sum up its rows.
 On start, ``processing`` jobs go back to ``received`` (they were interrupted).
 
+Review before sending: the rows of a destination with ``review: required`` are written
+``held``, the others ``pending`` (a research archive is not held). A job stays
+``sending`` while a row is pending and is ``review`` once only held rows remain open
+(at once when all its rows are held). ``approve`` makes the held rows pending (the job
+``sending``, then ``sent``); ``reject`` makes them ``rejected`` with the reviewer's
+reason added to the job's; ``expire_reviews`` makes those held past
+``review.expire_days`` ``expired``. When no row is open, the job ends ``failed`` if a
+send failed, else ``rejected`` or ``expired``, else ``sent``. Who decided, when and why
+is kept in ``reviews`` (``review``).
+
 A job covers a snapshot of its series: the instances received up to the moment the
 series completed (``Job.upto_seq``, a receive sequence number). An instance that
 arrives later reopens the series; when it completes again, a new job covers the grown
@@ -61,7 +71,7 @@ from dicom_node.store.schema import migrate
 
 __all__ = [
     "JobState", "SeriesRef", "Job", "JobUpdate", "Refused", "OutboxState", "OutboxItem", "OutboxCounts", "StateStore",
-    "TERMINAL_STATES", "EndedSeries", "StoredInstance",
+    "TERMINAL_STATES", "Review", "ReviewDecision", "EndedSeries", "StoredInstance",
 ]
 
 
@@ -74,18 +84,31 @@ class JobState(str, Enum):
     SKIPPED = "skipped"
     FAILED = "failed"
     SUPERSEDED = "superseded"
+    REVIEW = "review"  # results held for a reviewer (a destination with ``review: required``)
+    REJECTED = "rejected"  # a reviewer rejected its held results, with a reason: nothing held was sent
+    EXPIRED = "expired"  # its held results waited past ``review.expire_days``: nothing held was sent
+
+
+class ReviewDecision(str, Enum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"  # nobody decided within ``review.expire_days``
 
 
 class OutboxState(str, Enum):
     PENDING = "pending"  # waiting for its (next) attempt
     SENT = "sent"
     FAILED = "failed"  # refused permanently, or the last attempt failed (``retry`` queues it again)
+    HELD = "held"  # waiting for a reviewer's approval (``review: required``)
+    REJECTED = "rejected"  # a reviewer rejected it: never sent
+    EXPIRED = "expired"  # unreviewed past ``review.expire_days``: never sent
 
 
 TERMINAL_STATES = frozenset(
-    {JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED, JobState.SUPERSEDED}
+    {JobState.SENT, JobState.NO_RESULT, JobState.SKIPPED, JobState.FAILED, JobState.SUPERSEDED, JobState.REJECTED,
+     JobState.EXPIRED}
 )
-_UNSENT_STATES = (JobState.RECEIVED.value, JobState.PROCESSING.value, JobState.SENDING.value)
+_UNSENT_STATES = (JobState.RECEIVED.value, JobState.PROCESSING.value, JobState.SENDING.value, JobState.REVIEW.value)
 
 # ``write_problem``: how long a write refused as full is reported, and the room the
 # database needs (a WAL of up to 1000 pages, ~4 MiB, before it is checkpointed, and the
@@ -178,6 +201,19 @@ class OutboxCounts:
     pending: int = 0
     sent: int = 0
     failed: int = 0
+    held: int = 0  # waiting for a reviewer (of jobs in review or still sending)
+
+
+@dataclass(frozen=True)
+class Review:
+    """A job's objects held for a reviewer, and what was decided (``reviews``)."""
+
+    job_id: int
+    held_at: float  # the objects were made and held
+    decision: ReviewDecision | None  # None: still waiting
+    decided_at: float | None
+    reviewer: str | None  # who decided (the page's client, or the operator at the command line)
+    reason: str | None  # a rejection's reason, or why it expired
 
 
 @dataclass(frozen=True)
@@ -237,8 +273,11 @@ class JobUpdate:
 # what the outbox adds to a job's reason when it ends (taken off again when it is retried)
 _SEND_FAILED = "; send failed: "
 _SENT_WITH_WARNING = "; sent with warning "
+_REJECTED = "; rejected by review: "  # what a reviewer said (``reject``), kept when its sends are retried
+_EXPIRED = "; review expired: "
 
-_REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED})
+_REPROCESSABLE = frozenset({JobState.SENT, JobState.SKIPPED, JobState.NO_RESULT, JobState.FAILED, JobState.REJECTED,
+                            JobState.EXPIRED})
 
 
 # A job's columns, named as ``Job``'s fields (its series from the series table): rows are
@@ -256,6 +295,9 @@ class StateStore:
         self.path = path
         self.db = Database(path)
         migrate(self.db)
+        # series UID -> its instance count, kept as instances are recorded so that the
+        # intake's size check is no COUNT per instance; never low (see series_has_room)
+        self._sizes: dict[str, int] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -278,9 +320,12 @@ class StateStore:
         every instance's and every job's (whose snapshot ends there).
         ``placement`` is what series completion needs to know of it (JSON, see
         ``pipeline.input.wholeness``).
+        The row goes in by group commit (``Database.grouped``): concurrent callers share
+        one transaction and its fsync, and each returns only once its row is committed.
         """
         now = time.time() if now is None else now
-        with self.db.transaction() as db:
+
+        def insert(db: sqlite3.Connection) -> None:
             _open_series(db, series, now)
             db.execute(
                 """INSERT INTO instances (sop_instance_uid, series_instance_uid, sop_class_uid, path, received_at,
@@ -292,6 +337,24 @@ class StateStore:
                 (sop_instance_uid, series.series_instance_uid, sop_class_uid, str(path), now, placement),
             )
             db.execute("DELETE FROM refusals WHERE sop_instance_uid = ?", (sop_instance_uid,))  # resent, taken
+
+        self.db.grouped(insert)
+        with self.db.lock:  # after the commit: a count taken since then may hold it twice (high, never low)
+            if series.series_instance_uid in self._sizes:
+                self._sizes[series.series_instance_uid] += 1
+
+    def series_has_room(self, series_instance_uid: str, limit: int) -> bool:
+        """Whether the series holds fewer than ``limit`` instances. Answered from the
+        count kept as instances are recorded, which may run high (an instance received
+        again counts again; retention deletes rows) but never low; counted again in the
+        database before saying no."""
+        with self.db.lock:  # no commit runs meanwhile: a count and the increments agree
+            size = self._sizes.get(series_instance_uid)
+            if size is None or size >= limit:
+                if len(self._sizes) >= 1024:  # bounded: the series of the last while
+                    self._sizes.clear()
+                size = self._sizes[series_instance_uid] = self.instance_count(series_instance_uid)
+        return size < limit
 
     def instance_paths(self, series_instance_uid: str, upto_seq: int | None = None) -> list[Path]:
         """The series' instance files (those received up to ``upto_seq``, if given)."""
@@ -579,13 +642,16 @@ class StateStore:
         update: JobUpdate = JobUpdate(),
         *,
         object_series: Mapping[str, str] | None = None,
+        held: Collection[str] = (),
         now: float | None = None,
     ) -> bool:
         """Move a ``processing`` job to ``sending`` with its outbox rows, (destination,
         object key, folder) each, due now; ``object_series``: each object's
         SeriesInstanceUID by key (what a later job's object replaces, see
-        ``sent_object_series``); ``update`` as for ``update_job``. False (and nothing
-        written) when the job is no longer ``processing`` (superseded)."""
+        ``sent_object_series``); ``update`` as for ``update_job``. The rows of the
+        destinations ``held`` (``review: required``) wait for a reviewer (``approve``);
+        a job with only held rows is ``review`` at once. False (and nothing written)
+        when the job is no longer ``processing`` (superseded)."""
         series = object_series or {}
         now = time.time() if now is None else now
         with self.db.transaction() as db:
@@ -595,10 +661,116 @@ class StateStore:
             db.executemany(
                 """INSERT INTO outbox (job_id, destination, object, path, state, next_attempt_at, series_uid)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                [(job_id, destination, key, str(folder), OutboxState.PENDING.value, now, series.get(key))
+                [(job_id, destination, key, str(folder),
+                  (OutboxState.HELD if destination in held else OutboxState.PENDING).value, now, series.get(key))
                  for destination, key, folder in items],
             )
+            if any(destination in held for destination, _, _ in items):
+                db.execute("""INSERT INTO reviews (job_id, held_at) VALUES (?, ?) ON CONFLICT(job_id) DO UPDATE
+                              SET held_at = excluded.held_at, decision = NULL, decided_at = NULL, reviewer = NULL,
+                                  reason = NULL""", (job_id, now))
+                self._settle_job(db, job_id, now)
         return True
+
+    # -- review before sending ------------------------------------------------------
+    def awaiting_review(self) -> list[Job]:
+        """Jobs with objects held for a reviewer (``review``, or still ``sending`` to
+        destinations that are not held), oldest first."""
+        with self.db.lock:
+            rows = self.db.connection.execute(
+                f"""SELECT {_JOB_COLUMNS} FROM jobs j JOIN series s USING (series_instance_uid)
+                    WHERE j.state IN (?, ?) AND EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id AND o.state = ?)
+                    ORDER BY j.id""",
+                (JobState.REVIEW.value, JobState.SENDING.value, OutboxState.HELD.value),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def review(self, job_id: int) -> Review | None:
+        """The review record of a job whose objects were held (None: none were)."""
+        with self.db.lock:
+            row = self.db.connection.execute(
+                "SELECT job_id, held_at, decision, decided_at, reviewer, reason FROM reviews WHERE job_id = ?",
+                (job_id,)).fetchone()
+        if row is None:
+            return None
+        return Review(job_id=row["job_id"], held_at=row["held_at"],
+                      decision=ReviewDecision(row["decision"]) if row["decision"] else None,
+                      decided_at=row["decided_at"], reviewer=row["reviewer"], reason=row["reason"])
+
+    def approve(self, job_id: int, reviewer: str, now: float | None = None) -> JobState:
+        """A reviewer approved the job's held objects: they are due now (the send threads
+        take them), the job is ``sending``. ``KeyError`` for an unknown job,
+        ``ValueError`` (with the reason) for one with nothing held."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as db:
+            self._held_rows(db, job_id)
+            db.execute("UPDATE outbox SET state = ?, next_attempt_at = ? WHERE job_id = ? AND state = ?",
+                       (OutboxState.PENDING.value, now, job_id, OutboxState.HELD.value))
+            self._decide(db, job_id, ReviewDecision.APPROVED, reviewer, None, now)
+            return self._settle_job(db, job_id, now)
+
+    def reject(self, job_id: int, reason: str, reviewer: str, now: float | None = None) -> JobState:
+        """A reviewer rejected the job's held objects, saying why: they are never sent,
+        the reason is recorded in the job's. The job ends ``rejected`` (``failed`` if a
+        send of it to another destination failed; ``sending`` until those ended).
+        ``KeyError`` for an unknown job, ``ValueError`` for one with nothing held or
+        without a reason."""
+        reason = " ".join((reason or "").split())
+        if not reason:
+            raise ValueError("a rejection needs a reason")
+        now = time.time() if now is None else now
+        with self.db.transaction() as db:
+            self._held_rows(db, job_id)
+            db.execute("UPDATE outbox SET state = ? WHERE job_id = ? AND state = ?",
+                       (OutboxState.REJECTED.value, job_id, OutboxState.HELD.value))
+            self._decide(db, job_id, ReviewDecision.REJECTED, reviewer, reason, now)
+            self._add_to_reason(db, job_id, _REJECTED + reason)
+            return self._settle_job(db, job_id, now)
+
+    def expire_reviews(self, days: float, now: float | None = None) -> list[tuple[int, JobState]]:
+        """Held objects nobody reviewed within ``days`` of being made are never sent;
+        each job so changed with its new state (``expired``, or ``sending`` until its
+        other sends ended). ``days`` 0: nothing expires."""
+        if days <= 0:
+            return []
+        now = time.time() if now is None else now
+        why = f"not reviewed within {days:g} day(s)"
+        with self.db.transaction() as db:
+            ids = [row[0] for row in db.execute(
+                """SELECT r.job_id FROM reviews r JOIN jobs j ON j.id = r.job_id
+                   WHERE r.decision IS NULL AND r.held_at <= ? AND j.state IN (?, ?)
+                   AND EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = r.job_id AND o.state = ?)
+                   ORDER BY r.job_id""",
+                (now - days * 86400.0, JobState.REVIEW.value, JobState.SENDING.value, OutboxState.HELD.value))]
+            ended = []
+            for job_id in ids:
+                db.execute("UPDATE outbox SET state = ? WHERE job_id = ? AND state = ?",
+                           (OutboxState.EXPIRED.value, job_id, OutboxState.HELD.value))
+                self._decide(db, job_id, ReviewDecision.EXPIRED, None, why, now)
+                self._add_to_reason(db, job_id, _EXPIRED + why)
+                ended.append((job_id, self._settle_job(db, job_id, now)))
+        return ended
+
+    @staticmethod
+    def _held_rows(db: sqlite3.Connection, job_id: int) -> None:
+        """Raise unless the job has objects held for review (``KeyError``: no such job)."""
+        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id}")
+        held = db.execute("SELECT COUNT(*) FROM outbox WHERE job_id = ? AND state = ?",
+                          (job_id, OutboxState.HELD.value)).fetchone()[0]
+        if not held or row[0] not in (JobState.REVIEW.value, JobState.SENDING.value):
+            raise ValueError(f"job {job_id} is {row[0]}; it has no objects waiting for review")
+
+    @staticmethod
+    def _decide(db: sqlite3.Connection, job_id: int, decision: ReviewDecision, reviewer: str | None,
+                reason: str | None, now: float) -> None:
+        db.execute("UPDATE reviews SET decision = ?, decided_at = ?, reviewer = ?, reason = ? WHERE job_id = ?",
+                   (decision.value, now, reviewer, reason, job_id))
+
+    @staticmethod
+    def _add_to_reason(db: sqlite3.Connection, job_id: int, text: str) -> None:
+        db.execute("UPDATE jobs SET reason = COALESCE(reason, '') || ? WHERE id = ?", (text, job_id))
 
     def adopt_unsent(self, destination: str, now: float | None = None) -> int:
         """Give ``sending`` jobs of an earlier release (one SEG, no outbox rows) an outbox
@@ -719,27 +891,41 @@ class StateStore:
             return self._settle_job(db, job_id, now)
 
     def _settle_job(self, db: sqlite3.Connection, job_id: int, now: float) -> JobState:
-        """Bring a ``sending`` job up to date with its outbox rows (in the caller's transaction)."""
+        """Bring a ``sending`` (or ``review``) job up to date with its outbox rows (in the
+        caller's transaction): ``sending`` while a row is pending; else ``review`` while
+        one is held; else its outcome: ``failed`` if a send failed, else ``rejected`` or
+        ``expired`` if a reviewer rejected or nobody reviewed its held rows, else ``sent``."""
         job_state = JobState(db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
         rows = db.execute(
             "SELECT destination, object, state, attempts, next_attempt_at, last_error, warning FROM outbox"
             " WHERE job_id = ? ORDER BY destination, object", (job_id,)).fetchall()
-        if job_state is not JobState.SENDING or not rows:
+        if job_state not in (JobState.SENDING, JobState.REVIEW) or not rows:
             return job_state
         attempts = sum(row[3] for row in rows)
-        pending = [row for row in rows if row[2] == OutboxState.PENDING.value]
-        failed = [row for row in rows if row[2] == OutboxState.FAILED.value]
+        by_state = {state: [row for row in rows if row[2] == state.value] for state in OutboxState}
+        pending, failed = by_state[OutboxState.PENDING], by_state[OutboxState.FAILED]
         errors = [f"{row[0]} {row[1]}: {row[5]}" for row in rows if row[5]]
         last_error = "; ".join(errors) or None
         if pending:
-            db.execute("UPDATE jobs SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
-                       (attempts, last_error, min(row[4] for row in pending), job_id))
+            db.execute("UPDATE jobs SET state = ?, attempts = ?, last_error = ?, next_attempt_at = ?,"
+                       " updated_at = CASE WHEN state = ? THEN updated_at ELSE ? END WHERE id = ?",
+                       (JobState.SENDING.value, attempts, last_error, min(row[4] for row in pending),
+                        JobState.SENDING.value, now, job_id))
             return JobState.SENDING
+        if by_state[OutboxState.HELD]:  # only held rows remain open: the job waits for its reviewer
+            db.execute("UPDATE jobs SET state = ?, attempts = ?, last_error = ?,"
+                       " updated_at = CASE WHEN state = ? THEN updated_at ELSE ? END WHERE id = ?",
+                       (JobState.REVIEW.value, attempts, last_error, JobState.REVIEW.value, now, job_id))
+            return JobState.REVIEW
         reason = db.execute("SELECT reason FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] or ""
         reason = reason.split(_SEND_FAILED, 1)[0].split(_SENT_WITH_WARNING, 1)[0]
         if failed:
             state = JobState.FAILED
             reason += _SEND_FAILED + "; ".join(f"{row[0]} {row[1]}: {row[5]}" for row in failed)
+        elif by_state[OutboxState.REJECTED]:
+            state = JobState.REJECTED
+        elif by_state[OutboxState.EXPIRED]:
+            state = JobState.EXPIRED
         else:
             state = JobState.SENT
             warnings = [f"{row[6]} from {row[0]} ({row[1]})" for row in rows if row[6]]
@@ -750,15 +936,16 @@ class StateStore:
         return state
 
     def outbox_counts(self) -> dict[str, OutboxCounts]:
-        """Per destination: its rows pending (of jobs still sending), sent and failed."""
+        """Per destination: its rows pending (of jobs still sending), sent, failed and
+        held for a reviewer (of jobs in review or still sending)."""
         with self.db.lock:
             rows = self.db.connection.execute(
                 """SELECT o.destination,
                           SUM(o.state = 'pending' AND j.state = 'sending'), SUM(o.state = 'sent'),
-                          SUM(o.state = 'failed')
+                          SUM(o.state = 'failed'), SUM(o.state = 'held' AND j.state IN ('review', 'sending'))
                    FROM outbox o JOIN jobs j ON j.id = o.job_id GROUP BY o.destination ORDER BY o.destination"""
             ).fetchall()
-        return {name: OutboxCounts(int(p or 0), int(s or 0), int(f or 0)) for name, p, s, f in rows}
+        return {name: OutboxCounts(int(p or 0), int(s or 0), int(f or 0), int(h or 0)) for name, p, s, f, h in rows}
 
     def update_job(self, job_id: int, state: JobState, update: JobUpdate = JobUpdate(), *,
                    expect: JobState | None = None, now: float | None = None) -> bool:
@@ -846,8 +1033,8 @@ class StateStore:
                 raise KeyError(f"no job {job_id}")
             uid, state, upto, purged, received_at, completed_at = row
             if JobState(state) not in _REPROCESSABLE:
-                raise ValueError(f"job {job_id} is {state}; only ended jobs (sent, skipped, no_result, failed)"
-                                 " can be processed again")
+                raise ValueError(f"job {job_id} is {state}; only ended jobs (sent, skipped, no_result, failed,"
+                                 " rejected, expired) can be processed again")
             newer = db.execute("SELECT MAX(id) FROM jobs WHERE series_instance_uid = ? AND id > ?",
                                (uid, job_id)).fetchone()[0]
             if newer is not None:

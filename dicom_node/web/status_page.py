@@ -13,7 +13,9 @@ CSS and a little JavaScript in ``dicom_node/static``; nothing from the internet)
   from the spool; only from MR and CT images without burned-in annotation
   (``PREVIEW_SOP_CLASSES``), and not at all with ``http.ui_previews: false``;
 * ``POST /api/jobs/ID/retry`` queues a job again (a failed job as ``dicom-node retry``,
-  any other ended job as ``retry --reprocess``).
+  any other ended job as ``retry --reprocess``);
+* ``/review/ID`` and ``/api/jobs/ID/review``, ``.../approve``, ``.../reject``: the review
+  view of a job whose objects wait for a reviewer (``dicom_node.web.review``, asked first).
 
 Reads (``/api/...``) need the action token or the read-only token
 (``http.ui_read_token_file``), unless ``http.ui_public_read``; the retry needs the action
@@ -44,10 +46,15 @@ from dicom_node.config import Destination
 from dicom_node.store.state import Job, JobState, OutboxCounts, OutboxItem, StateStore
 from dicom_node.web.access import Gate, Need, PageTokens
 from dicom_node.web.http import Response
+from dicom_node.web.pull_page import PullPage
+from dicom_node.web.review import ReviewPage
 from pipeline.masking import PATIENT_KEYWORDS, PatientMask, cut
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from dicom_node.pull.runner import PullRunner
+    from dicom_node.work.review import Reviews
     from PIL import Image
 
 __all__ = ["StatusPage", "job_record", "iso_time", "render_preview", "overlay", "middle_image",
@@ -57,8 +64,10 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 _STATIC_FILES = {
+    "token.js": "text/javascript; charset=utf-8",  # the token field, shared with the review view
     "status.js": "text/javascript; charset=utf-8",
     "status.css": "text/css; charset=utf-8",
+    "pull.js": "text/javascript; charset=utf-8",  # the pulls (web/pull_page)
 }
 _JOB_PATH = re.compile(r"^/api/jobs/(\d+)/(preview\.png|retry)$")
 _OVERLAY_ALPHA = 0.5
@@ -284,7 +293,11 @@ class StatusPage:
     """The status page's routes over the state store (see the module docstring)."""
 
     def __init__(self, state: StateStore, destinations: Sequence[Destination], tokens: PageTokens | Gate,
-                 static_dir: Path = STATIC, *, previews: bool = True, audit: Audit | None = None) -> None:
+                 static_dir: Path = STATIC, *, previews: bool = True, audit: Audit | None = None,
+                 reviews: Reviews | None = None, pulls: PullRunner | None = None) -> None:
+        """``reviews``: the review decisions the review view takes (None: it only shows);
+        ``pulls``: the node's pulls, which ``/api/pulls`` starts and shows (``web.pull_page``;
+        None: no sources configured)."""
         self.state = state
         self.audit = audit or Audit.off()
         self.destinations = tuple(destinations)
@@ -294,8 +307,17 @@ class StatusPage:
         self._lock = threading.Lock()
         self._descriptions: dict[str, str | None] = {}
         self._previews: OrderedDict[tuple, bytes] = OrderedDict()
+        self.pulls = None if pulls is None else PullPage(pulls, self.gate, audit=self.audit)
+        self.review = ReviewPage(state, self.gate, static_dir, reviews=reviews, previews=previews, audit=self.audit,
+                                 describe=self._description)
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], headers, client: str = "") -> Response | None:
+        reviewed = self.review.handle(method, path, query, headers, client)  # the review view's own routes
+        if reviewed is not None:
+            return reviewed
+        pulled = self.pulls.handle(method, path, query, headers, client) if self.pulls is not None else None
+        if pulled is not None:  # the pulls' own routes
+            return pulled
         if method == "GET" and path in ("/", "/ui", "/ui/"):
             return self._static("index.html", "text/html; charset=utf-8")  # the shell: no data
         if method == "GET" and path.startswith("/static/"):

@@ -22,6 +22,10 @@ the loop that runs the next job.
   is, ``failed`` when none is pending and one failed; its files stay on disk for
   ``dicom-node retry [--destination NAME]``. A warning status is a success, recorded
   in the reason.
+* The rows of a destination with ``review: required`` are written ``held``: they wait
+  for a reviewer (``dicom_node.work.review``) while the others send; a job with only held
+  rows left is ``review``, and ``process``/``send`` return that state through ``audit_end``
+  (where the notifier hears of it).
 * A job superseded while it ran (its series grew, see ``dicom_node.store.state``) keeps its
   state and its result is never sent. A SEG that replaces one already sent says so.
 """
@@ -44,14 +48,16 @@ from dicom_node.audit import Audit
 from dicom_node.config import Config, Destination
 from dicom_node.errors import SendError, SendFailure
 from dicom_node.metrics import Metrics
+from dicom_node.notify import Notifier
 from dicom_node.receive.completion import incompleteness
 from dicom_node.send.senders import sender_for
 from dicom_node.send.status import SendOutcome
 from dicom_node.store.spool import Spool
 from dicom_node.store.state import TERMINAL_STATES, Job, JobState, JobUpdate, OutboxItem, OutboxState, StateStore
+from dicom_node.work.masks import job_patient_mask
 from dicom_node.work.plan import Plan, plan_series, requests_for
 from pipeline.errors import ModelTimeoutError, PipelineError
-from pipeline.masking import PATIENT_KEYWORDS, PatientMask
+from pipeline.masking import PatientMask
 from pipeline.model.segment import Segmenter
 from pipeline.model.types import RunnerStopped
 from pipeline.outputs.encode import SaveInstance
@@ -63,6 +69,8 @@ __all__ = ["Processor", "ModelRun", "retry_delay"]
 log = logging.getLogger(__name__)
 
 _MAX_RETRY_DELAY = 3600.0
+# the outbox rows a notice names as its destinations: those that failed, wait for review, were sent
+_NOTICE_ROWS = {JobState.FAILED: OutboxState.FAILED, JobState.REVIEW: OutboxState.HELD, JobState.SENT: OutboxState.SENT}
 _MAX_RECORD_DELAY = 30.0
 
 
@@ -96,11 +104,12 @@ def retry_delay(attempts: int, base: float) -> float:
 class Processor:
     def __init__(
         self, config: Config, state: StateStore, spool: Spool, segmenters: Segmenter | Mapping[str, Segmenter],
-        metrics: Metrics, audit: Audit | None = None,
+        metrics: Metrics, audit: Audit | None = None, notifier: Notifier | None = None,
     ) -> None:
         """``segmenters``: one per model preset, by name (one segmenter: the same for every preset)."""
         self.metrics = metrics
         self.audit = audit or Audit.off()
+        self.notifier = notifier or Notifier.off()
         self.config = config
         self.state = state
         self.spool = spool
@@ -122,7 +131,7 @@ class Processor:
     def process(self, job: Job) -> JobState:
         """Run the pipeline for a ``processing`` job; its new state. Every text it records
         or logs about the job goes through the patient mask of the job's series."""
-        self._masks[job.id] = self._patient_mask(job)
+        self._masks[job.id] = job_patient_mask(self.state, job)
         try:
             return self.audit_end(job.id, self._process(job))
         except RunnerStopped:
@@ -132,16 +141,6 @@ class Processor:
             return self.audit_end(job.id, self._unexpected(job, exc))
         finally:
             self._masks.pop(job.id, None)
-
-    def _patient_mask(self, job: Job) -> PatientMask:
-        """The mask of the patient the job's series names (read from one of its instances);
-        an empty one when none can be read (the job then fails on reading it anyway)."""
-        for path in self.state.instance_paths(job.series.series_instance_uid, upto_seq=job.upto_seq)[:1]:
-            try:
-                return PatientMask.of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PATIENT_KEYWORDS)))
-            except Exception:  # an unreadable file: its job fails on reading the series
-                return PatientMask()
-        return PatientMask()
 
     def _mask(self, job: Job) -> PatientMask:
         return self._masks.get(job.id, PatientMask())
@@ -165,19 +164,34 @@ class Processor:
                 item, ok=False, error=f"internal error: {type(exc).__name__}: {exc}"))
 
     def audit_end(self, job_id: int, state: JobState) -> JobState:
-        """``state``, after the audit event of a job that has reached its outcome (also
-        called by the node for a series that completion failed as not whole)."""
-        if not self.audit.enabled or state not in TERMINAL_STATES:
+        """``state``, after the audit event of a job that has reached its outcome and the
+        webhook notice of one that failed, waits for review or was sent (also called by
+        the node for a series that completion failed as not whole). The reason both carry
+        goes through the job's patient mask once more: a destination's error text, or a
+        refusal's, was recorded as it came."""
+        audited = self.audit.enabled and state in TERMINAL_STATES
+        notified = self.notifier.wants(state)
+        if not audited and not notified:
             return state
         try:
             job = self.state.job(job_id)
+            if job is None:
+                return state
+            rows = self.state.outbox(job_id) if notified else []
+            mask = self._masks.get(job_id) or (job_patient_mask(self.state, job) if job.reason else PatientMask())
         except sqlite3.Error as exc:
-            log.error("job %d: its end is not audited: the state store cannot be read (%s)", job_id, exc)
+            log.error("job %d: its end is neither audited nor notified: the state store cannot be read (%s)",
+                      job_id, exc)
             return state
-        if job is not None:
+        reason = mask(job.reason)
+        study, series = job.series.study_instance_uid, job.series.series_instance_uid
+        if audited:
             self.audit.record_job_ended(job_id=job.id, state=job.state.value, failed=job.state is JobState.FAILED,
-                                        study=job.series.study_instance_uid, series=job.series.series_instance_uid,
-                                        reason=job.reason, reprocess_of=job.reprocess_of)
+                                        study=study, series=series, reason=reason, reprocess_of=job.reprocess_of)
+        if notified:
+            kind = _NOTICE_ROWS[state]
+            self.notifier.notify(job_id=job.id, state=state, reason=reason, study=study, series=series,
+                                 destinations=[row.destination for row in rows if row.state is kind])
         return state
 
     def _audit_send(self, item: OutboxItem, files: list[Path], destination: Destination, *, ok: bool,
@@ -289,8 +303,9 @@ class Processor:
         first = produced[0]
         seg = (first.result.seg_series_uid
                if first.result is not None and first.preset == plan.running[0].preset else None)
+        held = {destination.name for destination in plan.destinations if destination.review == "required"}
         if not self.state.start_sending(
-            job.id, items, object_series=series,
+            job.id, items, object_series=series, held=held,
             update=self._masked(job, dataclasses.replace(recorded, reason=reason,
                                                          result_path=next(iter(saved.values()))[0], seg_series_uid=seg)),
         ):
@@ -299,6 +314,10 @@ class Processor:
         made = ", ".join(f"{name} ({len(files)})" for name, files in saved.items())
         timing = "; ".join(f"{run.preset}: " * several + run.timing for run in results)
         log.info("job %d: made %s with %s (%s)", job.id, made, self._mask(job)(reason), timing)
+        if held.intersection(destination for destination, _, _ in items):
+            now = self.state.job(job.id)  # ``review`` when every row is held (returned through ``audit_end``)
+            log.info("job %d: its objects for %s wait for a reviewer", job.id, ", ".join(sorted(held)))
+            return now.state if now is not None else JobState.SENDING
         return JobState.SENDING
 
     def _run_models(self, job: Job, paths: list[Path], headers: SeriesHeaders, plan: Plan, *,

@@ -29,8 +29,9 @@ def _ras_affine(image: sitk.Image) -> np.ndarray:
 
 def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
     """The volume as a NIfTI image with a RAS affine; voxel (i, j, k) = array[k, j, i]."""
-    # one copy, made from a view of the image's buffer (not a copy of a copy)
-    data = np.array(sitk.GetArrayViewFromImage(volume.image).transpose(2, 1, 0), order="C")
+    # one straight copy of the image's buffer: the transposed view is already Fortran-ordered,
+    # as a NIfTI file's voxels are (and as the model runner sends them, without another copy)
+    data = np.array(sitk.GetArrayViewFromImage(volume.image).transpose(2, 1, 0), order="F")
     return nib.Nifti1Image(data, _ras_affine(volume.image))
 
 
@@ -39,4 +40,6 @@ def nifti_to_array(label_image: nib.Nifti1Image, volume: Volume) -> np.ndarray:
     if not np.allclose(label_image.affine, _ras_affine(volume.image), atol=1e-3):
         raise SegmentationError("the model returned a label image on another grid than its input")
     data = np.asanyarray(label_image.dataobj)
-    return np.ascontiguousarray(np.rint(data).astype(np.uint16).transpose(2, 1, 0))
+    if not np.issubdtype(data.dtype, np.integer):  # labels as floats: rounded first
+        data = np.rint(data)
+    return np.ascontiguousarray(data.astype(np.uint16, copy=False).transpose(2, 1, 0))

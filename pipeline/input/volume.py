@@ -6,6 +6,13 @@ each plane's modality LUT (rescale slope and intercept) is applied, and the resu
 and direction come from the validated header geometry. Slice ``k`` of the array is
 ``series.slices[k]``: this correspondence is what the SEG relies on.
 
+Speed: a classic uncompressed little-endian image whose file ends with its pixel data
+(most MR files) is read straight from the file's last bytes, checked against the Pixel
+Data tag and length in front of them, without parsing its header a second time (the
+headers were read already); any other file is decoded by pydicom. Measured on 170
+slices of 256 x 256: parsing, not the disk, is what costs, and a thread pool for the
+decode was slower (the GIL), so the files are read in turn.
+
 Memory: each plane is written into the one float32 image as it is decoded (no stack of
 planes beside it), and a series with more voxels to decode than the caller allows
 (``max_voxels``) is refused from its headers before any pixel is decoded.
@@ -20,9 +27,12 @@ import pydicom
 import SimpleITK as sitk
 
 from pipeline.errors import SeriesError, SeriesTooLargeError
-from pipeline.input.series import Series
+from pipeline.input.series import Series, Slice
 
-__all__ = ["Volume", "read_volume", "decoded_voxels", "check_size"]
+__all__ = ["Volume", "read_volume", "decoded_voxels", "check_size", "native_plane"]
+
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # UID: explicit VR
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,37 @@ def check_size(series: Series, max_voxels: int | None) -> None:
             )
 
 
+def native_plane(slice_: Slice, rows: int, columns: int) -> np.ndarray | None:
+    """The plane of a classic uncompressed little-endian image straight from its file's
+    last bytes, as pydicom would give it (it does not mask unused bits either); None when
+    the file is anything else or does not end with its pixel data (pydicom decodes it)."""
+    header = slice_.header
+    meta = getattr(header, "file_meta", None)
+    explicit = _NATIVE_LITTLE_ENDIAN.get(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    bits = header.get("BitsAllocated")
+    if (explicit is None or slice_.frame_number is not None or bits not in (8, 16)
+            or int(header.get("SamplesPerPixel", 1) or 1) != 1 or int(header.get("NumberOfFrames", 1) or 1) != 1):
+        return None
+    size = rows * columns * bits // 8
+    data = slice_.path.read_bytes()
+    start = len(data) - size
+    if start < 132 + 12:  # the preamble, and a file too short to end with these pixels
+        return None
+    length = size.to_bytes(4, "little")
+    if explicit:
+        element = data[start - 12:start]
+        found = (element[:4] == _PIXEL_DATA_TAG and element[4:6] in (b"OW", b"OB") and element[6:8] == b"\0\0"
+                 and element[8:] == length)
+    else:
+        element = data[start - 8:start]
+        found = element[:4] == _PIXEL_DATA_TAG and element[4:] == length
+    if not found:
+        return None
+    signed = int(header.get("PixelRepresentation", 0) or 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    return np.frombuffer(data, dtype=dtype, count=rows * columns, offset=start).reshape(rows, columns)
+
+
 def read_volume(series: Series, *, max_voxels: int | None = None) -> Volume:
     """Decode every slice of ``series`` into one float32 SimpleITK image; with
     ``max_voxels``, a series that needs more is refused before any pixel is decoded."""
@@ -83,9 +124,11 @@ def read_volume(series: Series, *, max_voxels: int | None = None) -> Volume:
     decoded: tuple[object, np.ndarray] | None = None  # (path, pixels) of the last file read
     for index, slice_ in enumerate(series.slices):
         try:
-            if decoded is None or decoded[0] != slice_.path:
+            pixels = native_plane(slice_, series.rows, series.columns)
+            if pixels is None and (decoded is None or decoded[0] != slice_.path):
                 decoded = (slice_.path, pydicom.dcmread(slice_.path).pixel_array)
-            pixels = decoded[1]
+            if pixels is None:
+                pixels = decoded[1]
             if slice_.frame_number is not None and pixels.ndim == 3:  # a one-frame object decodes to 2D
                 pixels = pixels[slice_.frame_number - 1]
         except Exception as exc:  # decoder errors come in many types

@@ -36,7 +36,7 @@ import pydicom
 
 from pipeline.input.series import MR_IMAGE_STORAGE, MULTI_FRAME_MR_CLASSES
 
-__all__ = ["PlacementKind", "Placement", "Wholeness", "placement_of", "is_whole", "known_missing"]
+__all__ = ["PlacementKind", "Placement", "Wholeness", "placement_of", "placement_tags", "is_whole", "known_missing"]
 
 _ORIENTATION_TOLERANCE = 1e-3
 _SAME_POSITION_MM = 0.01
@@ -119,6 +119,18 @@ def _vendor_slice_count(ds: pydicom.Dataset) -> int | None:
         if count is not None:
             return count
     return None
+
+
+def placement_tags() -> list[pydicom.tag.BaseTag]:
+    """Every element ``placement_of`` reads (each vendor's private slice count in any of
+    its group's blocks), so that a caller may decode only these."""
+    tags = [pydicom.tag.Tag(keyword) for keyword in ("SpecificCharacterSet", "SOPClassUID", "ImageOrientationPatient",
+                                                     "ImagePositionPatient", "ImagesInAcquisition",
+                                                     "NumberOfTemporalPositions")]
+    for group, _, offset in _VENDOR_SLICE_COUNTS:
+        tags += [pydicom.tag.Tag(group, block) for block in range(0x10, 0x100)]  # the private creators
+        tags += [pydicom.tag.Tag(group, (block << 8) | offset) for block in range(0x10, 0x100)]
+    return tags
 
 
 def placement_of(ds: pydicom.Dataset) -> Placement:

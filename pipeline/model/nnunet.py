@@ -75,7 +75,7 @@ class NnUNetBackend:
     def __init__(self, settings: ModelSettings, predictors: Predictors | None = None) -> None:
         self.settings = settings
         self.model = NnUNet(settings)
-        self.predictors = predictors or Predictors()
+        self.predictors = predictors or Predictors(compile=settings.compile)
 
     def run(self, image: nib.Nifti1Image):
         import tempfile
@@ -83,7 +83,8 @@ class NnUNetBackend:
         self.predictors.start_request()
         self.model.check_weights()
         predictor = self.predictors.get(self.settings.nnunet_folder, self.settings.folds, self.settings.checkpoint,
-                                        self.settings.device)
+                                        self.settings.device, tile_step_size=self.settings.step_size or 0.5,
+                                        use_mirroring=self.settings.tta)
         with tempfile.TemporaryDirectory(prefix="dicom-node-nnunet-") as tmp:
             source, target = Path(tmp) / "image_0000.nii.gz", Path(tmp) / "labels.nii.gz"
             nib.save(image, source)

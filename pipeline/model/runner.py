@@ -6,9 +6,16 @@ threads can inherit a held lock and hang; the model's environment variables, lib
 globals and any crash or leak stay out of the node). The process builds the back-end
 the settings name (``pipeline.model.totalseg.TotalSegBackend`` or
 ``pipeline.model.nnunet.NnUNetBackend``), which keeps nnU-Net's predictors initialised
-between requests, and then answers requests over a pipe: a NIfTI image in, a
+between requests, and then answers requests over a pipe: an image in, a
 ``ModelReply`` out (the label image, the label names and codes, the model's identity,
 and a ``RunReport`` with the load count and the time of each stage).
+
+An image travels as its voxel buffer and its geometry, never as a file or a serialised
+NIfTI: a small header (shape, dtype, memory order, affine) and then the raw bytes,
+which the model process reads straight into the array it segments. The process builds
+its back-end (the model libraries' imports, seconds) as soon as it starts, while the
+node is still reading the first series; a back-end that cannot be built is built again
+at the first request, which then fails with the reason.
 
 * A runner that dies (killed, out of memory) is started again and the request is sent
   once more; a second death fails the request with the reason
@@ -36,6 +43,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import tempfile
 import threading
 import time
@@ -112,7 +120,7 @@ class ModelRunner:
     def run(self, image: nib.Nifti1Image, *, timeout: float | None = None) -> ModelReply:
         """Segment ``image`` within ``timeout`` seconds (``settings.timeout_seconds``);
         restarts a dead runner and tries once more within the same deadline."""
-        payload = image.to_bytes()
+        payload = _image_payload(image)
         limit = self.settings.timeout_seconds if timeout is None else timeout
         with self._lock:
             self._in_flight = (time.monotonic(), limit)
@@ -137,7 +145,7 @@ class ModelRunner:
                      for process in self._left_behind if process.is_alive()]
         return "; ".join(problems) or None
 
-    def _run(self, payload: bytes, limit: float) -> ModelReply:
+    def _run(self, payload: tuple[bytes, memoryview], limit: float) -> ModelReply:
         deadline = time.monotonic() + limit
         for attempt in (1, 2):
             self._ensure_started()
@@ -195,14 +203,15 @@ class ModelRunner:
                       process.pid)
         conn.close()
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: tuple[bytes, memoryview]) -> None:
         """Send the request from a thread of its own: a model process that does not read
         (frozen) would block the sender, and the deadline must still hold."""
         conn = self._conn
 
         def send() -> None:
             try:
-                conn.send_bytes(payload)
+                for part in payload:  # the header, then the voxels
+                    conn.send_bytes(part)
             except (OSError, ValueError):
                 pass  # the process is gone or was stopped: the wait for the answer reads that
 
@@ -279,21 +288,52 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _image_payload(image: nib.Nifti1Image) -> tuple[bytes, memoryview]:
+    """A request as it goes down the pipe: the header (shape, dtype, order, affine) and the
+    voxels' own buffer (no copy when the array is contiguous, as ``volume_to_nifti`` makes it)."""
+    data = np.asanyarray(image.dataobj)
+    order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+    if not (data.flags.c_contiguous or data.flags.f_contiguous):
+        data = np.ascontiguousarray(data)
+    header = pickle.dumps((data.shape, data.dtype.str, order, np.asarray(image.affine, float)))
+    return header, memoryview(data.reshape(-1, order="A")).cast("B")
+
+
+def _receive_image(conn, header: bytes) -> nib.Nifti1Image:
+    """The image whose header came: its voxels read into a writable array of their own."""
+    shape, dtype, order, affine = pickle.loads(header)
+    buffer = bytearray(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    conn.recv_bytes_into(buffer)
+    return nib.Nifti1Image(np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order), affine)
+
+
+def _build(settings: dict) -> Backend | None:
+    """The back-end, built at the process's start so that its imports overlap the node's
+    reading; None when it cannot be built yet (the first request builds it again and
+    answers with the reason)."""
+    try:
+        return make_backend(ModelSettings.model_validate(settings))
+    except Exception:
+        log.debug("the model back-end could not be built at start; the first request tries again", exc_info=True)
+        return None
+
+
 def _serve(conn, settings: dict, parent_pid: int) -> None:
     """The model process: build the back-end, then answer requests until told to stop."""
     _watch_parent(parent_pid)
-    backend: Backend | None = None
+    backend = _build(settings)
     while True:
         try:
-            payload = conn.recv_bytes()
+            header = conn.recv_bytes()
+            if not header:
+                return
+            image = _receive_image(conn, header)
         except (EOFError, OSError):
-            return
-        if not payload:
             return
         try:
             if backend is None:
                 backend = make_backend(ModelSettings.model_validate(settings))
-            conn.send(("ok", backend.run(nib.Nifti1Image.from_bytes(payload))))
+            conn.send(("ok", backend.run(image)))
         except PipelineError as exc:
             conn.send(("error", (type(exc).__name__, str(exc))))
         except BaseException as exc:  # SystemExit too: TotalSegmentator exits on some errors

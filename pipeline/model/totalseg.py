@@ -18,6 +18,9 @@ the model process only, by ``_WarmPredict``, which keeps each part-model's predi
 initialised (``pipeline.model.predictors.Predictors``) and predicts in the process. The
 replacement checks the signature of the function it replaces, so a TotalSegmentator
 release that changes it fails loudly (and the equality test) instead of drifting.
+The preset's ``tta: false`` turns nnU-Net's mirroring off and its ``step_size`` replaces
+the one TotalSegmentator asks for (0.8 for ``total``); left at their defaults, the
+network runs as TotalSegmentator runs it (the equality test).
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def _use_totalseg_folders(model: ModelSettings) -> None:
 class _WarmPredict:
     """TotalSegmentator's ``nnUNetv2_predict`` on predictors kept initialised."""
 
-    def __init__(self, original, predictors: Predictors) -> None:
+    def __init__(self, original, predictors: Predictors, settings: ModelSettings) -> None:
         expected = ["dir_in", "dir_out", "task_id", "model", "folds", "trainer", "tta", "num_threads_preprocessing",
                     "num_threads_nifti_save", "plans", "device", "quiet", "step_size", "save_probabilities_path",
                     "use_cropped_logits_resampling"]
@@ -135,6 +138,7 @@ class _WarmPredict:
                 f" ({', '.join(found)}); the warm runner supports the signature of TotalSegmentator 2.18"
             )
         self.predictors = predictors
+        self.settings = settings
 
     def __call__(self, dir_in, dir_out, task_id, model="3d_fullres", folds=None, trainer="nnUNetTrainer",
                  tta=False, num_threads_preprocessing=3, num_threads_nifti_save=2, plans="nnUNetPlans",
@@ -152,8 +156,9 @@ class _WarmPredict:
             torch.set_num_threads(1)
         device = torch.device(device) if isinstance(device, str) else device
         predictor = self.predictors.get(Path(get_output_folder(task_id, trainer, plans, model)), folds,
-                                        "checkpoint_final.pth", device, tile_step_size=step_size,
-                                        use_mirroring=bool(tta))
+                                        "checkpoint_final.pth", device,
+                                        tile_step_size=self.settings.step_size or step_size,
+                                        use_mirroring=bool(tta) and self.settings.tta)
         export = {}
         if use_cropped_logits_resampling and supports_keyword_argument(
                 predictor.predict_single_npy_array, "use_cropped_logits_resampling"):
@@ -178,15 +183,17 @@ class TotalSegBackend:
 
         self.settings = settings
         self.model = TotalSegmentator(settings)
-        self.predictors = predictors or Predictors()
+        self.predictors = predictors or Predictors(compile=settings.compile)
         original = getattr(totalseg_nnunet, "nnUNetv2_predict", None)
         if original is None:
             raise SegmentationError(
                 f"TotalSegmentator {version('TotalSegmentator')} has no nnUNetv2_predict; the warm runner"
                 " supports the layout of TotalSegmentator 2.18"
             )
-        if not isinstance(original, _WarmPredict):
-            totalseg_nnunet.nnUNetv2_predict = _WarmPredict(original, self.predictors)
+        if isinstance(original, _WarmPredict):
+            original.predictors, original.settings = self.predictors, settings
+        else:
+            totalseg_nnunet.nnUNetv2_predict = _WarmPredict(original, self.predictors, settings)
 
     def run(self, image: nib.Nifti1Image):
         self.predictors.start_request()

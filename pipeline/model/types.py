@@ -61,13 +61,23 @@ class RunReport:
     device: str
     loads: int  # model loads in that process since it started (warm: stays at 1)
     load_seconds: float  # spent loading the model for this request (0 when warm)
-    forward_seconds: float  # the network's forward passes (nnU-Net's prediction and export)
+    forward_seconds: float  # the network's forward passes (nnU-Net's sliding window)
     total_seconds: float  # the whole request inside the model process
+    # the parts around the forward pass (defaults: a worker of an earlier release sends none)
+    prepare_seconds: float = 0.0  # nnU-Net's preprocessing of each case (its reader, cropping, normalisation)
+    export_seconds: float = 0.0  # nnU-Net's export (logits to labels on the case's grid, written)
 
     @property
     def overhead_seconds(self) -> float:
         """Everything but the forward pass: reorientation, resampling, I/O, loading."""
         return max(self.total_seconds - self.forward_seconds, 0.0)
+
+    @property
+    def other_seconds(self) -> float:
+        """The rest of the request in the model process: the back-end's own steps around
+        nnU-Net (TotalSegmentator's reorientation, resampling and postprocessing)."""
+        parts = self.load_seconds + self.prepare_seconds + self.forward_seconds + self.export_seconds
+        return max(self.total_seconds - parts, 0.0)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,9 @@ __all__ = [
     "iter_overlay",
     "check_overlay_geometry",
     "image_area",
+    "source_window",
+    "grey_levels",
+    "draw_structures",
 ]
 
 SECONDARY_CAPTURE_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
@@ -170,6 +173,29 @@ def _draw(image: np.ndarray, grey: np.ndarray, labels: np.ndarray, colours: np.n
         drawn[inside] = (under + colour[filled].astype(np.uint16) * weight) // 100
         drawn[edge] = colour[outlined]
         image[..., channel] = drawn
+
+
+def source_window(pixels: np.ndarray) -> tuple[float, float]:
+    """The grey window the overlay series uses for a volume: its 1st to 99th percentile."""
+    return _window(np.asarray(pixels))
+
+
+def grey_levels(pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Source planes as the overlay series shows them: 0..255 (uint8) over ``window``."""
+    return _grey(np.array(pixels, dtype=np.float32), window)
+
+
+def draw_structures(pixels: np.ndarray, labels: np.ndarray, colours: np.ndarray,
+                    window: tuple[float, float]) -> np.ndarray:
+    """Source planes (..., rows, columns) in grey (``window``, see ``source_window``) with
+    the structures of ``labels`` drawn over them as the overlay series draws them
+    (translucent fill, opaque outline; ``colours``: RGB by label number, uint8), as
+    (..., rows, columns, 3) uint8, without legend or text: what a reviewer scrolls through.
+    Planes already in grey levels (``grey_levels``, uint8) are drawn as they are."""
+    grey = pixels if pixels.dtype == np.uint8 else grey_levels(pixels, window)
+    image = np.empty((*grey.shape, 3), np.uint8)
+    _draw(image, grey, labels, colours)
+    return image
 
 
 def _labels_per_plane(labels: np.ndarray) -> list[tuple[int, ...]]:

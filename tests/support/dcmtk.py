@@ -39,6 +39,32 @@ def storescu(port: int, paths: list[Path] | Path, *, called: str = "DICOMNODE", 
         raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
 
 
+def start_storescu(port: int, paths: list[Path], log: Path, *, called: str = "DICOMNODE",
+                   calling: str = "MODALITY") -> subprocess.Popen:
+    """storescu in the background, its verbose log (each file sent and the status answered
+    for it) in ``log``; read what was acknowledged with ``acknowledged``."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen(
+            ["storescu", "-v", "-xf", str(STORESCU_CONFIG), "Default", "-aet", calling, "-aec", called, LOCALHOST,
+             str(port), *map(str, paths)],
+            env={**os.environ, "TCP_NODELAY": "1"}, stdout=handle, stderr=subprocess.STDOUT,
+        )
+
+
+def acknowledged(log: str) -> list[Path]:
+    """The files a storescu ``-v`` log shows answered with Success: storescu has one
+    request outstanding at a time, so each response belongs to the last file it sent."""
+    sent: Path | None = None
+    done = []
+    for line in log.splitlines():
+        if line.startswith("I: Sending file: "):
+            sent = Path(line.removeprefix("I: Sending file: ").strip())
+        elif line.startswith("I: Received Store Response (Success)") and sent is not None:
+            done.append(sent)
+            sent = None
+    return done
+
+
 class StoreSCP:
     """dcmtk storescp that keeps every C-STORE it answers as a file of its own in ``folder``.
 

@@ -7,26 +7,16 @@
 const tbody = document.querySelector("#jobs tbody");
 const filters = document.getElementById("filters");
 const message = document.getElementById("message");
-const tokenInput = document.getElementById("token");
 const locked = document.getElementById("locked");
 const REFRESH_MS = 5000;
 const MAX_TEXT = 200;  // characters of a description, reason or error shown in a row (all of it on hover)
 let shown = null;  // what the table shows now: rows are rebuilt only when it changes
 let previewUrls = [];  // blob: URLs of the previews shown, let go when the rows are rebuilt
 
-tokenInput.value = sessionStorage.getItem("dicom-node-token") || "";
-function tokenChanged() {
-  sessionStorage.setItem("dicom-node-token", tokenInput.value);
+onTokenChange(() => {
   shown = null;
   load();
-}
-tokenInput.addEventListener("change", tokenChanged);
-tokenInput.addEventListener("keydown", (event) => { if (event.key === "Enter") tokenChanged(); });
-
-function authorization() {
-  const token = tokenInput.value.trim();
-  return token ? { "Authorization": "Bearer " + token } : {};
-}
+});
 
 function cut(value) {
   const span = document.createElement("span");
@@ -132,13 +122,15 @@ function sendState(job) {
     return job.attempts ? "waiting: attempt " + (job.attempts + 1) + " at " + time(job.next_attempt_at) : "due";
   }
   if (job.state === "failed" && job.last_error) return "failed";
+  if (job.state === "review") return "waiting for review";
   return "-";
 }
 
 function render(data) {
   buildFilters(data.states);
   document.getElementById("destination").textContent = "Destinations: " + data.destinations.map(
-    (d) => d.name + " (" + d.peer + "; " + d.pending + " pending, " + d.failed + " failed)").join(", ");
+    (d) => d.name + " (" + d.peer + "; " + d.pending + " pending, " + d.failed + " failed"
+      + (d.held ? ", " + d.held + " held for review" : "") + ")").join(", ");
   const signature = JSON.stringify(data.jobs.map((j) => [j.id, j.state, j.updated_at, j.series_description]));
   if (signature === shown) return;
   shown = signature;
@@ -189,13 +181,25 @@ function render(data) {
     button.className = "retry";
     button.dataset.job = job.id;
     button.textContent = job.state === "failed" ? "Retry" : "Process again";
-    button.disabled = !["sent", "skipped", "no_result", "failed"].includes(job.state);
+    button.disabled = !["sent", "skipped", "no_result", "failed", "rejected", "expired"].includes(job.state);
     if (!data.can_act) button.title = "needs the action token";
     button.addEventListener("click", () => retry(job.id));
-    cell(row, button);
+    cell(row, reviewLink(job) ? lines(button, reviewLink(job)) : button);
     tbody.appendChild(row);
   }
   document.getElementById("empty").hidden = data.jobs.length > 0;
+}
+
+// A job whose objects wait for a reviewer links to its review view (/review/ID).
+function reviewLink(job) {
+  if (!(job.sends || []).some((item) => item.state === "held") || !["review", "sending"].includes(job.state)) {
+    return null;
+  }
+  const link = document.createElement("a");
+  link.className = "review";
+  link.href = "/review/" + job.id;
+  link.textContent = "Review";
+  return link;
 }
 
 async function load() {
