@@ -633,6 +633,11 @@ class WorkerSettings(_Frozen):
     ``max_in_flight`` series at once. A task whose worker was lost is delivered again
     after ``visibility_timeout_seconds`` (longer than the slowest series takes).
 
+    ``slots`` (a worker's own setting; ``dicom-node worker --slots N`` overrides it): how
+    many series one worker runs at once. Each slot holds its own warm model process, so
+    GPU memory is one model per slot; with 2, one series' pre- and post-processing
+    overlaps the other's forward pass on the GPU.
+
     A broker URL with a password is never written in the config: ``broker_url_file``
     names a file holding the whole URL, ``broker_url_env`` an environment variable; a
     password inside ``broker_url`` itself is refused. ``broker()`` reads it.
@@ -645,6 +650,7 @@ class WorkerSettings(_Frozen):
     broker_url_env: str | None = None
     queue: str = "dicom-node"
     visibility_timeout_seconds: float = Field(600.0, gt=0)
+    slots: int = Field(1, ge=1)
 
     @field_validator("broker_url")
     @classmethod

@@ -141,7 +141,7 @@ def test_healthz_names_each_thread_and_a_dead_one(tmp_path, storescp, t1_dir):
         answer = requests.get(url, timeout=10)
         assert answer.status_code == 200, answer.text
         assert set(answer.json()["checked"]) == {"scp", "worker", "state_store", "disk", "completion", "processing",
-                                                 "send:pacs", "retention", "stuck"}
+                                                 "send:pacs", "retention", "notify", "stuck"}
 
         storescu(config.node.port, t1_dir)  # its job ends the processing thread
         failing = wait_until(lambda: (r := requests.get(url, timeout=10)).status_code == 503 and r.json()["failing"],

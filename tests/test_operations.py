@@ -36,7 +36,7 @@ def test_healthz_is_200_when_all_is_up_and_503_naming_an_unwritable_state_store(
     response = _get(node, "/healthz")
     assert response.status_code == 200, response.text
     assert set(response.json()["checked"]) == {"scp", "worker", "state_store", "disk", "completion", "processing",
-                                               "send:pacs", "retention", "stuck"}
+                                               "send:pacs", "retention", "notify", "stuck"}
     db = node.state.db.connection
     db.execute("PRAGMA query_only = ON")  # the database refuses writes, as a read-only disk would
     try:

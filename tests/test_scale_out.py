@@ -1,12 +1,15 @@
 """Scale-out over Celery and a real redis-server: two ``dicom-node worker`` processes
 segment while the node stays the one DICOM endpoint and owns the state. Every series
 ends with exactly one SEG at the destination (counted per C-STORE received), through a
-lost worker, a Redis restart and a node restart."""
+lost worker, a Redis restart and a node restart. One worker with ``workers.slots: 2`` runs
+two series at once, each in its own model process."""
 
 from __future__ import annotations
 
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -17,7 +20,7 @@ from tests.support.dcmtk import storescu
 from tests.support.node import CeleryWorker, NodeProcess, node_config
 from tests.support.paths import free_port
 from tests.support.redis import RedisServer
-from tests.support.wait import wait_until
+from tests.support.wait import process_alive, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -192,3 +195,70 @@ def test_a_worker_without_weights_fails_the_task_with_the_weights_message(tmp_pa
     finally:
         node.stop(signal.SIGKILL)
         worker.stop(signal.SIGKILL)
+
+
+def _t1_image(mri_dir):
+    """The shared T1 series preprocessed as the node sends it to a worker."""
+    from pipeline.input.nifti import volume_to_nifti
+    from pipeline.input.preprocess import PreprocessingMode, preprocess
+    from pipeline.input.series import load_series
+    from pipeline.input.volume import read_volume
+
+    volume = read_volume(load_series(sorted((mri_dir / SOURCE).glob("*.dcm"))))
+    inverted = preprocess(volume.array, PreprocessingMode.INVERT_BLACK_BACKGROUND, clip_min=0, clip_max=3000,
+                          background_percentile=1)
+    return volume_to_nifti(volume.with_array(inverted))
+
+
+def _two_at_once(tmp_path, redis_server, phantom_weights, image, queue: str, args: tuple[str, ...]):
+    """Two requests submitted together to one worker (``workers.slots: 2``, ``args`` added to
+    its command line): the replies, and the parent of each model process that ran them."""
+    from dicom_node.config import WorkerSettings
+    from dicom_node.remote.client import CeleryModels
+    from pipeline.settings import ModelSettings
+
+    config = _worker_config(tmp_path / queue, redis_server, phantom_weights)
+    config["workers"].update(queue=queue, slots=2)  # only this worker listens here
+    worker = CeleryWorker(tmp_path / queue, config, queue, args).start()
+    models = CeleryModels(ModelSettings(weights_dir=tmp_path / "node-weights", timeout_seconds=600),
+                          WorkerSettings(backend="celery", broker_url=redis_server.url, queue=queue,
+                                         max_in_flight=2, visibility_timeout_seconds=10))
+    try:
+        with ThreadPoolExecutor(2) as submit:
+            replies = list(submit.map(models.run, [image, image]))
+        parents = [_parent_pid(int(reply.report.worker.rsplit(":", 1)[1])) for reply in replies]
+        assert parents == [worker.process.pid] * 2, "the model processes are the worker's own"
+        assert worker.tasks_received() == 2
+    finally:
+        models.close()
+        worker.stop()
+    for pid in {int(reply.report.worker.rsplit(":", 1)[1]) for reply in replies}:
+        wait_until(lambda: not process_alive(pid), 30, 0.1, f"model process {pid} to end with its worker")
+    return replies
+
+
+def _parent_pid(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("PPid:")[1].split()[0])
+
+
+@pytest.mark.e2e
+def test_one_worker_with_two_slots_runs_two_series_at_once(tmp_path, redis_server, phantom_weights, mri_dir):
+    image = _t1_image(mri_dir)
+    both = _two_at_once(tmp_path, redis_server, phantom_weights, image, "slots-2", ())
+    pids = {reply.report.worker for reply in both}
+    assert len(pids) == 2, f"two model processes in one worker: {pids}"
+    (a, b) = [(reply.report.started_at, reply.report.ended_at) for reply in both]
+    assert max(a[0], b[0]) < min(a[1], b[1]), f"the two runs overlapped in time: {a}, {b}"
+
+    # the control: the same worker held to one slot by --slots 1 runs them one after the other
+    one = _two_at_once(tmp_path, redis_server, phantom_weights, image, "slots-1", ("--slots", "1"))
+    assert len({reply.report.worker for reply in one}) == 1, "one model process"
+    (a, b) = sorted((reply.report.started_at, reply.report.ended_at) for reply in one)
+    assert 0 < a[1] <= b[0], f"one run after the other: {a}, {b}"
+
+    reference = np.asanyarray(one[0].labels.dataobj)
+    assert reference.any(), "the phantom model finds structures"
+    for reply in (*both, one[1]):
+        assert np.array_equal(np.asanyarray(reply.labels.dataobj), reference), "the same labels in every slot"
+        assert reply.names == one[0].names

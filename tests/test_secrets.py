@@ -166,3 +166,12 @@ def test_a_result_lives_in_redis_an_hour_at_most_and_is_deleted_once_read(redis_
         assert not client.exists(key)
     finally:
         client.close()
+
+
+def test_a_worker_reply_from_a_later_release_keeps_what_this_node_knows_of_its_report():
+    reply = {"labels": pack(_image((4, 4, 4))), "names": {"1": "liver"}, "codes": None,
+             "model": {"name": "m", "version": "1", "task": "t"},
+             "report": {"worker": "gpu1:42", "device": "cuda", "loads": 1, "load_seconds": 2.0, "forward_seconds": 1.5,
+                        "total_seconds": 4.0, "a_timing_of_a_later_release": 9.0}}
+    report = decode_reply(reply, image_bytes_limit(64)).report
+    assert (report.worker, report.forward_seconds, report.started_at) == ("gpu1:42", 1.5, 0.0)

@@ -13,12 +13,23 @@ from dicom_node.logs import setup_logging
 __all__ = ["register"]
 
 
+def _slots(text: str) -> int:
+    """``--slots``: 1 or more (as ``workers.slots``)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.remote.worker import run_worker
 
     config = load(args)
     setup_logging(config.logging.level, config.logging.format)
-    return run_worker(config, name=args.name)
+    return run_worker(config, name=args.name, slots=args.slots)
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -93,6 +104,8 @@ def register(commands) -> None:
     worker = commands.add_parser("worker", help="run a GPU worker for workers.backend celery (one per GPU)")
     worker.add_argument("--config", default="config.yaml", help=CONFIG_HELP)
     worker.add_argument("--name", default=None, help="the worker's name (default: dicom-node-PID@HOST)")
+    worker.add_argument("--slots", type=_slots, default=None,
+                        help="series run at once, each with its own warm model process (default: workers.slots)")
     worker.set_defaults(func=_cmd_worker)
 
     weights = commands.add_parser("weights", help="import and list model weights (offline)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pydicom.uid import (
@@ -151,10 +152,23 @@ class StorageSCP:
         """Listening, and the thread that accepts associations still runs (for ``/healthz``)."""
         return self.listening and self._thread is not None and self._thread.is_alive()
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop listening and abort the associations in progress, waiting up to ``timeout``
+        for the established ones' threads (a C-STORE in hand ends): what they acknowledged
+        is kept, the sender resends the rest, and nothing arrives while the node stops."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        established = []
+        for assoc in server.active_associations:  # a connection not yet associated is closed too
+            if assoc.is_established:
+                log.warning("association from %s aborted: the node is stopping", assoc.requestor.ae_title)
+                established.append(assoc)
+            assoc.abort()
+        deadline = time.monotonic() + timeout
+        for assoc in established:
+            assoc.join(max(0.0, deadline - time.monotonic()))
 
     # -- handlers ---------------------------------------------------------------------
     def _handle_requested(self, event: evt.Event) -> None:

@@ -135,5 +135,13 @@ def decode_reply(data: dict[str, Any], max_bytes: int) -> ModelReply:
         names={int(k): v for k, v in data["names"].items()},
         codes=_codes_from_json(data["codes"]),
         model=ModelIdentity(**data["model"]),
-        report=RunReport(**data["report"]),
+        report=RunReport(**_known(RunReport, data["report"])),
     )
+
+
+def _known(kind: type, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields ``kind`` has: a worker of a later release may report more (its extra
+    timings are left out rather than failing the series), while one it lacks keeps its
+    default."""
+    names = {field.name for field in dataclasses.fields(kind)}
+    return {key: value for key, value in fields.items() if key in names}

@@ -110,9 +110,11 @@ class Predictors:
         self.prepare_seconds = 0.0
         self.export_seconds = 0.0
         self._started = time.perf_counter()
+        self._started_at = time.time()
 
     def report(self, device: str):
         """The ``RunReport`` of the request since ``start_request``."""
         return RunReport(worker=worker_name(), device=device, loads=self.loads, load_seconds=self.load_seconds,
                          forward_seconds=self.forward_seconds, total_seconds=time.perf_counter() - self._started,
-                         prepare_seconds=self.prepare_seconds, export_seconds=self.export_seconds)
+                         prepare_seconds=self.prepare_seconds, export_seconds=self.export_seconds,
+                         started_at=self._started_at, ended_at=time.time())

@@ -8,7 +8,8 @@ the settings name (``pipeline.model.totalseg.TotalSegBackend`` or
 ``pipeline.model.nnunet.NnUNetBackend``), which keeps nnU-Net's predictors initialised
 between requests, and then answers requests over a pipe: an image in, a
 ``ModelReply`` out (the label image, the label names and codes, the model's identity,
-and a ``RunReport`` with the load count and the time of each stage).
+and a ``RunReport`` with the load count, the time of each stage and the request's start
+and end).
 
 An image travels as its voxel buffer and its geometry, never as a file or a serialised
 NIfTI: a small header (shape, dtype, memory order, affine) and then the raw bytes,

@@ -66,6 +66,8 @@ class RunReport:
     # the parts around the forward pass (defaults: a worker of an earlier release sends none)
     prepare_seconds: float = 0.0  # nnU-Net's preprocessing of each case (its reader, cropping, normalisation)
     export_seconds: float = 0.0  # nnU-Net's export (logits to labels on the case's grid, written)
+    started_at: float = 0.0  # the request's start and end in the model process (Unix time; 0: not sent)
+    ended_at: float = 0.0
 
     @property
     def overhead_seconds(self) -> float:

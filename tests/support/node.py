@@ -161,10 +161,11 @@ def node_fixture(**overrides: Any) -> Callable[..., Iterator[NodeProcess]]:
 class CeleryWorker:
     """``dicom-node worker`` as a subprocess; ``ready`` once Celery says so in its log."""
 
-    def __init__(self, folder: Path, config: dict, name: str) -> None:
+    def __init__(self, folder: Path, config: dict, name: str, args: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.config = config
         self.name = name
+        self.args = args  # more options of ``dicom-node worker`` (``--slots 1``)
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -180,7 +181,7 @@ class CeleryWorker:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "worker", "--config", str(config_path),
-                 "--name", f"{self.name}@localhost"],
+                 "--name", f"{self.name}@localhost", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
             )
         NODE_LOGS.append(self.log_path)
