@@ -117,6 +117,7 @@ CREATE TABLE IF NOT EXISTS pulls (  -- dicom-node pull: each series a pull found
     PRIMARY KEY (pull_key, series_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS pulls_by_series ON pulls(series_instance_uid, state);
+CREATE INDEX IF NOT EXISTS pulls_by_state ON pulls(state);  -- completion asks on every tick which series a pull holds
 CREATE TABLE IF NOT EXISTS pull_runs (  -- a pull as started (CLI or status page) and whether it ended
     pull_key            TEXT PRIMARY KEY,
     arguments           TEXT NOT NULL,  -- JSON: source, filters, reprocess
